@@ -39,3 +39,20 @@ def tiny_batch(config: DualEncoderConfig, batch_size: int, seq_len: int = 7, see
         "input_ids": torch.randint(0, VOCAB, (batch_size, seq_len), generator=generator),
         "attention_mask": attention_mask,
     }
+
+
+def save_tiny_model_dir(path, **overrides) -> str:
+    """A saved, untrained tiny timm + DistilBERT dual encoder whose tokenizer is MiniLM's (offline).
+
+    `run_contrastive.py --model_name_or_path <dir>` and the evaluation tools accept it like any
+    trained model directory, so end-to-end tests run in seconds.
+    """
+    from modeling_dualencoder import DualEncoderModel
+
+    text = tiny_text_config()
+    text.vocab_size = 30522  # MiniLM's (BERT uncased) vocabulary
+    fields = dict(text_config=text.to_dict(), text_model_name_or_path="offline:all-minilm-l6-v2")
+    fields.update(overrides)
+    torch.manual_seed(0)
+    DualEncoderModel(tiny_timm_config(**fields)).save_pretrained(path)
+    return str(path)

@@ -1,0 +1,42 @@
+"""Image-caption data for dual-encoder training: loaders, the synthetic default set, preprocessing.
+
+Data code knows nothing of models: it yields rows of images and captions (see the column
+contract in doc/ARCHITECTURE.md) and turns them into tensors given the backbones' processors.
+
+    from data_scripts import load_image_caption_dataset, ImageTransform, ContrastiveCollator
+    splits = load_image_caption_dataset("synthetic")            # or a Flickr8k dir, or a Hub id
+    train = splits["train"].with_transform(ImageTransform(image_processor, train=True))
+    loader = DataLoader(train, batch_sampler=UniqueImageBatchSampler(splits["train"], 64),
+                        collate_fn=ContrastiveCollator(tokenizer, max_length=64))
+"""
+
+from .collator import ContrastiveCollator, image_ids_to_tensor
+from .flickr8k import default_flickr8k_dir, load_flickr8k
+from .loading import load_image_caption_dataset
+from .preprocessing import ImageSpec, ImageTransform, apply_image_transforms, make_image_transform
+from .report import DatasetFormatError, LoadReport, Problem
+from .samplers import UniqueImageBatchSampler
+from .synthetic import build_synthetic_dataset
+from .views import IMAGE_FEATURES, PAIR_FEATURES, convert_view, to_image_view, to_pair_view
+
+__all__ = [
+    "ContrastiveCollator",
+    "DatasetFormatError",
+    "IMAGE_FEATURES",
+    "ImageSpec",
+    "ImageTransform",
+    "LoadReport",
+    "PAIR_FEATURES",
+    "Problem",
+    "UniqueImageBatchSampler",
+    "apply_image_transforms",
+    "build_synthetic_dataset",
+    "convert_view",
+    "default_flickr8k_dir",
+    "image_ids_to_tensor",
+    "load_flickr8k",
+    "load_image_caption_dataset",
+    "make_image_transform",
+    "to_image_view",
+    "to_pair_view",
+]

@@ -1,0 +1,82 @@
+"""Batching rows into model inputs: stacked pixels, dynamically padded tokens, image ids.
+
+Padding happens per batch ("longest"), not to ``max_length``: Flickr8k captions average about
+12 words, so padding every caption to the maximum would mostly feed pad tokens to the text tower.
+
+``image_ids`` numbers the distinct ``image_id`` strings of the batch (0, 1, ... in order of first
+appearance), so rows holding two captions of one image get the same integer. Losses use it to
+treat such rows as positives of each other instead of as (false) negatives.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+CACHED_FEATURE_COLUMNS = ("vision_pooled", "text_pooled")
+
+
+class ContrastiveCollator:
+    """``collate_fn`` for a DataLoader over pair-view rows (after the image transform).
+
+    Each row may hold ``pixel_values`` ([3, H, W] tensor), ``caption`` (str), ``image_id`` (str) and
+    pre-computed ``vision_pooled`` / ``text_pooled`` features; the batch holds whichever of
+    ``pixel_values`` [B, 3, H, W], ``input_ids`` / ``attention_mask`` [B, T], ``image_ids`` [B]
+    (LongTensor), ``vision_pooled`` / ``text_pooled`` [B, D] the rows provide. Rows without
+    captions (an image-view batch for embedding images) give no token tensors.
+    """
+
+    def __init__(self, tokenizer: Any, max_length: int = 64, pad_to_multiple_of: Optional[int] = None):
+        if getattr(tokenizer, "pad_token", "") is None:
+            raise ValueError(
+                f"{type(tokenizer).__name__} has no pad token, which dynamic padding needs: "
+                "set tokenizer.pad_token (e.g. to tokenizer.eos_token) first"
+            )
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if not rows:
+            raise ValueError("cannot collate an empty batch")
+        batch: dict[str, torch.Tensor] = {}
+        if _present(rows, "pixel_values"):
+            batch["pixel_values"] = torch.stack([torch.as_tensor(r["pixel_values"]) for r in rows])
+        elif "image" in rows[0]:
+            raise ValueError(
+                "rows carry a raw 'image' but no 'pixel_values': apply the image transform first, "
+                "e.g. dataset.with_transform(ImageTransform(image_processor, train=True))"
+            )
+        if _present(rows, "caption"):
+            tokens = self.tokenizer(
+                [r["caption"] for r in rows],
+                padding="longest",
+                truncation=True,
+                max_length=self.max_length,
+                pad_to_multiple_of=self.pad_to_multiple_of,
+                return_tensors="pt",
+            )
+            batch["input_ids"] = tokens["input_ids"]
+            batch["attention_mask"] = tokens["attention_mask"]
+        if _present(rows, "image_id"):
+            batch["image_ids"] = image_ids_to_tensor([r["image_id"] for r in rows])
+        for column in CACHED_FEATURE_COLUMNS:
+            if _present(rows, column):
+                batch[column] = torch.stack([torch.as_tensor(r[column], dtype=torch.float32) for r in rows])
+        return batch
+
+
+def image_ids_to_tensor(image_ids: list[str]) -> torch.LongTensor:
+    """Equal strings -> equal integers, numbered in order of first appearance."""
+    numbers: dict[str, int] = {}
+    return torch.tensor([numbers.setdefault(i, len(numbers)) for i in image_ids], dtype=torch.long)
+
+
+def _present(rows: list[dict], key: str) -> bool:
+    """True when every row has ``key``; a column present in only some rows is an error."""
+    count = sum(key in r for r in rows)
+    if 0 < count < len(rows):
+        missing = next(i for i, r in enumerate(rows) if key not in r)
+        raise ValueError(f"column '{key}' is in some rows of the batch but not in row {missing}")
+    return count == len(rows)

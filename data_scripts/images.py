@@ -1,0 +1,102 @@
+"""Image checks at load time and RGB conversion at use time.
+
+Checking means decoding every image once when the data set is loaded, so a corrupt or truncated
+file is reported up front with its name instead of crashing a DataLoader worker hours into
+training. ``Image.verify()`` alone is not enough: for JPEG it does not read the entropy-coded
+data, so a truncated file passes it. We therefore fully decode, using JPEG draft mode (DCT
+scaling) so large photos decode at 1/8 size, and a small thread pool (PIL releases the GIL while
+decoding). The bytes read are hashed on the way, which finds byte-identical images for free.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Optional
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .report import Problem
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def check_image_file(path: str) -> tuple[Optional[str], str]:
+    """Decode one image file; return (error message or None, content hash)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        return f"cannot read file ({exc.strerror or exc})", ""
+    digest = hashlib.blake2b(data, digest_size=16).hexdigest()
+    if not data:
+        return "file is empty (0 bytes)", digest
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.format == "JPEG":
+                img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
+            img.load()
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        return f"cannot decode image ({type(exc).__name__}: {exc})", digest
+    return None, digest
+
+
+def check_images(
+    items: list[tuple[str, str]],
+    report_problem: Callable[[Problem], None],
+    *,
+    desc: str = "Checking images",
+    num_threads: Optional[int] = None,
+) -> tuple[set[str], list[tuple[str, ...]]]:
+    """Decode every ``(image_id, path)``; report each bad one; return (bad ids, duplicate groups).
+
+    ``report_problem`` applies the on_bad_image policy (raises on "error"). Duplicate groups are
+    tuples of image ids whose files are byte-identical.
+    """
+    threads = num_threads or min(8, (os.cpu_count() or 1) * 2)
+    bad: set[str] = set()
+    by_hash: dict[str, list[str]] = {}
+    pool = ThreadPoolExecutor(max_workers=threads)
+    try:
+        results = pool.map(lambda item: check_image_file(item[1]), items)
+        for (image_id, path), (error, digest) in tqdm(
+            zip(items, results), total=len(items), desc=desc, unit="img", leave=False
+        ):
+            if error is None:
+                by_hash.setdefault(digest, []).append(image_id)
+                continue
+            bad.add(image_id)
+            report_problem(
+                Problem(path, error, hint="Re-download or replace this file (or delete it and its captions)")
+            )
+    finally:  # on the first error with on_bad_image="error", do not decode the rest
+        pool.shutdown(wait=True, cancel_futures=True)
+    duplicates = [tuple(ids) for ids in by_hash.values() if len(ids) > 1]
+    return bad, duplicates
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL image to 3-channel 8-bit RGB.
+
+    Transparent pixels are composited on white (a plain ``convert("RGB")`` would turn them into
+    whatever colour the hidden RGB values hold, often black). 16/32-bit grayscale is rescaled
+    rather than clipped. CMYK, palette and grayscale go through PIL's own conversion.
+    """
+    if img.mode == "RGB":
+        return img
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = arr.max() if arr.size else 0.0
+        arr = arr / hi * 255.0 if hi > 0 else arr
+        return Image.fromarray(arr.clip(0, 255).astype(np.uint8), mode="L").convert("RGB")
+    return img.convert("RGB")

@@ -1,0 +1,162 @@
+"""Global negatives: gather every process's embeddings so a loss sees the whole global batch.
+
+Contrastive losses get better with more negatives, so under data parallelism each process
+all-gathers the embeddings of the others and scores its pairs against the global batch.
+Everything about communication lives here, in one function, so it can be tested alone
+(`tests/test_distributed.py`) and the losses stay plain tensor arithmetic.
+
+Gradients, and why `gather_with_grad=True` is the default
+---------------------------------------------------------
+DDP (and Accelerate on top of it) *averages* parameter gradients over the W processes.
+
+* ``gather_with_grad=True`` uses an all-gather whose backward (an all-reduce) sums, over all
+  processes, the gradient each one computed for every slot, and hands each process the sum for
+  its own slot. If every process computes the same global loss L, process r receives
+  ``W * dL/d(its embeddings)``; DDP's average then yields exactly ``dL/dθ``, the gradient of a single
+  process holding the whole global batch. The same holds with the losses' ``local_loss=True``
+  (process r computes only its rows, L_r, and L = mean_r L_r).
+* ``gather_with_grad=False`` gathers detached copies and puts the local tensor back in this
+  process's slot (open_clip's trick), so gradient flows only into the local embeddings. Process r
+  then gets ``dL/d(its embeddings)`` without the other processes' share, and after DDP's average the
+  towers' gradients are ``1/W`` of the exact ones (with ``local_loss=False``; the learnable scale and
+  bias still get exact gradients), or miss the terms in which this process's items were other
+  processes' negatives (with ``local_loss=True``). It saves the backward communication.
+
+Image ids across processes
+--------------------------
+Losses use ``image_ids`` to avoid treating two captions of one image as negatives. The collator
+builds those ids per batch (small ints from the image-id strings), so process 0's id 3 and process
+1's id 3 are, in general, *different* images. By default (``global_ids=False``) this module
+therefore makes gathered ids distinct across processes: the pair (rank, local id) is relabelled to
+one integer, so equal ids stay equal within a process and never match another process's. The cost
+is that one image whose captions landed on two processes is treated as two images (exactly as if
+no ids were given for that pair: a false negative, never a false positive).
+
+If the ids mean the same thing on every process — e.g. made with :func:`hash_image_ids` from the
+image-id strings — pass ``global_ids=True``: they are gathered unchanged and cross-process
+duplicates become positives too.
+
+Every process must pass the same number of rows (all-gather needs equal shapes; Accelerate's
+default ``even_batches=True`` or ``drop_last`` guarantees it). Unequal sizes raise ``ValueError``
+on every process at once instead of hanging; the check is one tiny all-gather (and a host sync)
+per call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["world_info", "gather_features", "hash_image_ids"]
+
+
+def world_info() -> tuple[int, int]:
+    """Return ``(rank, world_size)``; ``(0, 1)`` when torch.distributed is absent or not initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def hash_image_ids(image_ids: Iterable[str]) -> torch.Tensor:
+    """Map image-id strings to int64 ids that mean the same image on every process.
+
+    A stable hash (BLAKE2b, 63 bits so the value is non-negative), not Python's ``hash``, which is
+    salted per process. Collisions have probability about n^2 / 2^64 for n distinct images.
+    Use the result with ``global_ids=True``.
+    """
+    values = [
+        int.from_bytes(hashlib.blake2b(str(i).encode("utf-8"), digest_size=8).digest(), "little") >> 1
+        for i in image_ids
+    ]
+    return torch.tensor(values, dtype=torch.long)
+
+
+def _check_equal_sizes(n: int, device: torch.device, world_size: int) -> None:
+    """Raise on every process if the processes' batch sizes differ (all-gather would hang or fail)."""
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world_size)]
+    dist.all_gather(sizes, torch.tensor([n], dtype=torch.long, device=device))
+    sizes = [int(s.item()) for s in sizes]
+    if len(set(sizes)) != 1:
+        raise ValueError(
+            f"gather_features needs the same batch size on every process, got {sizes}; "
+            "use drop_last=True or Accelerate's even_batches=True"
+        )
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 whose backward hands each process the *sum over processes* of the
+    gradient for its own rows: every process's loss may depend on every row, so the owner of a
+    row must receive all of those contributions. (What torch.distributed.nn.functional.all_gather
+    does; written out because that function is deprecated and the semantics are the point.)
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        rank, world_size = world_info()
+        ctx.rows = slice(rank * tensor.shape[0], (rank + 1) * tensor.shape[0])
+        chunks = [torch.empty_like(tensor) for _ in range(world_size)]
+        dist.all_gather(chunks, tensor.contiguous())
+        return torch.cat(chunks, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()  # all_reduce works in place; the incoming buffer is not ours
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)  # a reduce-scatter would send less; gloo lacks it
+        return grad[ctx.rows]
+
+
+def _gather_without_grad(tensor: torch.Tensor, rank: int, world_size: int) -> list[torch.Tensor]:
+    """All-gather detached copies, then put the local tensor (with its graph) back in its slot."""
+    chunks = [torch.empty_like(tensor) for _ in range(world_size)]
+    dist.all_gather(chunks, tensor.detach().contiguous())
+    chunks[rank] = tensor
+    return chunks
+
+
+def gather_features(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    image_ids: torch.Tensor | None = None,
+    *,
+    gather_with_grad: bool = True,
+    global_ids: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """All-gather embeddings (and image ids) from every process, concatenated in rank order.
+
+    Returns ``(all_image [W*B, D], all_text [W*B, D], all_ids [W*B] or None)``; this process's rows
+    are ``rank*B : (rank+1)*B``. With one process the inputs come back unchanged.
+
+    ``gather_with_grad`` chooses between exact gradients (backward sums every process's share
+    into each slot) and the cheaper local-slot-only gradient; see the module docstring.
+    ``global_ids=False`` (default) treats ``image_ids`` as per-process labels and relabels them so
+    no two processes share an id; ``global_ids=True`` gathers them unchanged (use hashed ids).
+    """
+    rank, world_size = world_info()
+    if world_size == 1:
+        return image_embeds, text_embeds, image_ids
+    if image_embeds.shape[0] != text_embeds.shape[0]:
+        raise ValueError(f"image and text batch sizes differ: {image_embeds.shape[0]} vs {text_embeds.shape[0]}")
+    _check_equal_sizes(image_embeds.shape[0], image_embeds.device, world_size)
+
+    if gather_with_grad:
+        all_image = _AllGatherWithGrad.apply(image_embeds)
+        all_text = _AllGatherWithGrad.apply(text_embeds)
+    else:
+        all_image = torch.cat(_gather_without_grad(image_embeds, rank, world_size), dim=0)
+        all_text = torch.cat(_gather_without_grad(text_embeds, rank, world_size), dim=0)
+
+    if image_ids is None:
+        return all_image, all_text, None
+    ids = image_ids.to(device=image_embeds.device, dtype=torch.long).contiguous()
+    id_chunks = [torch.empty_like(ids) for _ in range(world_size)]
+    dist.all_gather(id_chunks, ids)
+    all_ids = torch.cat(id_chunks)
+    if not global_ids:
+        # Relabel each (rank, local id) pair to its own integer: unique pairs, no overflow even
+        # if the local ids are large (a rank * (max id + 1) offset could overflow hashed ids).
+        ranks = torch.arange(world_size, device=ids.device).repeat_interleave(ids.shape[0])
+        all_ids = torch.unique(torch.stack([ranks, all_ids], dim=1), dim=0, return_inverse=True)[1]
+    return all_image, all_text, all_ids

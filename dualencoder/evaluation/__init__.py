@@ -1,0 +1,1 @@
+"""Evaluation: embedding a retrieval split, the evaluate command, plots and qualitative reports."""

@@ -1,0 +1,255 @@
+"""Evaluate a saved dual encoder, and/or the untrained zero-shot pair, on a split of an image-caption set.
+
+    python -m dualencoder.evaluation.evaluate_model --model_dir outputs/default --dataset synthetic \
+        --split test --zero_shot --output_json outputs/default/eval_test.json
+
+`--model_dir` is a directory written by `run_contrastive.py` (model + processor), or a Hub id when
+online. `--zero_shot` adds the untrained joined backbones (fresh projection heads) as a baseline:
+by default the backbones named in the model's config, else the offline pair. The command prints a
+markdown table (`format_metrics_table`) and writes the metrics, the similarity gap and the split
+sizes as JSON.
+
+The helpers here (loading a model or the zero-shot pair, loading a split, embedding it) are what
+the figures command, the qualitative report and the demo notebook use too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Optional
+
+import torch
+from transformers import AutoProcessor
+
+from data_scripts import ImageTransform, load_image_caption_dataset
+from dualencoder.evaluation.embed import EmbeddedSplit, embed_split
+from dualencoder.metrics import format_metrics_table
+from dualencoder.processing import build_processor
+from dualencoder.visualize import similarity_gap
+from modeling_dualencoder import DualEncoderModel
+
+logger = logging.getLogger(__name__)
+
+OFFLINE_VISION = "offline:efficientnet-lite0"
+OFFLINE_TEXT = "offline:all-minilm-l6-v2"
+# The training command's defaults (run_contrastive.py), used when the model dir does not say.
+DEFAULT_NUM_IMAGES = 1200
+DEFAULT_SYNTHETIC_IMAGE_SIZE = 128
+DEFAULT_MAX_LENGTH = 32
+DEFAULT_SEED = 42
+# Config fields that shape the projection heads: the zero-shot pair copies them from the trained model.
+_HEAD_FIELDS = ("projection_dim", "projection_head", "projection_hidden_dim", "text_pooling", "vision_pooling")
+
+
+# ----------------------------------------------------------------------------------------- models
+def pick_device(device: Optional[str] = None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_model(name_or_path: str, device: Optional[str] = None):
+    """A saved model and its processor (a directory from `run_contrastive.py`, or a Hub id)."""
+    model = DualEncoderModel.from_pretrained(name_or_path).to(pick_device(device)).eval()
+    processor = AutoProcessor.from_pretrained(name_or_path)
+    return model, processor
+
+
+def zero_shot_backbones(config=None, vision_model: Optional[str] = None, text_model: Optional[str] = None):
+    """Backbones of the zero-shot baseline: the given ones, else the trained config's, else the offline pair."""
+    vision = vision_model or getattr(config, "vision_model_name_or_path", None) or OFFLINE_VISION
+    text = text_model or getattr(config, "text_model_name_or_path", None) or OFFLINE_TEXT
+    return vision, text
+
+
+def load_zero_shot(vision_model: str = OFFLINE_VISION, text_model: str = OFFLINE_TEXT, device: Optional[str] = None,
+                   like=None, seed: int = 0):
+    """The untrained joined model (pretrained backbones, fresh projection heads) and its processor.
+
+    `like`: a trained model's config whose head shape (projection dim/kind, pooling) the baseline
+    copies, so "before" and "after" differ only by training. `seed` fixes the random heads.
+    """
+    overrides = {name: getattr(like, name) for name in _HEAD_FIELDS if like is not None and hasattr(like, name)}
+    torch.manual_seed(seed)
+    model = DualEncoderModel.from_vision_text_pretrained(vision_model, text_model, **overrides)
+    return model.to(pick_device(device)).eval(), build_processor(model.config)
+
+
+# ------------------------------------------------------------------------------------------- data
+def training_options(model_dir: Optional[str]) -> dict:
+    """The "Training options" the model card of a local run directory records ({} when there are none)."""
+    card = Path(model_dir) / "README.md" if model_dir else None
+    if card is None or not card.is_file():
+        return {}
+    match = re.search(r"## Training options\s*```yaml\n(.*?)```", card.read_text(encoding="utf-8"), re.S)
+    if not match:
+        return {}
+    import yaml
+
+    try:
+        options = yaml.safe_load(match.group(1))
+    except yaml.YAMLError:
+        return {}
+    return options if isinstance(options, dict) else {}
+
+
+def data_options(args: argparse.Namespace, model_dir: Optional[str] = None) -> dict:
+    """Fill the unset data options from the run's model card, then from the training defaults.
+
+    For the synthetic set this matters: image i is the same picture whatever `num_images` is, but
+    the split boundaries move with it, so only the training run's `num_images` gives its test split.
+    """
+    card = training_options(model_dir)
+    same_data = card.get("dataset") == args.dataset
+
+    def pick(name, card_name, default):
+        value = getattr(args, name, None)
+        if value is not None:
+            return value
+        if card_name in card and (same_data or card_name in ("max_length", "seed")):
+            return card[card_name]
+        return default
+
+    return {
+        "dataset": args.dataset,
+        "split": args.split,
+        "max_images": args.max_images,
+        "num_images": pick("num_images", "num_images", DEFAULT_NUM_IMAGES),
+        "synthetic_image_size": pick("synthetic_image_size", "synthetic_image_size", DEFAULT_SYNTHETIC_IMAGE_SIZE),
+        "seed": pick("seed", "seed", DEFAULT_SEED),
+        "max_length": pick("max_length", "max_length", DEFAULT_MAX_LENGTH),
+    }
+
+
+def load_split(dataset: str = "synthetic", split: str = "test", max_images: Optional[int] = None, *,
+               num_images: int = DEFAULT_NUM_IMAGES, synthetic_image_size: int = DEFAULT_SYNTHETIC_IMAGE_SIZE,
+               seed: int = DEFAULT_SEED, **_):
+    """One split in the image view (`image`, `image_id`, `captions`), cut to its first `max_images` images."""
+    kwargs = dict(num_images=num_images, image_size=synthetic_image_size) if dataset == "synthetic" else {}
+    splits = load_image_caption_dataset(dataset, view="images", seed=seed, **kwargs)
+    if split not in splits:
+        raise ValueError(f"{dataset} has no split {split!r}; it has {sorted(splits)}")
+    view = splits[split]
+    if max_images:
+        view = view.select(range(min(max_images, len(view))))
+    return view
+
+
+def embed(model, processor, view, *, max_length: int = DEFAULT_MAX_LENGTH, batch_size: int = 32,
+          show_progress: bool = True) -> EmbeddedSplit:
+    """Embed a split's images and captions with `embed_split` (evaluation transform of the processor)."""
+    transform = ImageTransform(processor.image_processor, train=False)
+    return embed_split(model, view, transform, processor.tokenizer, max_length=max_length, batch_size=batch_size,
+                       show_progress=show_progress)
+
+
+def describe(embedded: EmbeddedSplit) -> dict:
+    """Retrieval metrics and the similarity gap (mean aligned - mean misaligned cosine) of one embedding."""
+    return {"metrics": embedded.metrics(),
+            "similarity": similarity_gap(embedded.image_embeds, embedded.text_embeds, embedded.text_to_image)}
+
+
+# ---------------------------------------------------------------------------------------- command
+def add_data_arguments(parser: argparse.ArgumentParser, max_images: Optional[int] = None) -> None:
+    """Options shared by the evaluate, figures and report commands."""
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", default="synthetic",
+                      help="'synthetic', a Flickr8k directory (official/Kaggle/Karpathy layout), or a Hub id")
+    data.add_argument("--split", default="test", help="train | validation | test (default: test)")
+    data.add_argument("--max_images", type=int, default=max_images,
+                      help=f"evaluate the first N images of the split only (default: {max_images or 'all'})")
+    data.add_argument("--num_images", type=int, default=None,
+                      help="synthetic only: size of the generated set (default: the run's, else "
+                           f"{DEFAULT_NUM_IMAGES}); it decides where the test split starts")
+    data.add_argument("--synthetic_image_size", type=int, default=None,
+                      help=f"synthetic only: image size (default: the run's, else {DEFAULT_SYNTHETIC_IMAGE_SIZE})")
+    data.add_argument("--seed", type=int, default=None, help=f"data seed (default: the run's, else {DEFAULT_SEED})")
+    data.add_argument("--max_length", type=int, default=None,
+                      help=f"tokens per caption (default: the run's, else {DEFAULT_MAX_LENGTH})")
+    run = parser.add_argument_group("compute")
+    run.add_argument("--batch_size", type=int, default=32, help="images/captions embedded per batch")
+    run.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 ...")
+
+
+def add_zero_shot_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--vision_model", default=None,
+                        help="zero-shot vision backbone (default: the model's, else offline:efficientnet-lite0)")
+    parser.add_argument("--text_model", default=None,
+                        help="zero-shot text backbone (default: the model's, else offline:all-minilm-l6-v2)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m dualencoder.evaluation.evaluate_model",
+        description="Image<->text retrieval metrics (Recall@K, median/mean rank, RSUM) of a saved dual "
+                    "encoder and/or the untrained zero-shot pair, on one split of a data set.")
+    parser.add_argument("--model_dir", default=None, help="a run's output directory, or a Hub model id")
+    parser.add_argument("--zero_shot", action="store_true",
+                        help="also evaluate the untrained joined backbones (fresh projection heads) as a baseline")
+    add_zero_shot_arguments(parser)
+    add_data_arguments(parser)
+    parser.add_argument("--output_json", default=None, help="write the results here as JSON")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    """Run the evaluation the parsed arguments describe; returns what `--output_json` holds."""
+    if not args.model_dir and not args.zero_shot:
+        raise SystemExit("nothing to evaluate: pass --model_dir DIR and/or --zero_shot")
+    options = data_options(args, args.model_dir)
+    view = load_split(**options)
+    logger.info("evaluating on %s/%s: %d images", options["dataset"], options["split"], len(view))
+    show = not args.quiet
+    runs = []
+    trained_config = None
+    if args.model_dir:
+        model, processor = load_model(args.model_dir, args.device)
+        trained_config = model.config
+        runs.append(("model", args.model_dir, model, processor))
+    if args.zero_shot:
+        vision, text = zero_shot_backbones(trained_config, args.vision_model, args.text_model)
+        model, processor = load_zero_shot(vision, text, args.device, like=trained_config)
+        runs.append(("zero_shot", f"zero-shot ({vision} + {text})", model, processor))
+
+    results = {}
+    num_captions = 0
+    for key, name, model, processor in runs:
+        embedded = embed(model, processor, view, max_length=options["max_length"], batch_size=args.batch_size,
+                         show_progress=show)
+        num_captions = len(embedded.captions)
+        results[key] = {"name": name, **describe(embedded)}
+        del model
+    return {"dataset": options["dataset"], "split": options["split"], "num_images": len(view),
+            "num_captions": num_captions, "data_options": options, "results": results}
+
+
+def results_table(output: dict) -> str:
+    return format_metrics_table({run["name"]: run["metrics"] for run in output["results"].values()})
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    output = evaluate(args)
+    print(f"\n{output['dataset']} / {output['split']}: {output['num_images']} images, "
+          f"{output['num_captions']} captions\n")
+    print(results_table(output))
+    for run in output["results"].values():
+        gap = run["similarity"]
+        print(f"\n{run['name']}: mean similarity aligned {gap['pos_mean']:.3f}, misaligned {gap['neg_mean']:.3f}, "
+              f"gap {gap['gap']:.3f}")
+    if args.output_json:
+        path = Path(args.output_json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(output, indent=2))
+        print(f"\nwrote {path}")
+    return output
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Training options as dataclasses: readable from YAML, overridable on the command line.
+
+`python run_contrastive.py --config configs/default.yaml --learning_rate 1e-4` reads the file,
+then applies the command line. Unknown keys, in the file or on the command line, are an error
+that names them; `--help` lists every option with its help text.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field, fields
+from typing import Optional
+
+import yaml
+from transformers import HfArgumentParser
+
+
+@dataclass
+class ModelArguments:
+    vision_model: str = field(default="offline:efficientnet-lite0", metadata={"help": "Vision backbone: an HF id/path (e.g. google/vit-base-patch16-224-in21k), timm:<name>, or offline:efficientnet-lite0."})
+    text_model: str = field(default="offline:all-minilm-l6-v2", metadata={"help": "Text backbone: an HF id/path (e.g. distilbert-base-uncased) or offline:all-minilm-l6-v2."})
+    vision_weights: Optional[str] = field(default=None, metadata={"help": "Local state-dict file for a timm vision backbone."})
+    model_name_or_path: Optional[str] = field(default=None, metadata={"help": "Start from a saved dual encoder directory instead of joining two backbones."})
+    projection_dim: int = field(default=512, metadata={"help": "Width of the shared embedding space."})
+    projection_head: str = field(default="linear", metadata={"help": "Projection head: linear or mlp."})
+    projection_hidden_dim: Optional[int] = field(default=None, metadata={"help": "Hidden width of the mlp head (default: the tower's width)."})
+    projection_dropout: float = field(default=0.0, metadata={"help": "Dropout inside the mlp head."})
+    text_pooling: str = field(default="mean", metadata={"help": "Text pooling: mean, cls or pooler."})
+    logit_scale_init_value: float = field(default=2.6592, metadata={"help": "Initial log of the logit scale (log(1/0.07) as CLIP)."})
+    logit_bias_init_value: Optional[float] = field(default=None, metadata={"help": "Learn a logit bias starting here (SigLIP: -10)."})
+    loss: str = field(default="clip", metadata={"help": "Loss: clip, ntxent, triplet, siglip, or a sum such as clip+triplet."})
+    triplet_margin: float = field(default=0.2, metadata={"help": "Margin of the triplet/VSE++ term (cosine units)."})
+    triplet_weight: float = field(default=1.0, metadata={"help": "Weight of the triplet term in clip+triplet."})
+    lora_rank: int = field(default=0, metadata={"help": "LoRA rank (0: no adapters)."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    lora_towers: list[str] = field(default_factory=lambda: ["text"], metadata={"help": "Towers that get LoRA adapters: vision and/or text."})
+    vision_train: str = field(default="full", metadata={"help": "What trains in the vision backbone besides adapters: full, frozen or top:N (last N blocks)."})
+    text_train: str = field(default="full", metadata={"help": "What trains in the text backbone besides adapters: full, frozen or top:N."})
+
+
+@dataclass
+class DataArguments:
+    dataset: str = field(default="synthetic", metadata={"help": "synthetic (embedded generator), a Flickr8k directory (official/Kaggle/Karpathy layouts) or a Hub dataset id."})
+    num_images: int = field(default=1200, metadata={"help": "synthetic only: how many images to generate."})
+    synthetic_image_size: int = field(default=128, metadata={"help": "synthetic only: generated image size (resized to the backbone's size)."})
+    max_length: int = field(default=32, metadata={"help": "Tokens per caption after truncation."})
+    augment: bool = field(default=False, metadata={"help": "Random resized crop on training images (never a flip: captions say left/right)."})
+    unique_image_batches: bool = field(default=True, metadata={"help": "Never put two captions of one image in a batch."})
+    captions_per_image: int = field(default=0, metadata={"help": "Captions of each image used per epoch (0: all; 1: one, a different one each epoch)."})
+    on_bad_image: str = field(default="error", metadata={"help": "A corrupt or missing image: error or skip (skips are counted and reported)."})
+    max_train_images: Optional[int] = field(default=None, metadata={"help": "Use only the first N training images (quick runs)."})
+    max_eval_images: Optional[int] = field(default=None, metadata={"help": "Use only the first N validation/test images."})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
+
+
+@dataclass
+class TrainArguments:
+    output_dir: str = field(default="outputs/default", metadata={"help": "Where checkpoints, the final model, metrics.json and the model card go."})
+    num_train_epochs: int = field(default=3, metadata={"help": "Epochs over the training pairs."})
+    max_steps: int = field(default=0, metadata={"help": "Stop after this many optimiser steps (0: no limit)."})
+    per_device_train_batch_size: int = field(default=64, metadata={"help": "Pairs per process per step."})
+    per_device_eval_batch_size: int = field(default=128, metadata={"help": "Batch size when embedding for evaluation."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Batches per optimiser step."})
+    learning_rate: float = field(default=2e-5, metadata={"help": "Learning rate of backbone weights."})
+    lora_learning_rate: float = field(default=5e-4, metadata={"help": "Learning rate of LoRA adapters."})
+    head_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the projection heads."})
+    logit_scale_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the temperature (and logit bias)."})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (not applied to norms, biases, scale)."})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "Share of steps with linear warm-up before the cosine decay."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping (0: off)."})
+    mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16."})
+    seed: int = field(default=42, metadata={"help": "Seed of the model heads, data order and augmentation."})
+    logging_steps: int = field(default=10, metadata={"help": "Log loss, learning rate and temperature every N steps."})
+    checkpointing_steps: int = field(default=0, metadata={"help": "Save a resumable checkpoint every N steps (0: at epoch ends only)."})
+    save_total_limit: int = field(default=2, metadata={"help": "Keep this many checkpoints (oldest removed)."})
+    resume_from_checkpoint: Optional[str] = field(default=None, metadata={"help": "latest, or a checkpoint directory, to continue a run exactly."})
+    metric_for_best_model: str = field(default="rsum", metadata={"help": "Validation metric that picks the best model (higher is better for recalls/rsum, lower for *_medr/*_meanr)."})
+    eval_before_training: bool = field(default=True, metadata={"help": "Evaluate the untrained (zero-shot) model first."})
+    cache_frozen_features: bool = field(default=True, metadata={"help": "Compute a frozen, adapter-free tower's features once and reuse them."})
+    report_to: str = field(default="tensorboard", metadata={"help": "Trackers: tensorboard, wandb, all or none."})
+    push_to_hub: bool = field(default=False, metadata={"help": "Push the final model to the Hub (needs the internet and a token)."})
+    hub_model_id: Optional[str] = field(default=None, metadata={"help": "Hub repository for --push_to_hub."})
+    save_adapters: bool = field(default=True, metadata={"help": "With LoRA, also save an adapters-only copy in output_dir/adapters."})
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainArguments)
+
+
+def _known_fields() -> set[str]:
+    return {f.name for cls in ARGUMENT_CLASSES for f in fields(cls)}
+
+
+def read_config_file(path: str) -> dict:
+    """A YAML file of options; a key that is no option is an error naming it and the file."""
+    try:
+        with open(path) as handle:
+            values = yaml.safe_load(handle) or {}
+    except FileNotFoundError:
+        raise SystemExit(f"error: config file {path} not found") from None
+    if not isinstance(values, dict):
+        raise SystemExit(f"error: {path} must be a mapping of option: value")
+    unknown = sorted(set(values) - _known_fields())
+    if unknown:
+        raise SystemExit(f"error: {path}: unknown option(s) {', '.join(unknown)}; see --help for the valid ones")
+    return values
+
+
+def parse_args(argv: Optional[list[str]] = None):
+    """(model, data, train) options from `--config FILE` plus command-line overrides."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(ARGUMENT_CLASSES, description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser.add_argument("--config", default=None, help="YAML file of options; command-line options override it.")
+    config_path = None
+    if "--config" in argv:
+        at = argv.index("--config")
+        config_path = argv[at + 1] if at + 1 < len(argv) else None
+    if config_path:
+        parser.set_defaults(**read_config_file(config_path))
+    namespace = parser.parse_args(argv)  # argparse names unknown options itself
+    values = vars(namespace)
+    values.pop("config", None)
+    return tuple(cls(**{f.name: values[f.name] for f in fields(cls)}) for cls in ARGUMENT_CLASSES)

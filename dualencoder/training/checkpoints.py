@@ -1,0 +1,89 @@
+"""Resumable checkpoints that a crash can never leave half-written where resume would find them.
+
+A checkpoint is written to `checkpoint-<step>.tmp` and renamed to `checkpoint-<step>` only when
+complete (the rename is atomic); resume considers only directories holding `trainer_state.json`,
+which is written last. The same write-then-rename protects the best model's directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from typing import Callable, Optional
+
+STATE_FILE = "trainer_state.json"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def list_checkpoints(output_dir: str) -> list[str]:
+    """Complete checkpoints, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = _CHECKPOINT.match(name)
+        path = os.path.join(output_dir, name)
+        if match and os.path.isfile(os.path.join(path, STATE_FILE)):
+            found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found)]
+
+
+def resolve_resume(output_dir: str, resume: Optional[str]) -> Optional[str]:
+    """`latest` -> the newest complete checkpoint (or None to start fresh), a path -> itself, checked."""
+    if not resume:
+        return None
+    if resume == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        return checkpoints[-1] if checkpoints else None
+    if not os.path.isfile(os.path.join(resume, STATE_FILE)):
+        raise SystemExit(f"error: {resume} is not a complete checkpoint (no {STATE_FILE}); pass a checkpoint-<step> directory or 'latest'")
+    return resume
+
+
+def _swap_in(tmp_dir: str, final_dir: str) -> None:
+    old_dir = final_dir + ".old"
+    if os.path.exists(final_dir):
+        os.replace(final_dir, old_dir)
+    os.replace(tmp_dir, final_dir)
+    shutil.rmtree(old_dir, ignore_errors=True)
+
+
+def write_atomically(final_dir: str, write: Callable[[str], None]) -> None:
+    """Call `write(tmp_dir)`, then swap `tmp_dir` in place of `final_dir` (one process only)."""
+    tmp_dir = final_dir + ".tmp"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    os.makedirs(tmp_dir)
+    write(tmp_dir)
+    _swap_in(tmp_dir, final_dir)
+
+
+def save_checkpoint(accelerator, output_dir: str, step: int, state: dict, keep: int) -> str:
+    """accelerator.save_state (model, optimiser, scheduler, every process's RNG) + our loop state.
+
+    Every process takes part (each writes its own RNG state); the main process alone writes the
+    state file last and renames the finished directory into place.
+    """
+    final_dir = os.path.join(output_dir, f"checkpoint-{step}")
+    tmp_dir = final_dir + ".tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        os.makedirs(tmp_dir)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp_dir)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with open(os.path.join(tmp_dir, STATE_FILE), "w") as handle:
+            json.dump(state, handle, indent=2)
+        _swap_in(tmp_dir, final_dir)
+        for stale in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(stale, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final_dir
+
+
+def load_checkpoint(accelerator, path: str) -> dict:
+    accelerator.load_state(path)
+    with open(os.path.join(path, STATE_FILE)) as handle:
+        return json.load(handle)

@@ -1,0 +1,65 @@
+"""Frozen-tower feature cache: run a frozen, adapter-free backbone once instead of every epoch.
+
+When nothing in a tower trains, its pooled output for an (un-augmented) input never changes, so
+computing it once and feeding `vision_pooled` / `text_pooled` to the model gives the same
+embeddings at a fraction of the cost. Caches are plain dicts keyed by image id (vision) and by
+(image id, caption) (text), so they serve training and evaluation alike.
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+
+@torch.no_grad()
+def cache_vision_features(model, images_view, image_transform, *, batch_size: int, device, desc="cache vision",
+                          show_progress=True) -> dict:
+    """image id -> pooled vision features (on CPU), for every image of an image-view split."""
+    was_training = model.training
+    model.eval()
+    ids = images_view["image_id"]
+    cache = {}
+    for start in tqdm(range(0, len(ids), batch_size), desc=desc, disable=not show_progress, leave=False):
+        rows = images_view.select(range(start, min(start + batch_size, len(ids))))["image"]
+        pixels = torch.stack([image_transform.pixels(image) for image in rows]).to(device)
+        for image_id, features in zip(ids[start:start + batch_size], model.encode_vision(pixels).float().cpu()):
+            cache[image_id] = features
+    model.train(was_training)
+    return cache
+
+
+@torch.no_grad()
+def cache_text_features(model, captions: list[str], tokenizer, *, max_length: int, batch_size: int, device,
+                        desc="cache text", show_progress=True) -> dict:
+    """caption -> pooled text features (on CPU)."""
+    was_training = model.training
+    model.eval()
+    unique = sorted(set(captions))
+    cache = {}
+    for start in tqdm(range(0, len(unique), batch_size), desc=desc, disable=not show_progress, leave=False):
+        chunk = unique[start:start + batch_size]
+        tokens = tokenizer(chunk, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
+        pooled = model.encode_text(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
+        cache.update(zip(chunk, pooled.float().cpu()))
+    model.train(was_training)
+    return cache
+
+
+class CachedFeatureTransform:
+    """A `with_transform` for pair-view rows: attach cached features, drop what they replace."""
+
+    def __init__(self, image_transform, vision_cache=None, text_cache=None):
+        self.image_transform = image_transform
+        self.vision_cache = vision_cache
+        self.text_cache = text_cache
+
+    def __call__(self, batch: dict) -> dict:
+        out = {k: v for k, v in batch.items() if k != "image"}
+        if self.vision_cache is not None:
+            out["vision_pooled"] = [self.vision_cache[i] for i in batch["image_id"]]
+        else:
+            out["pixel_values"] = [self.image_transform.pixels(image) for image in batch["image"]]
+        if self.text_cache is not None:
+            out["text_pooled"] = [self.text_cache[c] for c in batch["caption"]]
+        return out

@@ -1,0 +1,68 @@
+"""The README.md written beside a trained model: what it is, what it was trained on, how it scores."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import yaml
+
+from dualencoder.metrics import format_metrics_table
+
+
+def write_model_card(output_dir: str, *, model_config, args: tuple, metrics: dict) -> str:
+    """Write `output_dir/README.md` with Hub metadata, the recipe, the metrics table and usage."""
+    model_args, data_args, train_args = args
+    options = {k: v for a in args for k, v in dataclasses.asdict(a).items()}
+    tables = {name: values for name, values in metrics.items() if isinstance(values, dict) and "rsum" in values}
+    header = {
+        "library_name": "transformers",
+        "pipeline_tag": "zero-shot-image-classification",
+        "tags": ["dual-encoder", "contrastive", "image-text-retrieval"],
+        "datasets": [data_args.dataset],
+    }
+    text = f"""---
+{yaml.safe_dump(header, sort_keys=False).strip()}
+---
+
+# Dual encoder: {model_args.vision_model} + {model_args.text_model}
+
+A CLIP-style image-text dual encoder trained contrastively (loss: `{model_args.loss}`) on
+`{data_args.dataset}`. Image and text are embedded into one {model_config.projection_dim}-d space
+(L2-normalised); similarity is a dot product.
+
+- Vision backbone: `{model_args.vision_model}` (training: {model_args.vision_train}{', LoRA' if 'vision' in model_args.lora_towers and model_args.lora_rank else ''})
+- Text backbone: `{model_args.text_model}` (training: {model_args.text_train}{', LoRA' if 'text' in model_args.lora_towers and model_args.lora_rank else ''})
+- Projection head: {model_config.projection_head}; text pooling: {model_config.text_pooling}
+
+## Retrieval
+
+Ranks over all images / all captions of the split; image->text uses the best of an image's
+captions; ties count against the model.
+
+{format_metrics_table(tables) if tables else "(no evaluation ran)"}
+
+## How to use
+
+```python
+import torch
+from transformers import AutoModel, AutoProcessor
+
+model = AutoModel.from_pretrained("{train_args.hub_model_id or os.path.abspath(output_dir)}", trust_remote_code=True).eval()
+processor = AutoProcessor.from_pretrained("{train_args.hub_model_id or os.path.abspath(output_dir)}")
+inputs = processor(text=["a dog runs on the grass"], images=[image], return_tensors="pt", padding=True)
+with torch.no_grad():
+    out = model(pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+print(out.logits_per_image)
+```
+
+## Training options
+
+```yaml
+{yaml.safe_dump(options, sort_keys=True).strip()}
+```
+"""
+    path = os.path.join(output_dir, "README.md")
+    with open(path, "w") as handle:
+        handle.write(text)
+    return path

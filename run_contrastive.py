@@ -1,0 +1,346 @@
+#!/usr/bin/env python
+"""Train a CLIP-style dual encoder with Accelerate, evaluate it by retrieval, save it for the Hub.
+
+    accelerate launch run_contrastive.py --config configs/default.yaml [--option value ...]
+    python run_contrastive.py --help
+
+The script reads top to bottom like the algorithm: set up (options, model, data), evaluate the
+untrained model, loop over epochs (step, log, checkpoint, validate, keep the best), then test
+the best model and export it with its processor, metrics.json and a model card.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import BatchSampler, DataLoader
+from tqdm.auto import tqdm
+
+from data_scripts import ContrastiveCollator, ImageTransform, UniqueImageBatchSampler, load_image_caption_dataset, to_image_view
+from dualencoder.evaluation.embed import embed_split
+from dualencoder.metrics import format_metrics_table
+from dualencoder.processing import build_processor
+from dualencoder.trainable import format_parameter_report, parameter_report, set_tower_trainable, tower_is_frozen
+from dualencoder.training.arguments import parse_args
+from dualencoder.training.checkpoints import load_checkpoint, resolve_resume, save_checkpoint, write_atomically
+from dualencoder.training.feature_cache import CachedFeatureTransform, cache_text_features, cache_vision_features
+from dualencoder.training.model_card import write_model_card
+from dualencoder.training.optim import cosine_with_warmup, make_optimizer
+from modeling_dualencoder import DualEncoderModel
+
+logger = logging.getLogger("run_contrastive")
+LOWER_IS_BETTER = ("_medr", "_meanr")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+class SeededBatchSampler(BatchSampler):
+    """Random batches that are a function of (seed, epoch), so a resumed run sees the same order."""
+
+    def __init__(self, num_rows: int, batch_size: int, seed: int):
+        self.num_rows, self.batch_size, self.seed, self.epoch = num_rows, batch_size, seed, 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __iter__(self):
+        order = torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(self.seed * 1000 + self.epoch))
+        for start in range(0, self.num_rows, self.batch_size):
+            yield order[start:start + self.batch_size].tolist()
+
+    def __len__(self):
+        return math.ceil(self.num_rows / self.batch_size)
+
+
+# ---------------------------------------------------------------------------------------- set-up
+def build_model(model_args) -> DualEncoderModel:
+    if model_args.model_name_or_path:
+        model = DualEncoderModel.from_pretrained(model_args.model_name_or_path)
+    else:
+        model = join_backbones(model_args)
+    set_tower_trainable(model, "vision", model_args.vision_train)
+    set_tower_trainable(model, "text", model_args.text_train)
+    return model
+
+
+def join_backbones(model_args) -> DualEncoderModel:
+    loss_kwargs = {}
+    if "triplet" in model_args.loss or "vsepp" in model_args.loss:
+        loss_kwargs["margin"] = model_args.triplet_margin
+        if "+" in model_args.loss:
+            loss_kwargs["triplet_weight"] = model_args.triplet_weight
+    return DualEncoderModel.from_vision_text_pretrained(
+        model_args.vision_model,
+        model_args.text_model,
+        vision_weights=model_args.vision_weights,
+        projection_dim=model_args.projection_dim,
+        projection_head=model_args.projection_head,
+        projection_hidden_dim=model_args.projection_hidden_dim,
+        projection_dropout=model_args.projection_dropout,
+        text_pooling=model_args.text_pooling,
+        logit_scale_init_value=model_args.logit_scale_init_value,
+        logit_bias_init_value=model_args.logit_bias_init_value,
+        loss_type=model_args.loss,
+        loss_kwargs=loss_kwargs,
+        lora_rank=model_args.lora_rank,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        lora_towers=model_args.lora_towers if model_args.lora_rank else [],
+    )
+
+
+def load_data(data_args, seed: int):
+    kwargs = {}
+    if data_args.dataset == "synthetic":
+        kwargs = dict(num_images=data_args.num_images, image_size=data_args.synthetic_image_size)
+    else:
+        kwargs = dict(on_bad_image=data_args.on_bad_image)
+    pairs = load_image_caption_dataset(data_args.dataset, view="pairs", seed=seed, **kwargs)
+    train = _first_images(pairs["train"], data_args.max_train_images)
+    evals = {split: to_image_view(_first_images(pairs[split], data_args.max_eval_images))
+             for split in ("validation", "test") if split in pairs}
+    return train, evals
+
+
+def _first_images(pairs, limit):
+    if not limit:
+        return pairs
+    keep = set(list(dict.fromkeys(pairs["image_id"]))[:limit])
+    return pairs.filter(lambda ids: [i in keep for i in ids], input_columns="image_id", batched=True)
+
+
+def select_captions(pairs, per_image: int, seed: int, epoch: int):
+    """Indices of the rows used this epoch: all, or `per_image` captions of each image, rotating by epoch."""
+    if per_image <= 0:
+        return list(range(len(pairs)))
+    rows_of = {}
+    for row, image_id in enumerate(pairs["image_id"]):
+        rows_of.setdefault(image_id, []).append(row)
+    generator = torch.Generator().manual_seed(seed)
+    chosen = []
+    for rows in rows_of.values():
+        order = torch.randperm(len(rows), generator=generator).tolist()
+        chosen.extend(rows[order[(epoch * per_image + k) % len(rows)]] for k in range(min(per_image, len(rows))))
+    return sorted(chosen)
+
+
+def make_train_loader(pairs, collator, data_args, train_args, seed, epoch):
+    """The epoch's DataLoader; batches depend only on (seed, epoch), so resume sees the same ones."""
+    rows = pairs.select(select_captions(pairs, data_args.captions_per_image, seed, epoch))
+    if data_args.unique_image_batches:
+        sampler = UniqueImageBatchSampler(rows["image_id"], train_args.per_device_train_batch_size, seed=seed)
+    else:
+        sampler = SeededBatchSampler(len(rows), train_args.per_device_train_batch_size, seed)
+    sampler.set_epoch(epoch)
+    return DataLoader(rows, batch_sampler=sampler, collate_fn=collator, num_workers=data_args.dataloader_num_workers,
+                      pin_memory=torch.cuda.is_available())
+
+
+def is_better(metric: str, value: float, best) -> bool:
+    if best is None:
+        return True
+    return value < best if metric.endswith(LOWER_IS_BETTER) else value > best
+
+
+# ---------------------------------------------------------------------------------------- main
+def main(argv=None) -> dict:
+    model_args, data_args, train_args = parse_args(argv)
+    accelerator = Accelerator(
+        mixed_precision=train_args.mixed_precision,
+        gradient_accumulation_steps=train_args.gradient_accumulation_steps,
+        log_with=None if train_args.report_to == "none" else train_args.report_to,
+        project_dir=train_args.output_dir,
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO,
+                        stream=sys.stdout)
+    logger.setLevel(logging.INFO)
+    if not accelerator.is_main_process:
+        logging.getLogger().setLevel(logging.WARNING)
+    set_seed(train_args.seed)
+    os.makedirs(train_args.output_dir, exist_ok=True)
+    show = accelerator.is_local_main_process
+
+    # --- model, processor, data
+    model = build_model(model_args)
+    processor = build_processor(model.config)
+    logger.info("parameters:\n%s", format_parameter_report(parameter_report(model)))
+    train_pairs, eval_views = load_data(data_args, train_args.seed)
+    train_transform = ImageTransform(processor.image_processor, train=True, augment=data_args.augment)
+    eval_transform = ImageTransform(processor.image_processor, train=False)
+    collator = ContrastiveCollator(processor.tokenizer, max_length=data_args.max_length)
+    model.to(accelerator.device)
+
+    # --- frozen-tower caches: a tower with nothing to train is run once, not every epoch
+    caches = {"vision": None, "text": None}
+    if train_args.cache_frozen_features:
+        batch = train_args.per_device_eval_batch_size
+        if tower_is_frozen(model, "vision"):
+            logger.info("vision tower is frozen with no adapters: caching its features (no augmentation).")
+            every_image = [to_image_view(train_pairs)] + list(eval_views.values())
+            caches["vision"] = {}
+            for view in every_image:
+                caches["vision"].update(cache_vision_features(model, view, eval_transform, batch_size=batch,
+                                                              device=accelerator.device, show_progress=show))
+        if tower_is_frozen(model, "text"):
+            logger.info("text tower is frozen with no adapters: caching its features.")
+            caches["text"] = cache_text_features(model, train_pairs["caption"], processor.tokenizer,
+                                                 max_length=data_args.max_length, batch_size=batch,
+                                                 device=accelerator.device, show_progress=show)
+    if caches["vision"] is not None:
+        train_pairs = train_pairs.remove_columns("image")  # never decode images we do not need
+    train_pairs = train_pairs.with_transform(CachedFeatureTransform(train_transform, caches["vision"], caches["text"]))
+
+    def evaluate(split: str) -> dict:
+        embedded = embed_split(accelerator.unwrap_model(model), eval_views[split], eval_transform, processor.tokenizer,
+                               max_length=data_args.max_length, batch_size=train_args.per_device_eval_batch_size,
+                               device=accelerator.device, vision_cache=caches["vision"], show_progress=show)
+        return embedded.metrics()
+
+    # --- optimiser and schedule
+    optimizer = make_optimizer(model, backbone_lr=train_args.learning_rate, lora_lr=train_args.lora_learning_rate,
+                               head_lr=train_args.head_learning_rate, scale_lr=train_args.logit_scale_learning_rate,
+                               weight_decay=train_args.weight_decay)
+    steps_per_epoch = math.ceil(len(make_train_loader(train_pairs, collator, data_args, train_args, train_args.seed, 0))
+                                / accelerator.num_processes / train_args.gradient_accumulation_steps)
+    total_steps = steps_per_epoch * train_args.num_train_epochs
+    if train_args.max_steps:
+        total_steps = min(total_steps, train_args.max_steps)
+    scheduler = cosine_with_warmup(optimizer, int(train_args.warmup_ratio * total_steps), total_steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if accelerator.log_with:
+        accelerator.init_trackers("run_contrastive", config={k: str(v) for a in (model_args, data_args, train_args)
+                                                              for k, v in vars(a).items()})
+
+    # --- resume
+    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_metric": None, "best_epoch": None, "history": []}
+    resume = resolve_resume(train_args.output_dir, train_args.resume_from_checkpoint)
+    if resume:
+        state = load_checkpoint(accelerator, resume)
+        logger.info("resumed from %s at epoch %d, step %d", resume, state["epoch"], state["global_step"])
+    elif train_args.eval_before_training and "validation" in eval_views:
+        before = evaluate("validation")
+        state["before_training"] = before
+        logger.info("validation before training:\n%s", format_metrics_table({"untrained": before}))
+
+    def checkpoint():
+        save_checkpoint(accelerator, train_args.output_dir, state["global_step"], state, train_args.save_total_limit)
+
+    # --- train
+    metric = train_args.metric_for_best_model
+    best_dir = os.path.join(train_args.output_dir, "best")
+    started = time.time()
+    progress = tqdm(total=total_steps, initial=state["global_step"], desc="train", disable=not show)
+    done = state["global_step"] >= total_steps
+    while not done and state["epoch"] < train_args.num_train_epochs:
+        epoch = state["epoch"]
+        loader = accelerator.prepare(make_train_loader(train_pairs, collator, data_args, train_args, train_args.seed, epoch))
+        if state["step_in_epoch"]:
+            loader = accelerator.skip_first_batches(loader, state["step_in_epoch"] * train_args.gradient_accumulation_steps)
+        model.train()
+        for batch in loader:
+            with accelerator.accumulate(model):
+                outputs = model(**batch, return_loss=True)
+                loss = outputs.loss
+                if not torch.isfinite(loss.detach()):
+                    raise TrainingDiverged(
+                        f"loss is {loss.item()} at epoch {epoch}, step {state['global_step'] + 1}: nothing was saved "
+                        f"from this step. Try a lower --learning_rate/--head_learning_rate, --max_grad_norm 1.0, "
+                        f"--mixed_precision bf16 instead of fp16, or resume from the last checkpoint in {train_args.output_dir}."
+                    )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and train_args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), train_args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+            state["global_step"] += 1
+            state["step_in_epoch"] += 1
+            progress.update(1)
+            if state["global_step"] % train_args.logging_steps == 0:
+                record = {"step": state["global_step"], "epoch": epoch, "loss": loss.item(),
+                          "logit_scale": accelerator.unwrap_model(model).get_logit_scale().item(),
+                          "lr": scheduler.get_last_lr()[0]}
+                state["history"].append(record)
+                progress.set_postfix(loss=f"{record['loss']:.4f}", scale=f"{record['logit_scale']:.1f}")
+                accelerator.log({"train/" + k: v for k, v in record.items() if k != "step"}, step=state["global_step"])
+            if train_args.checkpointing_steps and state["global_step"] % train_args.checkpointing_steps == 0:
+                checkpoint()
+            if state["global_step"] >= total_steps:
+                done = True
+                break
+        # --- end of epoch: validate, keep the best, checkpoint
+        state["epoch"] = epoch + 1
+        state["step_in_epoch"] = 0
+        if "validation" in eval_views:
+            results = evaluate("validation")
+            results_record = {"step": state["global_step"], "epoch": epoch + 1, **results}
+            state["history"].append(results_record)
+            accelerator.log({"val/" + k: v for k, v in results.items()}, step=state["global_step"])
+            logger.info("epoch %d validation: i2t R@1 %.1f R@5 %.1f | t2i R@1 %.1f R@5 %.1f | rsum %.1f",
+                        epoch + 1, results["i2t_r1"], results["i2t_r5"], results["t2i_r1"], results["t2i_r5"], results["rsum"])
+            if is_better(metric, results[metric], state["best_metric"]):
+                state["best_metric"], state["best_epoch"] = results[metric], epoch + 1
+                state["best_validation"] = results
+                if accelerator.is_main_process:
+                    write_atomically(best_dir, accelerator.unwrap_model(model).save_pretrained)
+        checkpoint()
+    progress.close()
+    train_seconds = time.time() - started
+    accelerator.wait_for_everyone()
+
+    # --- test the best model and export it
+    final = accelerator.unwrap_model(model)
+    if os.path.isdir(best_dir):
+        final.load_state_dict(DualEncoderModel.from_pretrained(best_dir).state_dict())
+    metrics = {"before_training": state.get("before_training"), "validation": state.get("best_validation"),
+               "best_epoch": state.get("best_epoch"), "train_seconds": round(train_seconds, 1),
+               "global_step": state["global_step"]}
+    if "test" in eval_views:
+        metrics["test"] = evaluate("test")
+    if accelerator.is_main_process:
+        export(final, processor, metrics, (model_args, data_args, train_args), state)
+    accelerator.end_training()
+    return metrics
+
+
+def export(model, processor, metrics: dict, args: tuple, state: dict) -> None:
+    """Save the final model (merged, so it loads without peft), processor, metrics, logs and card."""
+    model_args, data_args, train_args = args
+    out = train_args.output_dir
+    if model.config.lora_rank and train_args.save_adapters:
+        model.save_adapters(os.path.join(out, "adapters"))
+    model.merge_adapters()
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    with open(os.path.join(out, "metrics.json"), "w") as handle:
+        json.dump(metrics, handle, indent=2)
+    with open(os.path.join(out, "log_history.json"), "w") as handle:
+        json.dump(state["history"], handle, indent=2)
+    write_model_card(out, model_config=model.config, args=args, metrics={
+        k: v for k, v in (("untrained (validation)", metrics.get("before_training")),
+                          ("best (validation)", metrics.get("validation")), ("test", metrics.get("test"))) if v})
+    tables = {name: metrics[key] for name, key in (("untrained (val)", "before_training"), ("trained (val)", "validation"),
+                                                   ("trained (test)", "test")) if metrics.get(key)}
+    print("\n" + format_metrics_table(tables) + "\n", flush=True)
+    logger.info("saved the model, processor, metrics.json and README.md in %s", out)
+    if train_args.push_to_hub:
+        repo = train_args.hub_model_id or os.path.basename(os.path.abspath(out))
+        model.push_to_hub(repo)
+        processor.push_to_hub(repo)
+
+
+if __name__ == "__main__":
+    main()

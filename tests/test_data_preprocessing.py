@@ -1,0 +1,213 @@
+"""Image transforms, the collator, the unique-image batch sampler and the view conversions."""
+
+import pytest
+import torch
+from datasets import Dataset, Features, Image as ImageFeature, Value
+from PIL import Image
+from torch.utils.data import DataLoader
+from torchvision.transforms import InterpolationMode
+from transformers import CLIPImageProcessor, PreTrainedTokenizerFast, ViTImageProcessor
+
+from data_scripts import (
+    ContrastiveCollator,
+    ImageSpec,
+    ImageTransform,
+    UniqueImageBatchSampler,
+    apply_image_transforms,
+    build_synthetic_dataset,
+    make_image_transform,
+    to_image_view,
+    to_pair_view,
+)
+
+MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.5]
+
+
+def vit_processor(size=16, resample=3):
+    return ViTImageProcessor(size={"height": size, "width": size}, image_mean=MEAN, image_std=STD, resample=resample)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    words = "a an the red blue green circle square left right of to small big one two three".split()
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    tok = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
+
+
+@pytest.fixture(scope="module")
+def tiny_synthetic(tmp_path_factory):
+    return build_synthetic_dataset(num_images=20, image_size=32, seed=1, cache_dir=tmp_path_factory.mktemp("synth"))
+
+
+# ---- image transforms ------------------------------------------------------------------
+
+
+def test_spec_is_read_from_the_processor():
+    spec = ImageSpec.from_processor(vit_processor(24, resample=0))
+    assert spec.output_size == (24, 24) and spec.interpolation == InterpolationMode.NEAREST
+    assert spec.mean == tuple(MEAN) and spec.std == tuple(STD)
+    clip = CLIPImageProcessor(size={"shortest_edge": 20}, crop_size={"height": 16, "width": 16})
+    spec = ImageSpec.from_processor(clip)
+    assert spec.resize == (20,) and spec.crop == (16, 16) and spec.interpolation == InterpolationMode.BICUBIC
+
+    class Wrapper:  # e.g. VisionTextDualEncoderProcessor
+        image_processor = vit_processor(12)
+
+    assert ImageSpec.from_processor(Wrapper()).output_size == (12, 12)
+
+
+def test_eval_transform_normalises_with_processor_stats():
+    transform = make_image_transform(vit_processor(16), train=False)
+    out = transform({"image": [Image.new("RGB", (40, 30), (255, 255, 255))], "image_id": ["x"]})
+    assert set(out) == {"pixel_values", "image_id"}
+    pixels = out["pixel_values"][0]
+    assert pixels.shape == (3, 16, 16) and pixels.dtype == torch.float32
+    expected = torch.tensor([(1 - m) / s for m, s in zip(MEAN, STD)])
+    assert torch.allclose(pixels.mean(dim=(1, 2)), expected, atol=1e-5)
+
+
+def test_clip_style_resize_then_crop():
+    clip = CLIPImageProcessor(size={"shortest_edge": 20}, crop_size={"height": 16, "width": 16})
+    pixels = ImageTransform(clip).pixels(Image.new("RGB", (60, 30)))
+    assert pixels.shape == (3, 16, 16)
+
+
+@pytest.mark.parametrize("mode, colour", [("RGBA", (255, 0, 0, 0)), ("L", 128), ("CMYK", (0, 255, 255, 0)),
+                                          ("P", 3), ("LA", (10, 0)), ("I;16", 40000)])
+def test_any_mode_becomes_three_channels(mode, colour):
+    transform = ImageTransform(vit_processor(8))
+    pixels = transform.pixels(Image.new(mode, (10, 10), colour))
+    assert pixels.shape == (3, 8, 8)
+    if mode == "RGBA":  # fully transparent: composited on white, not black
+        assert torch.allclose(pixels[:, 0, 0], torch.tensor([(1 - m) / s for m, s in zip(MEAN, STD)]), atol=1e-5)
+
+
+def test_training_augmentation_crops_but_never_flips():
+    image = Image.new("RGB", (32, 32), (255, 0, 0))
+    image.paste((0, 0, 255), (16, 0, 32, 32))  # left red, right blue
+    transform = ImageTransform(vit_processor(16), train=True)
+    assert transform.augment
+    torch.manual_seed(0)
+    outputs = [transform.pixels(image) for _ in range(30)]
+    assert all(p.shape == (3, 16, 16) for p in outputs)
+    assert all(p[0, :, 0].mean() > p[2, :, 0].mean() for p in outputs)  # left edge stays red
+    assert len({round(float(p.sum()), 3) for p in outputs}) > 1  # crops vary
+    assert not ImageTransform(vit_processor(16), train=True, augment=False).augment
+
+
+def test_lazy_transform_on_a_dataset(tiny_synthetic):
+    splits = apply_image_transforms(tiny_synthetic, vit_processor(16))
+    row = splits["validation"][0]
+    assert row["pixel_values"].shape == (3, 16, 16) and "image" not in row
+    assert row["caption"] == tiny_synthetic["validation"][0]["caption"]
+    assert ImageTransform(vit_processor(16))({"caption": ["x"]}) == {"caption": ["x"]}  # no image: passthrough
+
+
+# ---- collator --------------------------------------------------------------------------
+
+
+def test_collator_pads_dynamically_and_numbers_images(tokenizer):
+    rows = [
+        {"pixel_values": torch.zeros(3, 8, 8), "caption": "a red circle", "image_id": "img1.jpg"},
+        {"pixel_values": torch.ones(3, 8, 8), "caption": "a big blue square left of a small green circle",
+         "image_id": "img2.jpg"},
+        {"pixel_values": torch.ones(3, 8, 8), "caption": "the red circle", "image_id": "img1.jpg"},
+    ]
+    batch = ContrastiveCollator(tokenizer, max_length=6)(rows)
+    assert batch["pixel_values"].shape == (3, 3, 8, 8)
+    assert batch["input_ids"].shape == (3, 6)  # truncated to max_length
+    assert batch["attention_mask"][0].tolist() == [1, 1, 1, 0, 0, 0]
+    assert batch["image_ids"].tolist() == [0, 1, 0] and batch["image_ids"].dtype == torch.long
+    short = ContrastiveCollator(tokenizer, max_length=32)([rows[0], rows[2]])
+    assert short["input_ids"].shape == (2, 3)  # padded to the longest in the batch only
+    assert set(short) == {"pixel_values", "input_ids", "attention_mask", "image_ids"}
+
+
+def test_collator_passes_cached_features_and_explains_mistakes(tokenizer):
+    collate = ContrastiveCollator(tokenizer)
+    rows = [{"vision_pooled": [0.0, 1.0], "text_pooled": torch.ones(2), "caption": "a", "image_id": str(i)}
+            for i in range(2)]
+    batch = collate(rows)
+    assert batch["vision_pooled"].shape == (2, 2) and batch["text_pooled"].dtype == torch.float32
+    assert "pixel_values" not in batch
+    with pytest.raises(ValueError, match="apply the image transform"):
+        collate([{"image": Image.new("RGB", (4, 4)), "caption": "a"}])
+    with pytest.raises(ValueError, match="'pixel_values' is in some rows"):
+        collate([{"pixel_values": torch.zeros(3, 2, 2)}, {"caption": "a"}])
+
+
+# ---- sampler ---------------------------------------------------------------------------
+
+
+def _ids(n_images=12, per_image=5):
+    return [f"img{i}" for i in range(n_images) for _ in range(per_image)]
+
+
+def test_sampler_batches_hold_distinct_images_and_cover_everything():
+    ids = _ids()
+    sampler = UniqueImageBatchSampler(ids, batch_size=8, seed=3)
+    batches = list(sampler)
+    assert len(batches) == len(sampler)
+    assert sorted(i for b in batches for i in b) == list(range(len(ids)))
+    assert all(len({ids[i] for i in b}) == len(b) for b in batches)
+    assert all(len(b) == 8 for b in batches[:-1])
+
+
+def test_sampler_is_deterministic_per_seed_and_epoch():
+    ids = _ids()
+    a, b = UniqueImageBatchSampler(ids, 8, seed=3), UniqueImageBatchSampler(ids, 8, seed=3)
+    assert list(a) == list(b)
+    first = list(a)
+    a.set_epoch(1)
+    assert list(a) != first
+    b.set_epoch(1)
+    assert list(a) == list(b)
+    assert list(UniqueImageBatchSampler(ids, 8, seed=4)) != first
+
+
+def test_sampler_drop_last_and_small_image_count():
+    ids = _ids(12, 5)
+    sampler = UniqueImageBatchSampler(ids, 7, drop_last=True)
+    assert all(len(b) == 7 for b in sampler) and len(sampler) == 60 // 7
+    few = list(UniqueImageBatchSampler(_ids(3, 5), batch_size=8))  # more rows per batch than images
+    assert all(len(b) <= 3 and len({i // 5 for i in b}) == len(b) for b in few)
+    assert sum(len(b) for b in few) == 15
+
+
+def test_sampler_collator_dataloader_end_to_end(tiny_synthetic, tokenizer):
+    train = tiny_synthetic["train"]
+    sampler = UniqueImageBatchSampler(train, batch_size=6, seed=0)
+    loader = DataLoader(train.with_transform(ImageTransform(vit_processor(16), train=True)),
+                        batch_sampler=sampler, collate_fn=ContrastiveCollator(tokenizer, max_length=16))
+    batches = list(loader)
+    assert sum(len(b["image_ids"]) for b in batches) == len(train)
+    for batch in batches:
+        assert batch["pixel_values"].shape[1:] == (3, 16, 16)
+        assert batch["image_ids"].tolist() == list(range(len(batch["image_ids"])))  # all distinct
+
+
+# ---- views -----------------------------------------------------------------------------
+
+
+def test_view_round_trip_keeps_order_and_captions():
+    image = Image.new("RGB", (4, 4))
+    features = Features({"image": ImageFeature(), "image_id": Value("string"), "caption": Value("string"),
+                         "caption_index": Value("int32")})
+    pairs = Dataset.from_dict({
+        "image": [image] * 5, "image_id": ["b", "a", "b", "a", "b"],
+        "caption": ["b1", "a1", "b0", "a0", "b2"], "caption_index": [1, 1, 0, 0, 2],
+    }, features=features)
+    images = to_image_view(pairs)
+    assert images.column_names == ["image", "image_id", "captions"]
+    assert images["image_id"] == ["b", "a"] and images["captions"] == [["b0", "b1", "b2"], ["a0", "a1"]]
+    back = to_pair_view(images)
+    assert back["caption"] == ["b0", "b1", "b2", "a0", "a1"] and back["caption_index"] == [0, 1, 2, 0, 1]
+    assert back.features["image"] == ImageFeature()
+    with pytest.raises(ValueError, match="missing"):
+        to_pair_view(pairs)

@@ -1,0 +1,150 @@
+"""Specification of run_contrastive.py: options, an end-to-end run, crash-safe resume, divergence."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import run_contrastive
+from dualencoder.training.arguments import parse_args
+from dualencoder.training.checkpoints import list_checkpoints, resolve_resume
+from tests.tiny import save_tiny_model_dir
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny_model"))
+
+
+def tiny_run_args(model_dir, output_dir, *extra):
+    return ["--model_name_or_path", model_dir, "--output_dir", str(output_dir), "--dataset", "synthetic",
+            "--num_images", "30", "--synthetic_image_size", "32", "--per_device_train_batch_size", "8",
+            "--per_device_eval_batch_size", "16", "--num_train_epochs", "2", "--report_to", "none",
+            "--logging_steps", "1", "--head_learning_rate", "1e-2", *extra]
+
+
+def test_yaml_config_is_read_and_the_command_line_overrides_it(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("learning_rate: 0.001\nnum_train_epochs: 7\nlora_towers: [vision, text]\n")
+    model_args, data_args, train_args = parse_args(["--config", str(config), "--num_train_epochs", "2"])
+    assert train_args.learning_rate == 0.001 and train_args.num_train_epochs == 2
+    assert model_args.lora_towers == ["vision", "text"]
+    assert data_args.dataset == "synthetic"
+
+
+def test_unknown_keys_are_errors_that_name_them(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("learning_rat: 0.001\n")
+    with pytest.raises(SystemExit, match="learning_rat"):
+        parse_args(["--config", str(config)])
+    with pytest.raises(SystemExit):
+        parse_args(["--num_train_epoch", "2"])
+    assert "--num_train_epoch" in capsys.readouterr().err
+
+
+def test_every_shipped_config_parses():
+    for config in sorted((REPO / "configs").glob("*.yaml")):
+        parse_args(["--config", str(config)])
+
+
+def test_help_explains_the_options():
+    result = subprocess.run([sys.executable, "run_contrastive.py", "--help"], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0
+    assert "--resume_from_checkpoint" in result.stdout and "latest, or a checkpoint directory" in result.stdout
+
+
+def test_tiny_run_trains_evaluates_and_exports_a_loadable_model(tiny_model_dir, tmp_path):
+    metrics = run_contrastive.main(tiny_run_args(tiny_model_dir, tmp_path / "out"))
+    out = tmp_path / "out"
+    saved = json.loads((out / "metrics.json").read_text())
+    for key in ("before_training", "validation", "test"):
+        assert set(saved[key]) >= {"i2t_r1", "t2i_r1", "rsum"}
+    assert saved["test"] == pytest.approx(metrics["test"])
+    assert saved["global_step"] == metrics["global_step"] > 0
+    assert (out / "README.md").read_text().count("| trained") == 0  # card table rows are named below
+    assert "| test |" in (out / "README.md").read_text()
+    history = json.loads((out / "log_history.json").read_text())
+    assert any("loss" in r for r in history) and any("rsum" in r for r in history)
+    from transformers import AutoProcessor
+
+    from modeling_dualencoder import DualEncoderModel
+
+    model = DualEncoderModel.from_pretrained(out)
+    processor = AutoProcessor.from_pretrained(out)
+    assert processor.image_processor.size["height"] == model.config.image_size
+    # The exported weights are the best checkpoint's.
+    best = load_file(out / "best" / "model.safetensors")
+    final = load_file(out / "model.safetensors")
+    torch.testing.assert_close(final["visual_projection.net.0.weight"], best["visual_projection.net.0.weight"])
+
+
+def test_frozen_tower_features_are_cached_and_training_still_learns_the_heads(tiny_model_dir, tmp_path, caplog):
+    caplog.set_level("INFO")
+    metrics = run_contrastive.main(tiny_run_args(tiny_model_dir, tmp_path / "out", "--vision_train", "frozen",
+                                                 "--eval_before_training", "true"))
+    assert "caching its features" in caplog.text
+    assert metrics["test"]["rsum"] > 0
+
+
+def test_a_nan_loss_stops_the_run_naming_the_step_and_saves_nothing(tiny_model_dir, tmp_path, monkeypatch):
+    from dualencoder import losses
+
+    monkeypatch.setattr(losses.ClipLoss, "forward", lambda self, *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    with pytest.raises(run_contrastive.TrainingDiverged, match="step 1"):
+        run_contrastive.main(tiny_run_args(tiny_model_dir, tmp_path / "out", "--eval_before_training", "false"))
+    assert list_checkpoints(str(tmp_path / "out")) == []
+
+
+def test_resume_latest_ignores_a_half_written_checkpoint(tmp_path):
+    complete = tmp_path / "checkpoint-4"
+    complete.mkdir()
+    (complete / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-6.tmp").mkdir()  # a crash mid-write
+    (tmp_path / "checkpoint-8").mkdir()  # renamed but without its state file
+    assert resolve_resume(str(tmp_path), "latest") == str(complete)
+    assert resolve_resume(str(tmp_path / "nothing-here"), "latest") is None
+    with pytest.raises(SystemExit, match="not a complete checkpoint"):
+        resolve_resume(str(tmp_path), str(tmp_path / "checkpoint-8"))
+
+
+def test_a_run_killed_mid_epoch_resumes_to_the_same_result(tiny_model_dir, tmp_path):
+    """kill -9 after a mid-epoch checkpoint, resume from 'latest', compare with an uninterrupted run."""
+    common = tiny_run_args(tiny_model_dir, tmp_path / "x", "--checkpointing_steps", "2", "--save_total_limit", "10",
+                           "--eval_before_training", "false")
+    reference = run_contrastive.main(common[:3] + [str(tmp_path / "reference")] + common[4:])
+
+    interrupted = tmp_path / "interrupted"
+    argv = common[:3] + [str(interrupted)] + common[4:]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    process = subprocess.Popen([sys.executable, "run_contrastive.py", *argv], cwd=REPO, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (interrupted / "checkpoint-2" / "trainer_state.json").exists():
+        if process.poll() is not None:
+            pytest.fail("the run ended before its first checkpoint")
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    checkpoints = list_checkpoints(str(interrupted))
+    assert checkpoints, "no checkpoint written before the kill"
+    state = json.loads((Path(checkpoints[-1]) / "trainer_state.json").read_text())
+    assert state["step_in_epoch"] > 0, "the kill came too late to test a mid-epoch resume"
+    assert not (interrupted / "metrics.json").exists()
+
+    resumed = run_contrastive.main(argv + ["--resume_from_checkpoint", "latest"])
+    assert resumed["global_step"] == reference["global_step"]
+    assert resumed["test"] == pytest.approx(reference["test"])
+    final_reference = load_file(tmp_path / "reference" / "model.safetensors")
+    final_resumed = load_file(interrupted / "model.safetensors")
+    for key in final_reference:
+        torch.testing.assert_close(final_resumed[key], final_reference[key], atol=1e-5, rtol=1e-4)
