@@ -80,10 +80,12 @@ def join_backbones(model_args) -> DualEncoderModel:
         loss_kwargs["margin"] = model_args.triplet_margin
         if "+" in model_args.loss:
             loss_kwargs["triplet_weight"] = model_args.triplet_weight
+    overrides = {"image_size": model_args.image_size} if model_args.image_size else {}
     return DualEncoderModel.from_vision_text_pretrained(
         model_args.vision_model,
         model_args.text_model,
         vision_weights=model_args.vision_weights,
+        **overrides,
         projection_dim=model_args.projection_dim,
         projection_head=model_args.projection_head,
         projection_hidden_dim=model_args.projection_hidden_dim,
@@ -164,7 +166,7 @@ def main(argv=None) -> dict:
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO,
                         stream=sys.stdout)
-    logger.setLevel(logging.INFO)
+    logger.setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
     if not accelerator.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)
     set_seed(train_args.seed)

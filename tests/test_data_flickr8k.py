@@ -44,7 +44,8 @@ def make_official(root: Path, n: int = 10, splits=(6, 2, 2)) -> Path:
     lines = [f"{_name(i)}#{k}\t{c}" for i in range(n) for k, c in enumerate(_captions(i))]
     (text / "Flickr8k.token.txt").write_text("\n".join(lines) + "\n")
     start = 0
-    for file, count in zip(("Flickr_8k.trainImages.txt", "Flickr_8k.devImages.txt", "Flickr_8k.testImages.txt"), splits):
+    split_files = ("Flickr_8k.trainImages.txt", "Flickr_8k.devImages.txt", "Flickr_8k.testImages.txt")
+    for file, count in zip(split_files, splits):
         (text / file).write_text("".join(f"{_name(i)}\n" for i in range(start, start + count)))
         start += count
     return root
@@ -127,7 +128,11 @@ def test_captions_for_missing_image_in_no_split_are_noted_not_fatal(official, ca
 
 @pytest.mark.parametrize(
     "bad_line, expected",
-    [("no tab here just text", "no TAB"), (f"{_name(1)}#5\t   ", "empty caption"), (f"{_name(1)}#x\tcap", "not an integer")],
+    [
+        ("no tab here just text", "no TAB"),
+        (f"{_name(1)}#5\t   ", "empty caption"),
+        (f"{_name(1)}#x\tcap", "not an integer"),
+    ],
 )
 def test_bad_caption_line_reported_with_line_number(official, bad_line, expected):
     lines = token_path(official).read_text().splitlines()
@@ -275,7 +280,11 @@ def _karpathy(n: int, split_of) -> dict:
     return {
         "dataset": "flickr8k",
         "images": [
-            {"filename": _name(i), "split": split_of(i), "sentences": [{"raw": c, "tokens": c.split()} for c in _captions(i)]}
+            {
+                "filename": _name(i),
+                "split": split_of(i),
+                "sentences": [{"raw": c, "tokens": c.split()} for c in _captions(i)],
+            }
             for i in range(n)
         ],
     }
@@ -308,8 +317,9 @@ def test_karpathy_json_with_image_folder_only(tmp_path):
 
 def test_hub_dataset_is_normalised(tmp_path, monkeypatch):
     image = Image.new("RGB", (4, 4), (0, 0, 255))
-    features = datasets.Features({"image": datasets.Image(), **{f"caption_{k}": datasets.Value("string") for k in range(5)}})
-    rows = lambda n: {"image": [image] * n, **{f"caption_{k}": [f"img caption {k}"] * n for k in range(5)}}  # noqa: E731
+    columns = [f"caption_{k}" for k in range(5)]
+    features = datasets.Features({"image": datasets.Image(), **{c: datasets.Value("string") for c in columns}})
+    rows = lambda n: {"image": [image] * n, **{c: [f"img {c}"] * n for c in columns}}  # noqa: E731
     raw = datasets.DatasetDict({
         "train": datasets.Dataset.from_dict(rows(16), features=features),
         "val": datasets.Dataset.from_dict(rows(2), features=features),

@@ -21,6 +21,7 @@ class ModelArguments:
     text_model: str = field(default="offline:all-minilm-l6-v2", metadata={"help": "Text backbone: an HF id/path (e.g. distilbert-base-uncased) or offline:all-minilm-l6-v2."})
     vision_weights: Optional[str] = field(default=None, metadata={"help": "Local state-dict file for a timm vision backbone."})
     model_name_or_path: Optional[str] = field(default=None, metadata={"help": "Start from a saved dual encoder directory instead of joining two backbones."})
+    image_size: Optional[int] = field(default=None, metadata={"help": "Input resolution of the vision tower (default: the backbone's own, e.g. 224). Convolutional backbones run faster smaller."})
     projection_dim: int = field(default=512, metadata={"help": "Width of the shared embedding space."})
     projection_head: str = field(default="linear", metadata={"help": "Projection head: linear or mlp."})
     projection_hidden_dim: Optional[int] = field(default=None, metadata={"help": "Hidden width of the mlp head (default: the tower's width)."})
