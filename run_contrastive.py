@@ -145,8 +145,11 @@ def make_train_loader(pairs, collator, data_args, train_args, seed, epoch):
     else:
         sampler = SeededBatchSampler(len(rows), train_args.per_device_train_batch_size, seed)
     sampler.set_epoch(epoch)
+    # An own generator: creating the iterator must not draw from the global RNG, or a resumed run
+    # (whose RNG state was restored before its iterator exists) would get other dropout masks.
+    generator = torch.Generator().manual_seed(seed * 1000 + epoch)
     return DataLoader(rows, batch_sampler=sampler, collate_fn=collator, num_workers=data_args.dataloader_num_workers,
-                      pin_memory=torch.cuda.is_available())
+                      pin_memory=torch.cuda.is_available(), generator=generator)
 
 
 def is_better(metric: str, value: float, best) -> bool:
@@ -185,6 +188,7 @@ def main(argv=None) -> dict:
 
     # --- frozen-tower caches: a tower with nothing to train is run once, not every epoch
     caches = {"vision": None, "text": None}
+    cache_started = time.time()
     if train_args.cache_frozen_features:
         batch = train_args.per_device_eval_batch_size
         if tower_is_frozen(model, "vision"):
@@ -199,6 +203,7 @@ def main(argv=None) -> dict:
             caches["text"] = cache_text_features(model, train_pairs["caption"], processor.tokenizer,
                                                  max_length=data_args.max_length, batch_size=batch,
                                                  device=accelerator.device, show_progress=show)
+    cache_seconds = time.time() - cache_started
     if caches["vision"] is not None:
         train_pairs = train_pairs.remove_columns("image")  # never decode images we do not need
     train_pairs = train_pairs.with_transform(CachedFeatureTransform(train_transform, caches["vision"], caches["text"]))
@@ -309,6 +314,7 @@ def main(argv=None) -> dict:
         final.load_state_dict(DualEncoderModel.from_pretrained(best_dir).state_dict())
     metrics = {"before_training": state.get("before_training"), "validation": state.get("best_validation"),
                "best_epoch": state.get("best_epoch"), "train_seconds": round(train_seconds, 1),
+               "cache_seconds": round(cache_seconds, 1),
                "global_step": state["global_step"]}
     if "test" in eval_views:
         metrics["test"] = evaluate("test")
