@@ -148,3 +148,19 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_result(tiny_model_dir, tmp_p
     final_resumed = load_file(interrupted / "model.safetensors")
     for key in final_reference:
         torch.testing.assert_close(final_resumed[key], final_reference[key], atol=1e-5, rtol=1e-4)
+
+
+def test_two_cpu_processes_split_the_batches_and_save_both_rng_states(tiny_model_dir, tmp_path):
+    """torchrun with 2 gloo processes: each sees half the batches; checkpoints hold both RNG states."""
+    out = tmp_path / "ddp"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", ACCELERATE_USE_CPU="true", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "run_contrastive.py", *tiny_run_args(tiny_model_dir, out, "--eval_before_training", "false")]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    train_rows = 24 * 5  # 30 synthetic images -> 24 train images x 5 captions
+    batches_per_epoch = -(-train_rows // 8)
+    assert metrics["global_step"] == 2 * -(-batches_per_epoch // 2)
+    last = Path(list_checkpoints(str(out))[-1])
+    assert (last / "random_states_0.pkl").exists() and (last / "random_states_1.pkl").exists()
