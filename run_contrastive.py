@@ -20,6 +20,7 @@ import sys
 import time
 
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import BatchSampler, DataLoader
@@ -75,11 +76,14 @@ def build_model(model_args) -> DualEncoderModel:
 
 
 def join_backbones(model_args) -> DualEncoderModel:
-    loss_kwargs = {}
-    if "triplet" in model_args.loss or "vsepp" in model_args.loss:
-        loss_kwargs["margin"] = model_args.triplet_margin
-        if "+" in model_args.loss:
-            loss_kwargs["triplet_weight"] = model_args.triplet_weight
+    loss_kwargs = yaml.safe_load(model_args.loss_options) or {}
+    if not isinstance(loss_kwargs, dict):
+        raise SystemExit(f"error: --loss_options must be a mapping, got {model_args.loss_options!r}")
+    if "codebook" in model_args.loss:
+        loss_kwargs.setdefault("embed_dim", model_args.projection_dim)
+    scale, bias = model_args.logit_scale_init_value, model_args.logit_bias_init_value
+    if "siglip" in model_args.loss and bias is None:  # SigLIP's initialisation: scale 10, bias -10
+        scale, bias = math.log(10.0), -10.0
     overrides = {"image_size": model_args.image_size} if model_args.image_size else {}
     return DualEncoderModel.from_vision_text_pretrained(
         model_args.vision_model,
@@ -91,8 +95,8 @@ def join_backbones(model_args) -> DualEncoderModel:
         projection_hidden_dim=model_args.projection_hidden_dim,
         projection_dropout=model_args.projection_dropout,
         text_pooling=model_args.text_pooling,
-        logit_scale_init_value=model_args.logit_scale_init_value,
-        logit_bias_init_value=model_args.logit_bias_init_value,
+        logit_scale_init_value=scale,
+        logit_bias_init_value=bias,
         loss_type=model_args.loss,
         loss_kwargs=loss_kwargs,
         lora_rank=model_args.lora_rank,
@@ -225,6 +229,7 @@ def main(argv=None) -> dict:
         total_steps = min(total_steps, train_args.max_steps)
     scheduler = cosine_with_warmup(optimizer, int(train_args.warmup_ratio * total_steps), total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    loss_fn = accelerator.unwrap_model(model).loss_fn
     if accelerator.log_with:
         accelerator.init_trackers("run_contrastive", config={k: str(v) for a in (model_args, data_args, train_args)
                                                               for k, v in vars(a).items()})
@@ -271,6 +276,8 @@ def main(argv=None) -> dict:
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                if accelerator.sync_gradients and hasattr(loss_fn, "after_optimizer_step"):
+                    loss_fn.after_optimizer_step(accelerator.unwrap_model(model))  # e.g. an EMA teacher
             if not accelerator.sync_gradients:
                 continue
             state["global_step"] += 1

@@ -41,6 +41,17 @@ def test_yaml_config_is_read_and_the_command_line_overrides_it(tmp_path):
     assert data_args.dataset == "synthetic"
 
 
+def test_loss_options_can_be_a_yaml_mapping_or_a_command_line_string(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("loss: clip+triplet\nloss_options: {margin: 0.1, triplet_weight: 0.5}\n")
+    model_args, _, _ = parse_args(["--config", str(config)])
+    import yaml
+
+    assert yaml.safe_load(model_args.loss_options) == {"margin": 0.1, "triplet_weight": 0.5}
+    model_args, _, _ = parse_args(["--loss_options", "{margin: 0.3}"])
+    assert yaml.safe_load(model_args.loss_options) == {"margin": 0.3}
+
+
 def test_unknown_keys_are_errors_that_name_them(tmp_path, capsys):
     config = tmp_path / "c.yaml"
     config.write_text("learning_rat: 0.001\n")

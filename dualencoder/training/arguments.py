@@ -30,8 +30,7 @@ class ModelArguments:
     logit_scale_init_value: float = field(default=2.6592, metadata={"help": "Initial log of the logit scale (log(1/0.07) as CLIP)."})
     logit_bias_init_value: Optional[float] = field(default=None, metadata={"help": "Learn a logit bias starting here (SigLIP: -10)."})
     loss: str = field(default="clip", metadata={"help": "Loss: clip, ntxent, triplet, siglip, or a sum such as clip+triplet."})
-    triplet_margin: float = field(default=0.2, metadata={"help": "Margin of the triplet/VSE++ term (cosine units)."})
-    triplet_weight: float = field(default=1.0, metadata={"help": "Weight of the triplet term in clip+triplet."})
+    loss_options: str = field(default="{}", metadata={"help": "Options of the loss as a YAML/JSON mapping, e.g. '{margin: 0.1, triplet_weight: 0.5}' for clip+triplet (see dualencoder/losses.py)."})
     lora_rank: int = field(default=0, metadata={"help": "LoRA rank (0: no adapters)."})
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
@@ -121,4 +120,6 @@ def parse_args(argv: Optional[list[str]] = None):
     namespace = parser.parse_args(argv)  # argparse names unknown options itself
     values = vars(namespace)
     values.pop("config", None)
+    if isinstance(values["loss_options"], dict):  # a mapping in the YAML file stays a mapping
+        values["loss_options"] = yaml.safe_dump(values["loss_options"], default_flow_style=True).strip()
     return tuple(cls(**{f.name: values[f.name] for f in fields(cls)}) for cls in ARGUMENT_CLASSES)
