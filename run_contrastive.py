@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 
@@ -33,7 +32,8 @@ from dualencoder.processing import build_processor
 from dualencoder.trainable import format_parameter_report, parameter_report, set_tower_trainable, tower_is_frozen
 from dualencoder.training.arguments import parse_args
 from dualencoder.training.checkpoints import load_checkpoint, resolve_resume, save_checkpoint, write_atomically
-from dualencoder.training.feature_cache import CachedFeatureTransform, cache_text_features, cache_vision_features
+from dualencoder.training.feature_cache import (CachedFeatureTransform, cache_text_features, cache_vision_features,
+                                                load_or_compute, tower_fingerprint)
 from dualencoder.training.model_card import write_model_card
 from dualencoder.training.optim import cosine_with_warmup, make_optimizer
 from modeling_dualencoder import DualEncoderModel
@@ -198,10 +198,20 @@ def main(argv=None) -> dict:
         if tower_is_frozen(model, "vision"):
             logger.info("vision tower is frozen with no adapters: caching its features (no augmentation).")
             every_image = [to_image_view(train_pairs)] + list(eval_views.values())
-            caches["vision"] = {}
-            for view in every_image:
-                caches["vision"].update(cache_vision_features(model, view, eval_transform, batch_size=batch,
-                                                              device=accelerator.device, show_progress=show))
+
+            def compute():
+                features = {}
+                for view in every_image:
+                    features.update(cache_vision_features(model, view, eval_transform, batch_size=batch,
+                                                          device=accelerator.device, show_progress=show))
+                return features
+
+            ids = sorted(i for view in every_image for i in view["image_id"])
+            key = tower_fingerprint(model.vision_model, model.config.image_size, model.config.image_mean,
+                                    model.config.image_std, data_args.dataset, ids)
+            cache_file = os.path.join(os.path.expanduser(train_args.feature_cache_dir), f"vision-{key}.pt") \
+                if train_args.feature_cache_dir else None
+            caches["vision"] = load_or_compute(cache_file, compute)
         if tower_is_frozen(model, "text"):
             logger.info("text tower is frozen with no adapters: caching its features.")
             caches["text"] = cache_text_features(model, train_pairs["caption"], processor.tokenizer,

@@ -29,7 +29,7 @@ def tiny_run_args(model_dir, output_dir, *extra):
     return ["--model_name_or_path", model_dir, "--output_dir", str(output_dir), "--dataset", "synthetic",
             "--num_images", "30", "--synthetic_image_size", "32", "--per_device_train_batch_size", "8",
             "--per_device_eval_batch_size", "16", "--num_train_epochs", "2", "--report_to", "none",
-            "--logging_steps", "1", "--head_learning_rate", "1e-2", *extra]
+            "--logging_steps", "1", "--head_learning_rate", "1e-2", "--feature_cache_dir", "", *extra]
 
 
 def test_yaml_config_is_read_and_the_command_line_overrides_it(tmp_path):
@@ -101,10 +101,28 @@ def test_tiny_run_trains_evaluates_and_exports_a_loadable_model(tiny_model_dir, 
 
 def test_frozen_tower_features_are_cached_and_training_still_learns_the_heads(tiny_model_dir, tmp_path, caplog):
     caplog.set_level("INFO")
+    cache_dir = tmp_path / "features"
     metrics = run_contrastive.main(tiny_run_args(tiny_model_dir, tmp_path / "out", "--vision_train", "frozen",
-                                                 "--eval_before_training", "true"))
+                                                 "--feature_cache_dir", str(cache_dir)))
     assert "caching its features" in caplog.text
     assert metrics["test"]["rsum"] > 0
+    assert len(list(cache_dir.glob("vision-*.pt"))) == 1
+
+
+def test_cached_features_are_reused_only_for_the_same_weights_and_settings(tmp_path):
+    from dualencoder.training.feature_cache import load_or_compute, tower_fingerprint
+
+    layer = torch.nn.Linear(3, 2)
+    key = tower_fingerprint(layer, 224)
+    assert key == tower_fingerprint(layer, 224) != tower_fingerprint(layer, 128)
+    calls = []
+    path = str(tmp_path / f"vision-{key}.pt")
+    first = load_or_compute(path, lambda: calls.append(1) or {"a": torch.ones(2)})
+    second = load_or_compute(path, lambda: calls.append(1) or {"a": torch.zeros(2)})
+    assert calls == [1] and torch.equal(first["a"], second["a"])
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    assert tower_fingerprint(layer, 224) != key
 
 
 def test_a_nan_loss_stops_the_run_naming_the_step_and_saves_nothing(tiny_model_dir, tmp_path, monkeypatch):

@@ -78,6 +78,7 @@ class TrainArguments:
     metric_for_best_model: str = field(default="rsum", metadata={"help": "Validation metric that picks the best model (higher is better for recalls/rsum, lower for *_medr/*_meanr)."})
     eval_before_training: bool = field(default=True, metadata={"help": "Evaluate the untrained (zero-shot) model first."})
     cache_frozen_features: bool = field(default=True, metadata={"help": "Compute a frozen, adapter-free tower's features once and reuse them."})
+    feature_cache_dir: Optional[str] = field(default="~/.cache/dualencoder/features", metadata={"help": "Where frozen vision features are kept between runs, keyed by a hash of the weights, preprocessing and images ('' to keep them in memory only)."})
     report_to: str = field(default="tensorboard", metadata={"help": "Trackers: tensorboard, wandb, all or none."})
     push_to_hub: bool = field(default=False, metadata={"help": "Push the final model to the Hub (needs the internet and a token)."})
     hub_model_id: Optional[str] = field(default=None, metadata={"help": "Hub repository for --push_to_hub."})

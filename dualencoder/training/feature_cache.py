@@ -8,8 +8,40 @@ embeddings at a fraction of the cost. Caches are plain dicts keyed by image id (
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
+
 import torch
 from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+
+def tower_fingerprint(module: torch.nn.Module, *extra) -> str:
+    """A short hash of a tower's weights (and any extra settings, e.g. the input size).
+
+    Cached features are only valid for exactly these weights and preprocessing; the hash makes
+    a stale cache impossible to pick up.
+    """
+    digest = hashlib.sha1(repr(extra).encode())
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def load_or_compute(path: str, compute) -> dict:
+    """A feature dict from `path` if it exists, else `compute()` saved there (atomically)."""
+    if path and os.path.isfile(path):
+        logger.info("reusing cached features from %s", path)
+        return torch.load(path, weights_only=True)
+    features = compute()
+    if path:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.save(features, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    return features
 
 
 @torch.no_grad()
