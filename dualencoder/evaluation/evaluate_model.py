@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
@@ -30,7 +31,7 @@ from dualencoder.evaluation.embed import EmbeddedSplit, embed_split
 from dualencoder.metrics import format_metrics_table
 from dualencoder.processing import build_processor
 from dualencoder.visualize import similarity_gap
-from modeling_dualencoder import DualEncoderModel
+from modeling_dualencoder import DualEncoderConfig, DualEncoderModel
 
 logger = logging.getLogger(__name__)
 
@@ -70,10 +71,13 @@ def load_zero_shot(vision_model: str = OFFLINE_VISION, text_model: str = OFFLINE
                    like=None, seed: int = 0):
     """The untrained joined model (pretrained backbones, fresh projection heads) and its processor.
 
-    `like`: a trained model's config whose head shape (projection dim/kind, pooling) the baseline
-    copies, so "before" and "after" differ only by training. `seed` fixes the random heads.
+    `like`: a trained model's config whose head shape (projection dim/kind, pooling), and input
+    resolution when the vision backbone is the same, the baseline copies, so "before" and "after"
+    differ only by training. `seed` fixes the random heads.
     """
     overrides = {name: getattr(like, name) for name in _HEAD_FIELDS if like is not None and hasattr(like, name)}
+    if like is not None and getattr(like, "vision_model_name_or_path", None) == vision_model:
+        overrides["image_size"] = like.image_size  # same backbone: same input resolution as the trained model
     torch.manual_seed(seed)
     model = DualEncoderModel.from_vision_text_pretrained(vision_model, text_model, **overrides)
     return model.to(pick_device(device)).eval(), build_processor(model.config)
@@ -97,31 +101,34 @@ def training_options(model_dir: Optional[str]) -> dict:
     return options if isinstance(options, dict) else {}
 
 
-def data_options(args: argparse.Namespace, model_dir: Optional[str] = None) -> dict:
-    """Fill the unset data options from the run's model card, then from the training defaults.
+def data_options(model_dir: Optional[str] = None, /, *, dataset: str = "synthetic", split: str = "test",
+                 max_images: Optional[int] = None, num_images: Optional[int] = None,
+                 synthetic_image_size: Optional[int] = None, seed: Optional[int] = None,
+                 max_length: Optional[int] = None, **_) -> dict:
+    """The data options, the unset ones (None) filled from the run's model card, then the training defaults.
 
     For the synthetic set this matters: image i is the same picture whatever `num_images` is, but
     the split boundaries move with it, so only the training run's `num_images` gives its test split.
+    Takes the command's parsed arguments as `data_options(args.model_dir, **vars(args))`.
     """
     card = training_options(model_dir)
-    same_data = card.get("dataset") == args.dataset
+    same_data = card.get("dataset") == dataset
 
-    def pick(name, card_name, default):
-        value = getattr(args, name, None)
+    def pick(value, name, default, needs_same_data=True):
         if value is not None:
             return value
-        if card_name in card and (same_data or card_name in ("max_length", "seed")):
-            return card[card_name]
+        if name in card and (same_data or not needs_same_data):
+            return card[name]
         return default
 
     return {
-        "dataset": args.dataset,
-        "split": args.split,
-        "max_images": args.max_images,
-        "num_images": pick("num_images", "num_images", DEFAULT_NUM_IMAGES),
-        "synthetic_image_size": pick("synthetic_image_size", "synthetic_image_size", DEFAULT_SYNTHETIC_IMAGE_SIZE),
-        "seed": pick("seed", "seed", DEFAULT_SEED),
-        "max_length": pick("max_length", "max_length", DEFAULT_MAX_LENGTH),
+        "dataset": dataset,
+        "split": split,
+        "max_images": max_images,
+        "num_images": pick(num_images, "num_images", DEFAULT_NUM_IMAGES),
+        "synthetic_image_size": pick(synthetic_image_size, "synthetic_image_size", DEFAULT_SYNTHETIC_IMAGE_SIZE),
+        "seed": pick(seed, "seed", DEFAULT_SEED, needs_same_data=False),
+        "max_length": pick(max_length, "max_length", DEFAULT_MAX_LENGTH, needs_same_data=False),
     }
 
 
@@ -137,6 +144,19 @@ def load_split(dataset: str = "synthetic", split: str = "test", max_images: Opti
     if max_images:
         view = view.select(range(min(max_images, len(view))))
     return view
+
+
+class LazyImages(Sequence):
+    """The images of a split as a sequence, decoded only when asked for (galleries and grids show a few)."""
+
+    def __init__(self, view):
+        self.view = view
+
+    def __len__(self):
+        return len(self.view)
+
+    def __getitem__(self, index):
+        return self.view[int(index)]["image"]
 
 
 def embed(model, processor, view, *, max_length: int = DEFAULT_MAX_LENGTH, batch_size: int = 32,
@@ -201,29 +221,30 @@ def evaluate(args: argparse.Namespace) -> dict:
     """Run the evaluation the parsed arguments describe; returns what `--output_json` holds."""
     if not args.model_dir and not args.zero_shot:
         raise SystemExit("nothing to evaluate: pass --model_dir DIR and/or --zero_shot")
-    options = data_options(args, args.model_dir)
+    options = data_options(args.model_dir, **vars(args))
     view = load_split(**options)
     logger.info("evaluating on %s/%s: %d images", options["dataset"], options["split"], len(view))
     show = not args.quiet
+    # (key, row name, loader): one model in memory at a time
     runs = []
     trained_config = None
     if args.model_dir:
-        model, processor = load_model(args.model_dir, args.device)
-        trained_config = model.config
-        runs.append(("model", args.model_dir, model, processor))
+        trained_config = DualEncoderConfig.from_pretrained(args.model_dir)
+        runs.append(("model", args.model_dir, lambda: load_model(args.model_dir, args.device)))
     if args.zero_shot:
         vision, text = zero_shot_backbones(trained_config, args.vision_model, args.text_model)
-        model, processor = load_zero_shot(vision, text, args.device, like=trained_config)
-        runs.append(("zero_shot", f"zero-shot ({vision} + {text})", model, processor))
+        runs.append(("zero_shot", f"zero-shot ({vision} + {text})",
+                     lambda: load_zero_shot(vision, text, args.device, like=trained_config)))
 
     results = {}
     num_captions = 0
-    for key, name, model, processor in runs:
+    for key, name, load in runs:
+        model, processor = load()
         embedded = embed(model, processor, view, max_length=options["max_length"], batch_size=args.batch_size,
                          show_progress=show)
+        del model
         num_captions = len(embedded.captions)
         results[key] = {"name": name, **describe(embedded)}
-        del model
     return {"dataset": options["dataset"], "split": options["split"], "num_images": len(view),
             "num_captions": num_captions, "data_options": options, "results": results}
 

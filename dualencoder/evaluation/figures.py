@@ -29,6 +29,7 @@ import numpy as np
 
 from dualencoder.evaluation.embed import EmbeddedSplit
 from dualencoder.evaluation.evaluate_model import (
+    LazyImages,
     add_data_arguments,
     add_zero_shot_arguments,
     data_options,
@@ -49,19 +50,6 @@ from dualencoder.visualize import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-class LazyImages(Sequence):
-    """The images of a split, decoded only when a plot asks for one (galleries show a handful)."""
-
-    def __init__(self, view):
-        self.view = view
-
-    def __len__(self):
-        return len(self.view)
-
-    def __getitem__(self, index):
-        return self.view[int(index)]["image"]
 
 
 def pick_queries(num_images: int, num_queries: int, seed: int = 0) -> list[int]:
@@ -102,7 +90,7 @@ def projection_figures(after: EmbeddedSplit, out: Path, before: Optional[Embedde
             paths[f"{method}_before_after"] = plot_projection_before_after(
                 (before.image_embeds, before.text_embeds), (after.image_embeds, after.text_embeds),
                 after.text_to_image.numpy(), out / f"{method}_before_after.png", method=method,
-                titles=("untrained (zero-shot)", "trained"), seed=seed)
+                titles=("untrained", "trained"), seed=seed)
         else:
             paths[method] = plot_embedding_projection(
                 after.image_embeds, after.text_embeds, after.text_to_image.numpy(), out / f"{method}.png",
@@ -123,7 +111,7 @@ def make_figures(args: argparse.Namespace) -> dict:
     """Every figure for `args.model_dir`; returns {"paths": {name: path}, "gap": ..., "gap_before": ...}."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    options = data_options(args, args.model_dir)
+    options = data_options(args.model_dir, **vars(args))
     view = load_split(**options)
     show = not args.quiet
     model, processor = load_model(args.model_dir, args.device)
