@@ -327,6 +327,12 @@ class CombinedLoss(nn.Module):
     def extra_repr(self) -> str:
         return f"weights={self.weights}"
 
+    def after_optimizer_step(self, model: nn.Module | None = None) -> None:
+        """Pass the training loop's after-step call on to every term that wants it (e.g. an EMA teacher)."""
+        for loss in self.losses:
+            if hasattr(loss, "after_optimizer_step"):
+                loss.after_optimizer_step(model)
+
     def forward(
         self,
         image_embeds: torch.Tensor,
@@ -392,3 +398,8 @@ def build_loss(name: str, **kwargs) -> nn.Module:
     if unused:
         raise TypeError(f"build_loss({name!r}) got options no term accepts: {unused}")
     return losses[0] if len(losses) == 1 else CombinedLoss(list(zip(losses, weights)))
+
+# The codebook alignment term (prototypes, Sinkhorn, EMA teacher) lives in its own module.
+from dualencoder.codebook import CodebookLoss  # noqa: E402
+
+LOSSES["codebook"] = CodebookLoss

@@ -275,7 +275,7 @@ def test_shape_checks():
 
 
 def test_build_loss_names_and_aliases():
-    assert set(LOSSES) == {"clip", "infonce", "ntxent", "triplet", "vsepp", "siglip"}
+    assert set(LOSSES) == {"clip", "infonce", "ntxent", "triplet", "vsepp", "siglip", "codebook"}
     assert type(build_loss("clip")) is type(build_loss("InfoNCE")) is ClipLoss
     assert type(build_loss("vsepp")) is TripletLoss
     loss = build_loss("triplet", margin=0.1, max_violation=False, local_loss=True)
