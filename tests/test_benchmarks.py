@@ -1,0 +1,96 @@
+"""Smoke tests of the benchmark scripts: each runs end to end at toy size on CPU and writes the JSON
+its README table is made from. No timing assertions: only keys, counts and positive numbers."""
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import common, data_loading, eval_speed, throughput
+
+
+@pytest.fixture(autouse=True)
+def isolated_state():
+    """One CPU thread (tiny ops stall on busy machines with more), and accelerate's state reset after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    common.reset_accelerate_state()
+
+
+TINY = ["--size", "tiny", "--image_size", "32", "--seq_len", "8", "--batch_size", "4", "--steps", "1", "--warmup", "1",
+        "--in_process"]
+
+
+def _check_row(row):
+    assert "error" not in row, row.get("error")
+    for key in ("samples_per_s", "step_time_median_s", "flops_per_step", "flops_per_sample", "achieved_tflops",
+                "host_rss_peak_mib", "params_total", "params_trainable"):
+        assert row[key] > 0, key
+    assert row["mfu"] is None and row["gpu_peak_mib"] is None  # CPU: FLOP/s only, no MFU
+    assert len(row["step_times_s"]) == row["steps"]
+
+
+def test_throughput_modes(tmp_path):
+    out = tmp_path / "throughput.json"
+    result = throughput.main(TINY + ["--pair", "vit-distilbert", "--mode", "all", "--precision", "fp32", "--out", str(out)])
+    assert json.loads(out.read_text()) == result
+    for key in ("date", "device", "device_name", "torch", "command", "rows", "ratios", "peak_flops_used"):
+        assert key in result
+    rows = {row["mode"]: row for row in result["rows"]}
+    assert set(rows) == set(throughput.MODES)
+    for row in rows.values():
+        _check_row(row)
+    full, lora, cache = rows["full"], rows["lora"], rows["frozen-vision-cache"]
+    assert lora["params_trainable"] < full["params_trainable"]
+    assert cache["flops_per_sample"] < full["flops_per_sample"]  # no vision tower in the step
+
+
+def test_throughput_baseline_ratio(tmp_path):
+    out = tmp_path / "baseline.json"
+    result = throughput.main(TINY + ["--pair", "vit-bert", "--mode", "full", "--precision", "bf16", "--baseline",
+                                     "--out", str(out)])
+    impls = [row["impl"] for row in result["rows"]]
+    assert impls == ["ours", "hf-trainer"]
+    for row in result["rows"]:
+        _check_row(row)
+    assert result["rows"][1]["trainer_reported_samples_per_s"] > 0
+    (ratio,) = result["ratios"]
+    assert ratio["precision"] == "bf16" and ratio["ratio"] > 0
+
+
+def test_throughput_plan_adds_our_matching_rows():
+    args = throughput.parse_args(["--pair", "offline", "--mode", "lora", "--precision", "all", "--baseline"])
+    specs = throughput.plan(args)
+    assert [(s["impl"], s["pair"], s["mode"], s["precision"]) for s in specs] == [
+        ("ours", "offline", "lora", "fp32"), ("ours", "offline", "lora", "bf16"),
+        ("ours", "vit-bert", "full", "fp32"), ("hf-trainer", "vit-bert", "full", "fp32"),
+        ("ours", "vit-bert", "full", "bf16"), ("hf-trainer", "vit-bert", "full", "bf16")]
+    with pytest.raises(SystemExit):
+        common.parse_choices("fp16", throughput.PRECISIONS)
+
+
+def test_data_loading(tmp_path):
+    out = tmp_path / "data.json"
+    result = data_loading.main(["--data", "synthetic", "--num_images", "8", "--batch_size", "4", "--workers", "0,1",
+                                "--image_size", "32", "--synthetic_image_size", "32", "--out", str(out)])
+    assert json.loads(out.read_text()) == result
+    assert [row["workers"] for row in result["rows"]] == [0, 1]
+    for row in result["rows"]:
+        assert row["images"] == 8 and row["batches"] == 2
+        assert row["images_per_s"] > 0 and row["steady_images_per_s"] > 0 and row["seconds"] > 0
+
+
+def test_eval_speed(tmp_path):
+    out = tmp_path / "eval.json"
+    result = eval_speed.main(["--data", "synthetic", "--model", "tiny", "--max_images", "6", "--batch_size", "4",
+                              "--index_images", "300", "--captions_per_image", "2", "--dim", "16", "--chunk_size", "64",
+                              "--out", str(out)])
+    assert json.loads(out.read_text()) == result
+    flickr, index = result["flickr"], result["index"]
+    assert flickr["images"] == 6 and flickr["captions"] == 30
+    for stage in ("load", "build model", "embed", "rank", "get_image_features", "get_text_features"):
+        assert flickr["seconds"][stage] > 0, stage
+    assert index["images"] == 300 and index["captions"] == 600
+    assert index["seconds"]["generate"] > 0 and index["seconds"]["rank"] > 0
