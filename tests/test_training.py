@@ -154,7 +154,8 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_result(tiny_model_dir, tmp_p
 
     interrupted = tmp_path / "interrupted"
     argv = common[:3] + [str(interrupted)] + common[4:]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    # Same thread count as this process, so both runs sum in the same order.
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(torch.get_num_threads()))
     process = subprocess.Popen([sys.executable, "run_contrastive.py", *argv], cwd=REPO, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
@@ -176,7 +177,8 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_result(tiny_model_dir, tmp_p
     final_reference = load_file(tmp_path / "reference" / "model.safetensors")
     final_resumed = load_file(interrupted / "model.safetensors")
     for key in final_reference:
-        torch.testing.assert_close(final_resumed[key], final_reference[key], atol=1e-5, rtol=1e-4)
+        # Float noise is ~1e-5 here; a resume that replays or skips a batch moves weights by ~1e-2.
+        torch.testing.assert_close(final_resumed[key], final_reference[key], atol=1e-4, rtol=1e-3)
 
 
 def test_two_cpu_processes_split_the_batches_and_save_both_rng_states(tiny_model_dir, tmp_path):
