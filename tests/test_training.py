@@ -26,7 +26,7 @@ def tiny_model_dir(tmp_path_factory):
 
 
 def tiny_run_args(model_dir, output_dir, *extra):
-    return ["--model_name_or_path", model_dir, "--output_dir", str(output_dir), "--dataset", "synthetic",
+    return ["--config", str(REPO / "configs" / "tiny_test.yaml"), "--model_name_or_path", model_dir, "--output_dir", str(output_dir), "--dataset", "synthetic",
             "--num_images", "30", "--synthetic_image_size", "32", "--per_device_train_batch_size", "8",
             "--per_device_eval_batch_size", "16", "--num_train_epochs", "2", "--report_to", "none",
             "--logging_steps", "1", "--head_learning_rate", "1e-2", "--feature_cache_dir", "", *extra]
@@ -39,6 +39,15 @@ def test_yaml_config_is_read_and_the_command_line_overrides_it(tmp_path):
     assert train_args.learning_rate == 0.001 and train_args.num_train_epochs == 2
     assert model_args.lora_towers == ["vision", "text"]
     assert data_args.dataset == "synthetic"
+
+
+def test_without_a_config_file_the_embedded_default_job_runs():
+    import yaml
+
+    default = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
+    model_args, data_args, train_args = parse_args([])
+    options = {**vars(model_args), **vars(data_args), **vars(train_args)}
+    assert {key: options[key] for key in default} == default
 
 
 def test_loss_options_can_be_a_yaml_mapping_or_a_command_line_string(tmp_path):
@@ -148,12 +157,11 @@ def test_resume_latest_ignores_a_half_written_checkpoint(tmp_path):
 
 def test_a_run_killed_mid_epoch_resumes_to_the_same_result(tiny_model_dir, tmp_path):
     """kill -9 after a mid-epoch checkpoint, resume from 'latest', compare with an uninterrupted run."""
-    common = tiny_run_args(tiny_model_dir, tmp_path / "x", "--checkpointing_steps", "2", "--save_total_limit", "10",
-                           "--eval_before_training", "false")
-    reference = run_contrastive.main(common[:3] + [str(tmp_path / "reference")] + common[4:])
+    extra = ("--checkpointing_steps", "2", "--save_total_limit", "10", "--eval_before_training", "false")
+    reference = run_contrastive.main(tiny_run_args(tiny_model_dir, tmp_path / "reference", *extra))
 
     interrupted = tmp_path / "interrupted"
-    argv = common[:3] + [str(interrupted)] + common[4:]
+    argv = tiny_run_args(tiny_model_dir, interrupted, *extra)
     # Same thread count as this process, so both runs sum in the same order.
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(torch.get_num_threads()))
     process = subprocess.Popen([sys.executable, "run_contrastive.py", *argv], cwd=REPO, env=env,

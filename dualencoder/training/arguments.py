@@ -7,6 +7,7 @@ that names them; `--help` lists every option with its help text.
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field, fields
 from typing import Optional
@@ -86,6 +87,8 @@ class TrainArguments:
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainArguments)
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                              "configs", "default.yaml")
 
 
 def _known_fields() -> set[str]:
@@ -111,8 +114,10 @@ def parse_args(argv: Optional[list[str]] = None):
     """(model, data, train) options from `--config FILE` plus command-line overrides."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(ARGUMENT_CLASSES, description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    parser.add_argument("--config", default=None, help="YAML file of options; command-line options override it.")
-    config_path = None
+    parser.add_argument("--config", default=DEFAULT_CONFIG,
+                        help="YAML file of options; command-line options override it (default: configs/default.yaml, "
+                             "the embedded default job, so a bare `accelerate launch run_contrastive.py` runs it).")
+    config_path = DEFAULT_CONFIG if os.path.isfile(DEFAULT_CONFIG) else None
     if "--config" in argv:
         at = argv.index("--config")
         config_path = argv[at + 1] if at + 1 < len(argv) else None
