@@ -29,7 +29,8 @@ from data_scripts import ContrastiveCollator, ImageTransform, UniqueImageBatchSa
 from dualencoder.evaluation.embed import embed_split
 from dualencoder.metrics import format_metrics_table
 from dualencoder.processing import build_processor
-from dualencoder.trainable import format_parameter_report, parameter_report, set_tower_trainable, tower_is_frozen
+from dualencoder.trainable import (format_parameter_report, parameter_report, set_tower_trainable, tower_is_frozen,
+                                   train_mode)
 from dualencoder.training.arguments import parse_args
 from dualencoder.training.checkpoints import load_checkpoint, resolve_resume, save_checkpoint, write_atomically
 from dualencoder.training.feature_cache import (CachedFeatureTransform, cache_text_features, cache_vision_features,
@@ -269,7 +270,7 @@ def main(argv=None) -> dict:
         loader = accelerator.prepare(make_train_loader(train_pairs, collator, data_args, train_args, train_args.seed, epoch))
         if state["step_in_epoch"]:
             loader = accelerator.skip_first_batches(loader, state["step_in_epoch"] * train_args.gradient_accumulation_steps)
-        model.train()
+        train_mode(accelerator.unwrap_model(model))
         for batch in loader:
             with accelerator.accumulate(model):
                 outputs = model(**batch, return_loss=True)

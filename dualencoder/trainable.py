@@ -76,6 +76,19 @@ def tower_is_frozen(model: nn.Module, tower: str) -> bool:
     return not any(param.requires_grad for param in _tower(model, tower).parameters())
 
 
+def train_mode(model: nn.Module) -> None:
+    """`model.train()`, except that a frozen tower stays in eval mode.
+
+    A frozen tower must compute what its cached features hold: with BatchNorm in train mode it
+    would normalise with batch statistics and keep updating its running averages, so the
+    "frozen" weights would drift and the un-cached path would differ from the cached one.
+    """
+    model.train()
+    for tower in TOWERS:
+        if tower_is_frozen(model, tower):
+            _tower(model, tower).eval()
+
+
 def parameter_report(model: nn.Module) -> dict:
     """Trainable vs total parameters, overall and per part (vision, text, heads+scale)."""
     parts = {"vision": model.vision_model, "text": model.text_model}

@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 
-from dualencoder.trainable import parameter_report, set_tower_trainable, tower_is_frozen
+from dualencoder.trainable import parameter_report, set_tower_trainable, tower_is_frozen, train_mode
 from modeling_dualencoder import DualEncoderConfig, DualEncoderModel, load_timm_state_dict
 from tests.tiny import tiny_batch, tiny_timm_config, tiny_vit_distilbert_config
 
@@ -217,3 +217,13 @@ def test_timm_state_dict_with_other_names_is_renamed_positionally(tmp_path):
     torch.save(bad, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="does not fit"):
         load_timm_state_dict(target, str(tmp_path / "bad.pth"))
+
+
+def test_a_frozen_tower_stays_in_eval_mode_so_batchnorm_statistics_do_not_drift():
+    model = DualEncoderModel(tiny_timm_config())
+    set_tower_trainable(model, "vision", "frozen")
+    train_mode(model)
+    assert not model.vision_model.training and model.text_model.training and model.visual_projection.training
+    running_mean = model.vision_model.bn1.running_mean.clone()
+    model(**tiny_batch(model.config, 4), return_loss=True).loss.backward()
+    torch.testing.assert_close(model.vision_model.bn1.running_mean, running_mean)
