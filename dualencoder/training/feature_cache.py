@@ -39,8 +39,9 @@ def load_or_compute(path: str, compute) -> dict:
     features = compute()
     if path:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        torch.save(features, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        tmp = f"{path}.{os.getpid()}.tmp"  # one per process: several may write the same cache at once
+        torch.save(features, tmp)
+        os.replace(tmp, path)
     return features
 
 
