@@ -26,15 +26,14 @@ from torch.utils.data import BatchSampler, DataLoader
 from tqdm.auto import tqdm
 
 from data_scripts import ContrastiveCollator, ImageTransform, UniqueImageBatchSampler, load_image_caption_dataset, to_image_view
-from dualencoder.evaluation.embed import embed_split
+from dualencoder.evaluation.embed import embed_split, pooled_image_features, pooled_text_features
 from dualencoder.metrics import format_metrics_table
 from dualencoder.processing import build_processor
 from dualencoder.trainable import (format_parameter_report, parameter_report, set_tower_trainable, tower_is_frozen,
                                    train_mode)
 from dualencoder.training.arguments import parse_args
 from dualencoder.training.checkpoints import load_checkpoint, resolve_resume, save_checkpoint, write_atomically
-from dualencoder.training.feature_cache import (CachedFeatureTransform, cache_text_features, cache_vision_features,
-                                                load_or_compute, tower_fingerprint)
+from dualencoder.training.feature_cache import CachedFeatureTransform, load_or_compute, tower_fingerprint
 from dualencoder.training.model_card import write_model_card
 from dualencoder.training.optim import cosine_with_warmup, make_optimizer
 from modeling_dualencoder import DualEncoderModel
@@ -203,8 +202,9 @@ def main(argv=None) -> dict:
             def compute():
                 features = {}
                 for view in every_image:
-                    features.update(cache_vision_features(model, view, eval_transform, batch_size=batch,
-                                                          device=accelerator.device, show_progress=show))
+                    features.update(pooled_image_features(model, view, eval_transform, batch_size=batch,
+                                                          device=accelerator.device, desc="cache vision",
+                                                          show_progress=show))
                 return features
 
             ids = sorted(i for view in every_image for i in view["image_id"])
@@ -215,9 +215,9 @@ def main(argv=None) -> dict:
             caches["vision"] = load_or_compute(cache_file, compute)
         if tower_is_frozen(model, "text"):
             logger.info("text tower is frozen with no adapters: caching its features.")
-            caches["text"] = cache_text_features(model, train_pairs["caption"], processor.tokenizer,
+            caches["text"] = pooled_text_features(model, train_pairs["caption"], processor.tokenizer,
                                                  max_length=data_args.max_length, batch_size=batch,
-                                                 device=accelerator.device, show_progress=show)
+                                                 device=accelerator.device, desc="cache text", show_progress=show)
     cache_seconds = time.time() - cache_started
     if caches["vision"] is not None:
         train_pairs = train_pairs.remove_columns("image")  # never decode images we do not need

@@ -104,26 +104,19 @@ def extract_split_features(model, processor, images_view, *, max_length: int = 6
                            device="cpu", show_progress: bool = True) -> SplitFeatures:
     """Pooled frozen features of an image-view split (columns ``image``, ``image_id``, ``captions``)."""
     from data_scripts import ImageTransform
-    from dualencoder.training.feature_cache import (
-        cache_text_features,
-        cache_vision_features,
-    )
+    from dualencoder.evaluation.embed import pooled_image_features, pooled_text_features, split_captions
 
     started = time.time()
     transform = ImageTransform(processor.image_processor, train=False)
-    vision = cache_vision_features(model, images_view, transform, batch_size=batch_size, device=device,
+    vision = pooled_image_features(model, images_view, transform, batch_size=batch_size, device=device,
                                    show_progress=show_progress)
-    image_ids = list(images_view["image_id"])
-    captions, text_to_image = [], []
-    for index, caps in enumerate(images_view["captions"]):
-        captions += list(caps)
-        text_to_image += [index] * len(caps)
-    text = cache_text_features(model, captions, processor.tokenizer, max_length=max_length, batch_size=batch_size * 4,
-                               device=device, show_progress=show_progress)
+    image_ids, captions, text_to_image = split_captions(images_view)
+    text = pooled_text_features(model, captions, processor.tokenizer, max_length=max_length, batch_size=batch_size * 4,
+                                device=device, show_progress=show_progress)
     return SplitFeatures(
         images=torch.stack([vision[i] for i in image_ids]).float(),
         texts=torch.stack([text[c] for c in captions]).float(),
-        text_to_image=torch.tensor(text_to_image, dtype=torch.long),
+        text_to_image=text_to_image,
         image_ids=image_ids,
         captions=captions,
         seconds=time.time() - started,

@@ -29,9 +29,49 @@ class EmbeddedSplit:
         return retrieval_metrics(self.image_embeds, self.text_embeds, self.text_to_image, chunk_size=chunk_size)
 
 
-def _batches(items, batch_size):
-    for start in range(0, len(items), batch_size):
-        yield items[start:start + batch_size]
+def split_captions(images_view) -> tuple[list, list, torch.Tensor]:
+    """(image ids, every caption flattened, text_to_image) of an image-view split."""
+    meta = images_view.select_columns(["image_id", "captions"]).to_dict()
+    captions = [c for caps in meta["captions"] for c in caps]
+    text_to_image = torch.tensor([i for i, caps in enumerate(meta["captions"]) for _ in caps], dtype=torch.long)
+    return meta["image_id"], captions, text_to_image
+
+
+@torch.no_grad()
+def pooled_image_features(model, images_view, image_transform, *, batch_size: int, device, desc="embed images",
+                          show_progress=True) -> dict:
+    """image id -> pooled vision backbone features (float32, CPU), for every image of an image-view split.
+
+    The one loop that runs the vision backbone over a split: evaluation projects these, the
+    frozen-tower cache keeps them, the baselines fit on them.
+    """
+    was_training = model.training
+    model.eval()
+    ids = images_view["image_id"]
+    features = {}
+    for start in tqdm(range(0, len(ids), batch_size), desc=desc, disable=not show_progress, leave=False):
+        rows = images_view.select(range(start, min(start + batch_size, len(ids))))["image"]
+        pixels = torch.stack([image_transform.pixels(image) for image in rows]).to(device)
+        features.update(zip(ids[start:start + batch_size], model.encode_vision(pixels).float().cpu()))
+    model.train(was_training)
+    return features
+
+
+@torch.no_grad()
+def pooled_text_features(model, captions: list[str], tokenizer, *, max_length: int, batch_size: int, device,
+                         desc="embed captions", show_progress=True) -> dict:
+    """caption -> pooled text backbone features (float32, CPU); each distinct caption runs once."""
+    was_training = model.training
+    model.eval()
+    unique = sorted(set(captions))
+    features = {}
+    for start in tqdm(range(0, len(unique), batch_size), desc=desc, disable=not show_progress, leave=False):
+        chunk = unique[start:start + batch_size]
+        tokens = tokenizer(chunk, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
+        pooled = model.encode_text(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
+        features.update(zip(chunk, pooled.float().cpu()))
+    model.train(was_training)
+    return features
 
 
 @torch.no_grad()
@@ -47,30 +87,22 @@ def embed_split(model, images_view, image_transform, tokenizer, *, max_length: i
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
-    meta = images_view.select_columns(["image_id", "captions"]).to_dict()
-    image_ids, captions_per_image = meta["image_id"], meta["captions"]
-    captions = [c for caps in captions_per_image for c in caps]
-    text_to_image = torch.tensor([i for i, caps in enumerate(captions_per_image) for _ in caps], dtype=torch.long)
-    autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
-
-    image_chunks = []
-    indices = list(range(len(image_ids)))
-    for chunk in tqdm(list(_batches(indices, batch_size)), desc="embed images", disable=not show_progress, leave=False):
-        with autocast:
-            if vision_cache is not None:
-                pooled = torch.stack([vision_cache[image_ids[i]] for i in chunk]).to(device)
-                embeds = model.get_image_features(vision_pooled=pooled)
-            else:
-                rows = images_view.select(chunk)["image"]
-                pixels = torch.stack([image_transform.pixels(image) for image in rows]).to(device)
-                embeds = model.get_image_features(pixels)
-        image_chunks.append(embeds.float().cpu())
-
-    text_chunks = []
-    for chunk in tqdm(list(_batches(captions, batch_size)), desc="embed captions", disable=not show_progress, leave=False):
-        tokens = tokenizer(chunk, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
-        with autocast:
-            embeds = model.get_text_features(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
-        text_chunks.append(embeds.float().cpu())
+    image_ids, captions, text_to_image = split_captions(images_view)
+    common = dict(batch_size=batch_size, device=device, show_progress=show_progress)
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        if vision_cache is None:
+            vision_cache = pooled_image_features(model, images_view, image_transform, **common)
+        text_cache = pooled_text_features(model, captions, tokenizer, max_length=max_length, **common)
+        image_embeds = _project(model.get_image_features, "vision_pooled", [vision_cache[i] for i in image_ids],
+                                batch_size, device)
+        text_embeds = _project(model.get_text_features, "text_pooled", [text_cache[c] for c in captions],
+                               batch_size, device)
     model.train(was_training)
-    return EmbeddedSplit(torch.cat(image_chunks), torch.cat(text_chunks), text_to_image, image_ids, captions)
+    return EmbeddedSplit(image_embeds, text_embeds, text_to_image, image_ids, captions)
+
+
+def _project(get_features, argument: str, pooled: list, batch_size: int, device) -> torch.Tensor:
+    """Run a projection head over pooled features in batches; float32 on CPU."""
+    chunks = [get_features(**{argument: torch.stack(pooled[start:start + batch_size]).to(device)}).float().cpu()
+              for start in range(0, len(pooled), batch_size)]
+    return torch.cat(chunks)

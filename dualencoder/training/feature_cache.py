@@ -13,7 +13,6 @@ import logging
 import os
 
 import torch
-from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -43,40 +42,6 @@ def load_or_compute(path: str, compute) -> dict:
         torch.save(features, tmp)
         os.replace(tmp, path)
     return features
-
-
-@torch.no_grad()
-def cache_vision_features(model, images_view, image_transform, *, batch_size: int, device, desc="cache vision",
-                          show_progress=True) -> dict:
-    """image id -> pooled vision features (on CPU), for every image of an image-view split."""
-    was_training = model.training
-    model.eval()
-    ids = images_view["image_id"]
-    cache = {}
-    for start in tqdm(range(0, len(ids), batch_size), desc=desc, disable=not show_progress, leave=False):
-        rows = images_view.select(range(start, min(start + batch_size, len(ids))))["image"]
-        pixels = torch.stack([image_transform.pixels(image) for image in rows]).to(device)
-        for image_id, features in zip(ids[start:start + batch_size], model.encode_vision(pixels).float().cpu()):
-            cache[image_id] = features
-    model.train(was_training)
-    return cache
-
-
-@torch.no_grad()
-def cache_text_features(model, captions: list[str], tokenizer, *, max_length: int, batch_size: int, device,
-                        desc="cache text", show_progress=True) -> dict:
-    """caption -> pooled text features (on CPU)."""
-    was_training = model.training
-    model.eval()
-    unique = sorted(set(captions))
-    cache = {}
-    for start in tqdm(range(0, len(unique), batch_size), desc=desc, disable=not show_progress, leave=False):
-        chunk = unique[start:start + batch_size]
-        tokens = tokenizer(chunk, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
-        pooled = model.encode_text(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
-        cache.update(zip(chunk, pooled.float().cpu()))
-    model.train(was_training)
-    return cache
 
 
 class CachedFeatureTransform:
