@@ -269,6 +269,16 @@ def _frame(ax, color, width=4):
     )
 
 
+def _gallery_hits(sim, correct, k, queries, query_name, correct_name, gallery, gallery_name):
+    """Checked top-k of a gallery figure: (indices, hits, sim as numpy); errors name what does not fit."""
+    if len(queries) != len(correct):
+        raise ValueError(f"{len(queries)} {query_name} but {len(correct)} {correct_name}")
+    idx, hits = top_k_hits(sim, correct, k)
+    if idx.shape[1] and len(gallery) <= int(idx.max()):
+        raise ValueError(f"sim has {np.asarray(sim).shape[1]} columns but only {len(gallery)} {gallery_name} were given")
+    return idx, hits, _as_numpy(sim)
+
+
 def plot_text_to_image_gallery(
     queries: Sequence[str],
     sim,
@@ -286,13 +296,8 @@ def plot_text_to_image_gallery(
     or arrays), ``correct[q]`` the index of query q's image. A row with no green frame is a miss
     at R@k, which is the point of the figure: it shows *what* the model confuses.
     """
-    if len(queries) != len(correct):
-        raise ValueError(f"{len(queries)} queries but {len(correct)} correct indices")
-    idx, hits = top_k_hits(sim, correct, k)
-    if idx.shape[1] and len(images) <= int(idx.max()):
-        raise ValueError(f"sim has {np.asarray(sim).shape[1]} columns but only {len(images)} images were given")
+    idx, hits, sim_np = _gallery_hits(sim, correct, k, queries, "queries", "correct indices", images, "images")
     nq, k = idx.shape
-    sim_np = _as_numpy(sim)
     fig = _new_figure((tile_inches * (k + 1.5), tile_inches * max(nq, 1)), dpi)
     grid = fig.add_gridspec(max(nq, 1), k + 1, width_ratios=[1.5] + [1] * k)
     for q in range(nq):
@@ -331,13 +336,9 @@ def plot_image_to_text_gallery(
     ``sim`` is [Nq, Nt] (query images x captions), ``correct[q]`` the set of caption indices that
     describe query image q (several captions per image, any of them is a hit).
     """
-    if len(images_query) != len(correct):
-        raise ValueError(f"{len(images_query)} query images but {len(correct)} correct sets")
-    idx, hits = top_k_hits(sim, correct, k)
-    if idx.shape[1] and len(captions) <= int(idx.max()):
-        raise ValueError(f"sim has {np.asarray(sim).shape[1]} columns but only {len(captions)} captions were given")
+    idx, hits, sim_np = _gallery_hits(sim, correct, k, images_query, "query images", "correct sets", captions,
+                                      "captions")
     nq, k = idx.shape
-    sim_np = _as_numpy(sim)
     fig = _new_figure((11, 2.4 * max(nq, 1)), dpi)
     grid = fig.add_gridspec(max(nq, 1), 2, width_ratios=[1, 3.5])
     for q in range(nq):
