@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutput
 from transformers.utils import ModelOutput
 
 logger = logging.getLogger(__name__)
@@ -345,6 +346,49 @@ def _pool(outputs, attention_mask, pooling: str) -> torch.Tensor:
     return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
 
 
+def tower_blocks(tower: nn.Module) -> list[nn.Module]:
+    """The tower's repeated blocks in order: timm `blocks` (stages flattened), HF `encoder.layer`.
+
+    Shared by freezing (`top:N` unfreezes the last N) and by the prefix split below, so "block k"
+    means the same thing to both.
+    """
+    base = tower.get_base_model() if hasattr(tower, "get_base_model") else tower
+    for path in ("blocks", "encoder.layer", "transformer.layer", "encoder.layers", "layers"):
+        module = base
+        for part in path.split("."):
+            module = getattr(module, part, None)
+            if module is None:
+                break
+        if isinstance(module, (nn.ModuleList, nn.Sequential)):
+            # timm EfficientNet groups blocks by stage: flatten the stages into one list.
+            flat = []
+            for block in module:
+                flat.extend(block if isinstance(block, nn.Sequential) else [block])
+            return flat
+    raise ValueError(f"Cannot find the repeated blocks of {type(base).__name__}.")
+
+
+_TIMM_CNN_PARTS = ("conv_stem", "bn1", "blocks", "conv_head", "bn2")  # timm EfficientNet / MobileNet family
+_HF_VIT_PARTS = ("embeddings", "layernorm")  # transformers ViT family (blocks in `layers` or `encoder.layer`)
+
+
+def _split_kind(tower: nn.Module) -> str:
+    """Which layout the prefix/suffix split knows for this vision tower, or an error naming what is supported."""
+    if all(hasattr(tower, part) for part in _TIMM_CNN_PARTS):
+        return "timm_cnn"
+    if all(hasattr(tower, part) for part in _HF_VIT_PARTS):
+        return "hf_vit"
+    raise ValueError(
+        f"Splitting {type(tower).__name__} into a cached prefix and a trained suffix is not supported (timm "
+        "EfficientNet/MobileNet and transformers ViT are); train it with vision_train full/frozen, or set "
+        "cache_frozen_features false."
+    )
+
+
+def _block_output(output) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
 def _add_lora(tower: nn.Module, config: DualEncoderConfig, targets) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
@@ -487,8 +531,56 @@ class DualEncoderModel(DualEncoderPreTrainedModel):
         outputs = self.text_model(input_ids=input_ids, attention_mask=attention_mask)
         return _pool(outputs, attention_mask, self.config.text_pooling)
 
-    def get_image_features(self, pixel_values: Optional[torch.Tensor] = None, vision_pooled: Optional[torch.Tensor] = None):
-        """L2-normalised image embeddings. `vision_pooled` skips the backbone (cached features)."""
+
+    # ----------------------------------------------------------------- prefix / suffix split
+    def vision_prefix(self, pixel_values: torch.Tensor, depth: int) -> torch.Tensor:
+        """The vision tower's hidden state after its first `depth` blocks (its stem only for 0).
+
+        When those blocks are frozen this output never changes, so training can compute it once
+        per image and run only `vision_suffix` each step (see `run_contrastive.py`'s prefix cache).
+        """
+        tower, kind, blocks = self._vision_split(depth)
+        if kind == "timm_cnn":
+            hidden = tower.bn1(tower.conv_stem(pixel_values))
+        else:
+            hidden = tower.embeddings(pixel_values)
+        for block in blocks[:depth]:
+            hidden = _block_output(block(hidden))
+        return hidden
+
+    def vision_suffix(self, hidden: torch.Tensor, depth: int) -> torch.Tensor:
+        """Pooled vision features from `vision_prefix(pixel_values, depth)`: the rest of the tower.
+
+        `vision_suffix(vision_prefix(x, d), d)` equals `encode_vision(x)` for every `d`.
+        """
+        tower, kind, blocks = self._vision_split(depth)
+        for block in blocks[depth:]:
+            hidden = _block_output(block(hidden))
+        if kind == "timm_cnn":
+            return tower.forward_head(tower.bn2(tower.conv_head(hidden)))
+        return _pool(BaseModelOutput(last_hidden_state=tower.layernorm(hidden)), None, self.config.vision_pooling)
+
+    def _vision_split(self, depth: int):
+        tower = self.vision_model
+        if hasattr(tower, "get_base_model"):
+            raise ValueError("The vision tower has LoRA adapters in every block, so no prefix of it is frozen to cache.")
+        kind = _split_kind(tower)
+        blocks = tower_blocks(tower)
+        if not 0 <= depth <= len(blocks):
+            raise ValueError(f"depth {depth} is outside the vision tower's 0..{len(blocks)} blocks.")
+        return tower, kind, blocks
+
+    def get_image_features(self, pixel_values: Optional[torch.Tensor] = None, vision_pooled: Optional[torch.Tensor] = None,
+                           vision_hidden: Optional[torch.Tensor] = None, vision_hidden_depth: Optional[int] = None):
+        """L2-normalised image embeddings.
+
+        `vision_pooled` skips the backbone (cached features of a frozen tower); `vision_hidden`
+        skips its first `vision_hidden_depth` blocks (a cached `vision_prefix`).
+        """
+        if vision_pooled is None and vision_hidden is not None:
+            if vision_hidden_depth is None:
+                raise ValueError("vision_hidden needs vision_hidden_depth: the number of blocks that produced it.")
+            vision_pooled = self.vision_suffix(vision_hidden, vision_hidden_depth)
         if vision_pooled is None:
             vision_pooled = self.encode_vision(pixel_values)
         return F.normalize(self.visual_projection(vision_pooled), dim=-1)
@@ -511,6 +603,8 @@ class DualEncoderModel(DualEncoderPreTrainedModel):
         attention_mask: Optional[torch.Tensor] = None,
         vision_pooled: Optional[torch.Tensor] = None,
         text_pooled: Optional[torch.Tensor] = None,
+        vision_hidden: Optional[torch.Tensor] = None,
+        vision_hidden_depth: Optional[int] = None,
         image_ids: Optional[torch.Tensor] = None,
         return_loss: Optional[bool] = None,
         return_dict: Optional[bool] = None,
@@ -521,7 +615,8 @@ class DualEncoderModel(DualEncoderPreTrainedModel):
         `image_ids` marks rows that show the same image, so the loss does not treat them as
         negatives of each other. The loss is computed only when `return_loss=True`.
         """
-        image_embeds = self.get_image_features(pixel_values, vision_pooled=vision_pooled)
+        image_embeds = self.get_image_features(pixel_values, vision_pooled=vision_pooled, vision_hidden=vision_hidden,
+                                               vision_hidden_depth=vision_hidden_depth)
         text_embeds = self.get_text_features(input_ids, attention_mask, text_pooled=text_pooled)
         logit_scale = self.get_logit_scale()
         logits_per_image = logit_scale * image_embeds @ text_embeds.t()

@@ -26,11 +26,11 @@ from torch.utils.data import BatchSampler, DataLoader
 from tqdm.auto import tqdm
 
 from data_scripts import ContrastiveCollator, ImageTransform, UniqueImageBatchSampler, load_image_caption_dataset, to_image_view
-from dualencoder.evaluation.embed import embed_split, pooled_image_features, pooled_text_features
+from dualencoder.evaluation.embed import embed_split, pooled_from_prefix, pooled_image_features, pooled_text_features
 from dualencoder.metrics import format_metrics_table
 from dualencoder.processing import build_processor
-from dualencoder.trainable import (format_parameter_report, parameter_report, set_tower_trainable, tower_is_frozen,
-                                   train_mode)
+from dualencoder.trainable import (format_parameter_report, frozen_prefix_depth, parameter_report, set_tower_trainable,
+                                   tower_is_frozen, train_mode)
 from dualencoder.training.arguments import parse_args
 from dualencoder.training.checkpoints import load_checkpoint, resolve_resume, save_checkpoint, write_atomically
 from dualencoder.training.feature_cache import CachedFeatureTransform, load_or_compute, tower_fingerprint
@@ -191,42 +191,63 @@ def main(argv=None) -> dict:
     model.to(accelerator.device)
 
     # --- frozen-tower caches: a tower with nothing to train is run once, not every epoch
-    caches = {"vision": None, "text": None}
+    caches = {"vision": None, "text": None, "vision_hidden": None}
+    forward_extras = {}  # e.g. which block the cached vision prefix ends at
+    prefix_depth = frozen_prefix_depth(model, "vision") if train_args.cache_frozen_features else 0
     cache_started = time.time()
     if train_args.cache_frozen_features:
         batch = train_args.per_device_eval_batch_size
-        if tower_is_frozen(model, "vision"):
-            logger.info("vision tower is frozen with no adapters: caching its features (no augmentation).")
-            every_image = [to_image_view(train_pairs)] + list(eval_views.values())
+        every_image = [to_image_view(train_pairs)] + list(eval_views.values())
 
-            def compute():
-                features = {}
-                for view in every_image:
-                    features.update(pooled_image_features(model, view, eval_transform, batch_size=batch,
-                                                          device=accelerator.device, desc="cache vision",
-                                                          show_progress=show))
-                return features
+        def every_image_features(**how):
+            features = {}
+            for view in every_image:
+                features.update(pooled_image_features(model, view, eval_transform, batch_size=batch,
+                                                      device=accelerator.device, show_progress=show, **how))
+            return features
 
+        def vision_cache_file(prefix: str, *extra):
+            if not train_args.feature_cache_dir:
+                return None
             ids = sorted(i for view in every_image for i in view["image_id"])
             key = tower_fingerprint(model.vision_model, model.config.image_size, model.config.image_mean,
-                                    model.config.image_std, data_args.dataset, ids)
-            cache_file = os.path.join(os.path.expanduser(train_args.feature_cache_dir), f"vision-{key}.pt") \
-                if train_args.feature_cache_dir else None
-            caches["vision"] = load_or_compute(cache_file, compute)
+                                    model.config.image_std, data_args.dataset, ids, *extra)
+            return os.path.join(os.path.expanduser(train_args.feature_cache_dir), f"{prefix}-{key}.pt")
+
+        if tower_is_frozen(model, "vision"):
+            logger.info("vision tower is frozen with no adapters: caching its features (no augmentation).")
+            caches["vision"] = load_or_compute(vision_cache_file("vision"),
+                                               lambda: every_image_features(desc="cache vision"))
+        elif prefix_depth:
+            logger.info("vision blocks below %d are frozen: caching their output (no augmentation); each step "
+                        "runs only the blocks above.", prefix_depth)
+            caches["vision_hidden"] = load_or_compute(
+                vision_cache_file("vision-prefix", prefix_depth, train_args.prefix_cache_dtype),
+                lambda: every_image_features(encode=lambda pixels: model.vision_prefix(pixels, prefix_depth),
+                                             dtype=getattr(torch, train_args.prefix_cache_dtype),
+                                             desc="cache vision prefix"))
+            forward_extras["vision_hidden_depth"] = prefix_depth
         if tower_is_frozen(model, "text"):
             logger.info("text tower is frozen with no adapters: caching its features.")
             caches["text"] = pooled_text_features(model, train_pairs["caption"], processor.tokenizer,
                                                  max_length=data_args.max_length, batch_size=batch,
                                                  device=accelerator.device, desc="cache text", show_progress=show)
     cache_seconds = time.time() - cache_started
-    if caches["vision"] is not None:
+    if caches["vision"] is not None or caches["vision_hidden"] is not None:
         train_pairs = train_pairs.remove_columns("image")  # never decode images we do not need
-    train_pairs = train_pairs.with_transform(CachedFeatureTransform(train_transform, caches["vision"], caches["text"]))
+    train_pairs = train_pairs.with_transform(CachedFeatureTransform(train_transform, caches["vision"], caches["text"],
+                                                                    caches["vision_hidden"]))
 
     def evaluate(split: str) -> dict:
-        embedded = embed_split(accelerator.unwrap_model(model), eval_views[split], eval_transform, processor.tokenizer,
+        unwrapped = accelerator.unwrap_model(model)
+        vision_cache = caches["vision"]
+        if caches["vision_hidden"] is not None:  # the trained top of the tower changes: rerun it from the prefix
+            vision_cache = pooled_from_prefix(unwrapped, caches["vision_hidden"], eval_views[split]["image_id"],
+                                              prefix_depth, batch_size=train_args.per_device_eval_batch_size,
+                                              device=accelerator.device)
+        embedded = embed_split(unwrapped, eval_views[split], eval_transform, processor.tokenizer,
                                max_length=data_args.max_length, batch_size=train_args.per_device_eval_batch_size,
-                               device=accelerator.device, vision_cache=caches["vision"], show_progress=show)
+                               device=accelerator.device, vision_cache=vision_cache, show_progress=show)
         return embedded.metrics()
 
     # --- optimiser and schedule
@@ -273,7 +294,7 @@ def main(argv=None) -> dict:
         train_mode(accelerator.unwrap_model(model))
         for batch in loader:
             with accelerator.accumulate(model):
-                outputs = model(**batch, return_loss=True)
+                outputs = model(**batch, **forward_extras, return_loss=True)
                 loss = outputs.loss
                 if not torch.isfinite(loss.detach()):
                     raise TrainingDiverged(

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import torch
 
-CACHED_FEATURE_COLUMNS = ("vision_pooled", "text_pooled")
+CACHED_FEATURE_COLUMNS = ("vision_pooled", "text_pooled", "vision_hidden")
 
 
 class ContrastiveCollator:
@@ -23,7 +23,8 @@ class ContrastiveCollator:
     Each row may hold ``pixel_values`` ([3, H, W] tensor), ``caption`` (str), ``image_id`` (str) and
     pre-computed ``vision_pooled`` / ``text_pooled`` features; the batch holds whichever of
     ``pixel_values`` [B, 3, H, W], ``input_ids`` / ``attention_mask`` [B, T], ``image_ids`` [B]
-    (LongTensor), ``vision_pooled`` / ``text_pooled`` [B, D] the rows provide. Rows without
+    (LongTensor), ``vision_pooled`` / ``text_pooled`` [B, D] and ``vision_hidden`` (a cached vision
+    prefix, any shape) the rows provide. Rows without
     captions (an image-view batch for embedding images) give no token tensors.
     """
 

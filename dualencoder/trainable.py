@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from modeling_dualencoder import tower_blocks
+
 TOWERS = ("vision", "text")
 
 
@@ -16,24 +18,6 @@ def _tower(model: nn.Module, tower: str) -> nn.Module:
     if tower not in TOWERS:
         raise ValueError(f"Unknown tower {tower!r}; expected one of {TOWERS}.")
     return model.vision_model if tower == "vision" else model.text_model
-
-
-def _blocks(tower: nn.Module) -> list[nn.Module]:
-    """The tower's sequence of repeated blocks, outermost first: timm `blocks`, HF `encoder.layer`."""
-    base = tower.get_base_model() if hasattr(tower, "get_base_model") else tower
-    for path in ("blocks", "encoder.layer", "transformer.layer", "encoder.layers", "layers"):
-        module = base
-        for part in path.split("."):
-            module = getattr(module, part, None)
-            if module is None:
-                break
-        if isinstance(module, (nn.ModuleList, nn.Sequential)):
-            # timm EfficientNet groups blocks by stage: flatten the stages into one list.
-            flat = []
-            for block in module:
-                flat.extend(block if isinstance(block, nn.Sequential) else [block])
-            return flat
-    raise ValueError(f"Cannot find the repeated blocks of {type(base).__name__} to unfreeze the top ones.")
 
 
 def set_tower_trainable(model: nn.Module, tower: str, mode: str) -> None:
@@ -57,7 +41,7 @@ def set_tower_trainable(model: nn.Module, tower: str, mode: str) -> None:
     if not mode.startswith("top:"):
         raise ValueError(f"Unknown {tower} training mode {mode!r}; use 'full', 'frozen' or 'top:N'.")
     count = int(mode.split(":", 1)[1])
-    blocks = _blocks(module)
+    blocks = tower_blocks(module)
     if not 0 < count <= len(blocks):
         raise ValueError(f"{tower} tower has {len(blocks)} blocks; cannot unfreeze the top {count}.")
     first = blocks[-count]
@@ -71,13 +55,36 @@ def set_tower_trainable(model: nn.Module, tower: str, mode: str) -> None:
                 param.requires_grad = True
 
 
+def frozen_prefix_depth(model: nn.Module, tower: str) -> int:
+    """How many leading blocks of a tower (with everything before them) have nothing to train.
+
+    Their output is fixed, so it can be computed once per input (the prefix cache). 0 when the
+    stem trains, when the whole tower is frozen (cache its pooled output instead), or when the tower
+    carries adapters (peft wraps it and puts trainable weights in every block).
+    """
+    module = _tower(model, tower)
+    if hasattr(module, "get_base_model") or tower_is_frozen(model, tower):
+        return 0
+    blocks = tower_blocks(module)
+    first_block_params = {id(p) for p in blocks[0].parameters()}
+    for param in module.parameters():  # registration order: the stem comes before block 0
+        if id(param) in first_block_params:
+            break
+        if param.requires_grad:
+            return 0
+    depth = 0
+    while depth < len(blocks) and not any(p.requires_grad for p in blocks[depth].parameters()):
+        depth += 1
+    return depth
+
+
 def tower_is_frozen(model: nn.Module, tower: str) -> bool:
     """True when no parameter of the tower trains (so its features can be cached)."""
     return not any(param.requires_grad for param in _tower(model, tower).parameters())
 
 
 def train_mode(model: nn.Module) -> None:
-    """`model.train()`, except that a frozen tower stays in eval mode.
+    """`model.train()`, except that a frozen tower, and any BatchNorm with frozen weights, stay in eval mode.
 
     A frozen tower must compute what its cached features hold: with BatchNorm in train mode it
     would normalise with batch statistics and keep updating its running averages, so the
@@ -87,6 +94,9 @@ def train_mode(model: nn.Module) -> None:
     for tower in TOWERS:
         if tower_is_frozen(model, tower):
             _tower(model, tower).eval()
+    for module in model.modules():  # the frozen blocks of a `top:N` tower, too
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in module.parameters()):
+            module.eval()
 
 
 def parameter_report(model: nn.Module) -> dict:

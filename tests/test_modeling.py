@@ -9,8 +9,9 @@ import textwrap
 import pytest
 import torch
 
-from dualencoder.trainable import parameter_report, set_tower_trainable, tower_is_frozen, train_mode
-from modeling_dualencoder import DualEncoderConfig, DualEncoderModel, load_timm_state_dict
+from dualencoder.trainable import (frozen_prefix_depth, parameter_report, set_tower_trainable, tower_is_frozen,
+                                   train_mode)
+from modeling_dualencoder import DualEncoderConfig, DualEncoderModel, load_timm_state_dict, tower_blocks
 from tests.tiny import tiny_batch, tiny_timm_config, tiny_vit_distilbert_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -227,3 +228,63 @@ def test_a_frozen_tower_stays_in_eval_mode_so_batchnorm_statistics_do_not_drift(
     running_mean = model.vision_model.bn1.running_mean.clone()
     model(**tiny_batch(model.config, 4), return_loss=True).loss.backward()
     torch.testing.assert_close(model.vision_model.bn1.running_mean, running_mean)
+
+
+def test_the_frozen_lower_blocks_of_a_top_n_tower_keep_their_batchnorm_statistics():
+    model = DualEncoderModel(tiny_timm_config())
+    set_tower_trainable(model, "vision", "top:1")
+    train_mode(model)
+    assert model.vision_model.training and not model.vision_model.bn1.training
+    assert model.vision_model.bn2.training  # after the unfrozen block: trains, statistics included
+    running_mean = model.vision_model.bn1.running_mean.clone()
+    model(**tiny_batch(model.config, 4), return_loss=True).loss.backward()
+    torch.testing.assert_close(model.vision_model.bn1.running_mean, running_mean)
+
+
+@pytest.mark.parametrize("mode,depth", [("top:1", -1), ("top:2", -2), ("full", 0), ("frozen", 0)])
+def test_frozen_prefix_depth_counts_the_leading_blocks_with_nothing_to_train(mode, depth):
+    model = DualEncoderModel(tiny_timm_config())
+    set_tower_trainable(model, "vision", mode)
+    blocks = len(tower_blocks(model.vision_model))
+    assert frozen_prefix_depth(model, "vision") == (blocks + depth if depth else 0)
+
+
+def test_a_tower_with_adapters_has_no_frozen_prefix():
+    model = DualEncoderModel(tiny_timm_config(lora_rank=2, lora_towers=["vision"]))
+    set_tower_trainable(model, "vision", "frozen")
+    assert frozen_prefix_depth(model, "vision") == 0
+@pytest.mark.parametrize("make_config", [tiny_vit_distilbert_config, tiny_timm_config], ids=["hf_vit", "timm_cnn"])
+def test_vision_prefix_then_suffix_equals_the_whole_tower_at_every_depth(make_config):
+    model = DualEncoderModel(make_config()).eval()
+    pixels = tiny_batch(model.config, 3)["pixel_values"]
+    with torch.no_grad():
+        whole = model.encode_vision(pixels)
+        depths = len(tower_blocks(model.vision_model)) + 1
+        for depth in range(depths):
+            split = model.vision_suffix(model.vision_prefix(pixels, depth), depth)
+            torch.testing.assert_close(split, whole, msg=f"depth {depth}")
+
+
+def test_forward_from_a_cached_vision_prefix_matches_pixels_and_trains_only_the_suffix():
+    model = DualEncoderModel(tiny_timm_config()).eval()
+    batch = tiny_batch(model.config, 4)
+    depth = len(tower_blocks(model.vision_model)) - 1
+    with torch.no_grad():
+        hidden = model.vision_prefix(batch["pixel_values"], depth)
+        from_pixels = model(**batch).image_embeds
+    cached = {k: v for k, v in batch.items() if k != "pixel_values"}
+    out = model(**cached, vision_hidden=hidden, vision_hidden_depth=depth, return_loss=True)
+    torch.testing.assert_close(out.image_embeds, from_pixels)
+    out.loss.backward()
+    assert model.vision_model.conv_stem.weight.grad is None  # the cached prefix got no gradient
+    assert tower_blocks(model.vision_model)[-1].conv_pw.weight.grad is not None
+    with pytest.raises(ValueError, match="vision_hidden_depth"):
+        model(**cached, vision_hidden=hidden)
+
+
+def test_prefix_split_of_an_unsupported_tower_says_what_is_supported():
+    model = DualEncoderModel(tiny_vit_distilbert_config())
+    model.vision_model.layernorm = None
+    del model.vision_model.layernorm
+    with pytest.raises(ValueError, match="EfficientNet.*ViT"):
+        model.vision_prefix(torch.zeros(1, 3, 32, 32), 1)

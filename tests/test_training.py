@@ -118,6 +118,25 @@ def test_frozen_tower_features_are_cached_and_training_still_learns_the_heads(ti
     assert len(list(cache_dir.glob("vision-*.pt"))) == 1
 
 
+def test_a_cached_vision_prefix_trains_the_top_blocks_exactly_like_running_the_whole_tower(tiny_model_dir, tmp_path,
+                                                                                            caplog):
+    caplog.set_level("INFO")
+    cache_dir = tmp_path / "features"
+    top = ("--vision_train", "top:1", "--text_train", "frozen", "--learning_rate", "1e-3", "--num_train_epochs", "1")
+    cached = run_contrastive.main(tiny_run_args(tiny_model_dir, tmp_path / "cached", *top, "--prefix_cache_dtype",
+                                                "float32", "--feature_cache_dir", str(cache_dir)))
+    assert "caching their output" in caplog.text
+    assert len(list(cache_dir.glob("vision-prefix-*.pt"))) == 1
+    whole = run_contrastive.main(tiny_run_args(tiny_model_dir, tmp_path / "whole", *top, "--cache_frozen_features", "false"))
+    cached_weights, whole_weights = (load_file(tmp_path / run / "model.safetensors") for run in ("cached", "whole"))
+    untrained = load_file(Path(tiny_model_dir) / "model.safetensors")
+    head_conv = next(k for k in cached_weights if k.startswith("vision_model.conv_head"))
+    assert not torch.equal(cached_weights[head_conv], untrained[head_conv])  # the top of the tower trained
+    for key in cached_weights:
+        torch.testing.assert_close(cached_weights[key], whole_weights[key], atol=1e-4, rtol=1e-3, msg=key)
+    assert cached["test"] == pytest.approx(whole["test"], abs=1e-6)
+
+
 def test_cached_features_are_reused_only_for_the_same_weights_and_settings(tmp_path):
     from dualencoder.training.feature_cache import load_or_compute, tower_fingerprint
 

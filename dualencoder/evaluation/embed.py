@@ -7,7 +7,7 @@ and the notebook, so every number in the project comes from the same code path.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -39,12 +39,14 @@ def split_captions(images_view) -> tuple[list, list, torch.Tensor]:
 
 @torch.no_grad()
 def pooled_image_features(model, images_view, image_transform, *, batch_size: int, device, desc="embed images",
-                          show_progress=True) -> dict:
-    """image id -> pooled vision backbone features (float32, CPU), for every image of an image-view split.
+                          show_progress=True, encode: Optional[Callable] = None, dtype=torch.float32) -> dict:
+    """image id -> pooled vision backbone features (CPU, `dtype`), for every image of an image-view split.
 
     The one loop that runs the vision backbone over a split: evaluation projects these, the
-    frozen-tower cache keeps them, the baselines fit on them.
+    frozen-tower cache keeps them, the baselines fit on them. `encode` replaces
+    `model.encode_vision` (e.g. `vision_prefix` at some depth, for the prefix cache).
     """
+    encode = encode or model.encode_vision
     was_training = model.training
     model.eval()
     ids = images_view["image_id"]
@@ -52,7 +54,21 @@ def pooled_image_features(model, images_view, image_transform, *, batch_size: in
     for start in tqdm(range(0, len(ids), batch_size), desc=desc, disable=not show_progress, leave=False):
         rows = images_view.select(range(start, min(start + batch_size, len(ids))))["image"]
         pixels = torch.stack([image_transform.pixels(image) for image in rows]).to(device)
-        features.update(zip(ids[start:start + batch_size], model.encode_vision(pixels).float().cpu()))
+        features.update(zip(ids[start:start + batch_size], encode(pixels).to(dtype).cpu()))
+    model.train(was_training)
+    return features
+
+
+@torch.no_grad()
+def pooled_from_prefix(model, hidden: dict, image_ids: list, depth: int, *, batch_size: int, device) -> dict:
+    """image id -> pooled vision features, running only `vision_suffix` over cached prefix outputs."""
+    was_training = model.training
+    model.eval()
+    features = {}
+    for start in range(0, len(image_ids), batch_size):
+        chunk = image_ids[start:start + batch_size]
+        batch = torch.stack([hidden[i] for i in chunk]).to(device=device, dtype=torch.float32)
+        features.update(zip(chunk, model.vision_suffix(batch, depth).float().cpu()))
     model.train(was_training)
     return features
 

@@ -2,7 +2,9 @@
 
 When nothing in a tower trains, its pooled output for an (un-augmented) input never changes, so
 computing it once and feeding `vision_pooled` / `text_pooled` to the model gives the same
-embeddings at a fraction of the cost. Caches are plain dicts keyed by image id (vision) and by
+embeddings at a fraction of the cost. When only the top blocks of the vision tower train, the
+same holds for the output of the frozen blocks below them (`vision_hidden`, the prefix cache):
+each step then runs only the trained top of the tower. Caches are plain dicts keyed by image id (vision) and by
 (image id, caption) (text), so they serve training and evaluation alike.
 """
 
@@ -47,15 +49,18 @@ def load_or_compute(path: str, compute) -> dict:
 class CachedFeatureTransform:
     """A `with_transform` for pair-view rows: attach cached features, drop what they replace."""
 
-    def __init__(self, image_transform, vision_cache=None, text_cache=None):
+    def __init__(self, image_transform, vision_cache=None, text_cache=None, vision_hidden_cache=None):
         self.image_transform = image_transform
         self.vision_cache = vision_cache
         self.text_cache = text_cache
+        self.vision_hidden_cache = vision_hidden_cache
 
     def __call__(self, batch: dict) -> dict:
         out = {k: v for k, v in batch.items() if k != "image"}
         if self.vision_cache is not None:
             out["vision_pooled"] = [self.vision_cache[i] for i in batch["image_id"]]
+        elif self.vision_hidden_cache is not None:
+            out["vision_hidden"] = [self.vision_hidden_cache[i] for i in batch["image_id"]]
         else:
             out["pixel_values"] = [self.image_transform.pixels(image) for image in batch["image"]]
         if self.text_cache is not None:
