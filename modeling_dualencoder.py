@@ -385,6 +385,14 @@ def _split_kind(tower: nn.Module) -> str:
     )
 
 
+def _first_occurrences(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index of each distinct id's first row, each row's position among the distinct ids)."""
+    _, inverse = torch.unique(ids, return_inverse=True)
+    rows = torch.arange(ids.shape[0], device=ids.device)
+    first = torch.full((int(inverse.max()) + 1,), ids.shape[0], device=ids.device, dtype=rows.dtype)
+    return first.scatter_reduce(0, inverse, rows, reduce="amin"), inverse
+
+
 def _block_output(output) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
@@ -613,10 +621,19 @@ class DualEncoderModel(DualEncoderPreTrainedModel):
         """Embed both modalities and score every image against every text.
 
         `image_ids` marks rows that show the same image, so the loss does not treat them as
-        negatives of each other. The loss is computed only when `return_loss=True`.
+        negatives of each other; with a cached `vision_hidden` (keyed by image, so such rows hold
+        equal inputs) each image's tower top also runs only once. The loss is computed only when
+        `return_loss=True`.
         """
-        image_embeds = self.get_image_features(pixel_values, vision_pooled=vision_pooled, vision_hidden=vision_hidden,
-                                               vision_hidden_depth=vision_hidden_depth)
+        if vision_hidden is not None and image_ids is not None:
+            # Cached features are keyed by image, so rows with one id hold the same input: run the
+            # trained top of the tower once per image (5x fewer rows with all captions of an image).
+            first, inverse = _first_occurrences(image_ids)
+            image_embeds = self.get_image_features(vision_hidden=vision_hidden[first],
+                                                   vision_hidden_depth=vision_hidden_depth)[inverse]
+        else:
+            image_embeds = self.get_image_features(pixel_values, vision_pooled=vision_pooled, vision_hidden=vision_hidden,
+                                                   vision_hidden_depth=vision_hidden_depth)
         text_embeds = self.get_text_features(input_ids, attention_mask, text_pooled=text_pooled)
         logit_scale = self.get_logit_scale()
         logits_per_image = logit_scale * image_embeds @ text_embeds.t()

@@ -25,7 +25,8 @@ from accelerate.utils import set_seed
 from torch.utils.data import BatchSampler, DataLoader
 from tqdm.auto import tqdm
 
-from data_scripts import ContrastiveCollator, ImageTransform, UniqueImageBatchSampler, load_image_caption_dataset, to_image_view
+from data_scripts import (ContrastiveCollator, ImageGroupBatchSampler, ImageTransform, UniqueImageBatchSampler,
+                          load_image_caption_dataset, to_image_view)
 from dualencoder.evaluation.embed import embed_split, pooled_from_prefix, pooled_image_features, pooled_text_features
 from dualencoder.metrics import format_metrics_table
 from dualencoder.processing import build_processor
@@ -144,7 +145,9 @@ def select_captions(pairs, per_image: int, seed: int, epoch: int):
 def make_train_loader(pairs, collator, data_args, train_args, seed, epoch):
     """The epoch's DataLoader; batches depend only on (seed, epoch), so resume sees the same ones."""
     rows = pairs.select(select_captions(pairs, data_args.captions_per_image, seed, epoch))
-    if data_args.unique_image_batches:
+    if data_args.batch_by_image:
+        sampler = ImageGroupBatchSampler(rows["image_id"], train_args.per_device_train_batch_size, seed=seed)
+    elif data_args.unique_image_batches:
         sampler = UniqueImageBatchSampler(rows["image_id"], train_args.per_device_train_batch_size, seed=seed)
     else:
         sampler = SeededBatchSampler(len(rows), train_args.per_device_train_batch_size, seed)
@@ -251,7 +254,8 @@ def main(argv=None) -> dict:
         return embedded.metrics()
 
     # --- optimiser and schedule
-    optimizer = make_optimizer(model, backbone_lr=train_args.learning_rate, lora_lr=train_args.lora_learning_rate,
+    optimizer = make_optimizer(model, backbone_lr=train_args.learning_rate, vision_backbone_lr=train_args.vision_learning_rate,
+                               lora_lr=train_args.lora_learning_rate,
                                head_lr=train_args.head_learning_rate, scale_lr=train_args.logit_scale_learning_rate,
                                weight_decay=train_args.weight_decay)
     steps_per_epoch = math.ceil(len(make_train_loader(train_pairs, collator, data_args, train_args, train_args.seed, 0))
@@ -291,7 +295,7 @@ def main(argv=None) -> dict:
         loader = accelerator.prepare(make_train_loader(train_pairs, collator, data_args, train_args, train_args.seed, epoch))
         if state["step_in_epoch"]:
             loader = accelerator.skip_first_batches(loader, state["step_in_epoch"] * train_args.gradient_accumulation_steps)
-        train_mode(accelerator.unwrap_model(model))
+        train_mode(accelerator.unwrap_model(model), freeze_batchnorm=train_args.freeze_batchnorm)
         for batch in loader:
             with accelerator.accumulate(model):
                 outputs = model(**batch, **forward_extras, return_loss=True)

@@ -15,7 +15,7 @@ from .flickr8k import default_flickr8k_dir, load_flickr8k
 from .loading import load_image_caption_dataset
 from .preprocessing import ImageSpec, ImageTransform, apply_image_transforms, make_image_transform
 from .report import DatasetFormatError, LoadReport, Problem
-from .samplers import UniqueImageBatchSampler
+from .samplers import ImageGroupBatchSampler, UniqueImageBatchSampler
 from .synthetic import build_synthetic_dataset
 from .views import IMAGE_FEATURES, PAIR_FEATURES, convert_view, to_image_view, to_pair_view
 
@@ -28,6 +28,7 @@ __all__ = [
     "LoadReport",
     "PAIR_FEATURES",
     "Problem",
+    "ImageGroupBatchSampler",
     "UniqueImageBatchSampler",
     "apply_image_transforms",
     "build_synthetic_dataset",

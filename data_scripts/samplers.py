@@ -95,3 +95,37 @@ class UniqueImageBatchSampler(Sampler[list[int]]):
             queue.extendleft(reversed(waiting))
             batches.append(batch)
         return batches
+
+
+class ImageGroupBatchSampler(Sampler[list[int]]):
+    """Batches of whole images: ``images_per_batch`` distinct images, each with all of its rows.
+
+    The counterpart of :class:`UniqueImageBatchSampler` for multi-positive training: every caption
+    of an image sits in the same batch, ``image_ids`` tell the loss they are all positives of the
+    image, and a model fed cached image features embeds each image once (not once per caption).
+    Image order is drawn from ``Random(f"{seed}:{epoch}")``; call ``set_epoch`` each epoch.
+    """
+
+    def __init__(self, image_ids: Union[Sequence[str], Dataset], images_per_batch: int, *, seed: int = 0):
+        if images_per_batch < 1:
+            raise ValueError(f"images_per_batch must be positive, got {images_per_batch}")
+        if isinstance(image_ids, Dataset):
+            image_ids = image_ids.with_format(None).select_columns(["image_id"]).to_dict()["image_id"]
+        self.groups: dict[str, list[int]] = {}
+        for index, image_id in enumerate(image_ids):
+            self.groups.setdefault(image_id, []).append(index)
+        self.images_per_batch = images_per_batch
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        groups = list(self.groups.values())
+        random.Random(f"{self.seed}:{self.epoch}").shuffle(groups)
+        for start in range(0, len(groups), self.images_per_batch):
+            yield [index for group in groups[start:start + self.images_per_batch] for index in group]
+
+    def __len__(self) -> int:
+        return -(-len(self.groups) // self.images_per_batch)

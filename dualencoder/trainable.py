@@ -83,8 +83,11 @@ def tower_is_frozen(model: nn.Module, tower: str) -> bool:
     return not any(param.requires_grad for param in _tower(model, tower).parameters())
 
 
-def train_mode(model: nn.Module) -> None:
+def train_mode(model: nn.Module, freeze_batchnorm: bool = False) -> None:
     """`model.train()`, except that a frozen tower, and any BatchNorm with frozen weights, stay in eval mode.
+
+    `freeze_batchnorm` keeps every BatchNorm in eval mode (its affine weights still train), so the
+    pretrained running statistics are used and kept, as is usual when fine-tuning a CNN on little data.
 
     A frozen tower must compute what its cached features hold: with BatchNorm in train mode it
     would normalise with batch statistics and keep updating its running averages, so the
@@ -95,7 +98,8 @@ def train_mode(model: nn.Module) -> None:
         if tower_is_frozen(model, tower):
             _tower(model, tower).eval()
     for module in model.modules():  # the frozen blocks of a `top:N` tower, too
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in module.parameters()):
+        frozen = freeze_batchnorm or not any(p.requires_grad for p in module.parameters())
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and frozen:
             module.eval()
 
 

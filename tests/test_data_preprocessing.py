@@ -12,6 +12,7 @@ from data_scripts import (
     ContrastiveCollator,
     ImageSpec,
     ImageTransform,
+    ImageGroupBatchSampler,
     UniqueImageBatchSampler,
     apply_image_transforms,
     build_synthetic_dataset,
@@ -178,6 +179,22 @@ def test_sampler_drop_last_and_small_image_count():
     few = list(UniqueImageBatchSampler(_ids(3, 5), batch_size=8))  # more rows per batch than images
     assert all(len(b) <= 3 and len({i // 5 for i in b}) == len(b) for b in few)
     assert sum(len(b) for b in few) == 15
+
+
+def test_image_group_batches_hold_whole_images_each_once_per_epoch():
+    ids = _ids(12, 5)
+    sampler = ImageGroupBatchSampler(ids, images_per_batch=5, seed=3)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 3
+    assert sorted(i for b in batches for i in b) == list(range(len(ids)))
+    for batch in batches:
+        images = {ids[i] for i in batch}
+        assert len(batch) == 5 * len(images)  # every caption of each image in the batch
+    assert [len({ids[i] for i in b}) for b in batches] == [5, 5, 2]
+    again = ImageGroupBatchSampler(ids, 5, seed=3)
+    assert list(again) == batches
+    again.set_epoch(1)
+    assert list(again) != batches
 
 
 def test_sampler_collator_dataloader_end_to_end(tiny_synthetic, tokenizer):

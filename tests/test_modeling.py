@@ -288,3 +288,30 @@ def test_prefix_split_of_an_unsupported_tower_says_what_is_supported():
     del model.vision_model.layernorm
     with pytest.raises(ValueError, match="EfficientNet.*ViT"):
         model.vision_prefix(torch.zeros(1, 3, 32, 32), 1)
+
+
+def test_rows_of_one_image_run_the_cached_tower_top_once_and_get_the_same_embeddings():
+    model = DualEncoderModel(tiny_timm_config()).eval()
+    batch = tiny_batch(model.config, 6)
+    depth = len(tower_blocks(model.vision_model)) - 1
+    image_ids = torch.tensor([0, 0, 1, 2, 2, 2])
+    with torch.no_grad():
+        hidden = model.vision_prefix(batch["pixel_values"], depth)[image_ids]  # rows of one image: equal inputs
+    text = {k: v for k, v in batch.items() if k != "pixel_values"}
+    seen_rows = []
+    model.vision_suffix = lambda h, d, _suffix=model.vision_suffix: seen_rows.append(h.shape[0]) or _suffix(h, d)
+    deduped = model(**text, vision_hidden=hidden, vision_hidden_depth=depth, image_ids=image_ids, return_loss=True)
+    every_row = model(**text, vision_hidden=hidden, vision_hidden_depth=depth, return_loss=True)
+    assert seen_rows == [3, 6]
+    torch.testing.assert_close(deduped.image_embeds, every_row.image_embeds)
+    torch.testing.assert_close(deduped.image_embeds[0], deduped.image_embeds[1])
+
+
+def test_freeze_batchnorm_keeps_running_statistics_while_their_weights_train():
+    model = DualEncoderModel(tiny_timm_config())
+    train_mode(model, freeze_batchnorm=True)
+    assert model.vision_model.training and not model.vision_model.bn2.training
+    running_mean = model.vision_model.bn2.running_mean.clone()
+    model(**tiny_batch(model.config, 4), return_loss=True).loss.backward()
+    torch.testing.assert_close(model.vision_model.bn2.running_mean, running_mean)
+    assert model.vision_model.bn2.weight.grad is not None

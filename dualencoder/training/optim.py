@@ -9,11 +9,13 @@ from torch.optim.lr_scheduler import LambdaLR
 
 
 def parameter_groups(model, *, backbone_lr: float, lora_lr: float, head_lr: float, scale_lr: float,
-                     weight_decay: float) -> list[dict]:
+                     weight_decay: float, vision_backbone_lr: float | None = None) -> list[dict]:
     """Split trainable parameters into backbone / LoRA / heads / temperature groups.
 
-    Norms, biases, the logit scale and bias get no weight decay (decaying the temperature would
-    pull it towards 1, i.e. towards a very soft softmax).
+    `vision_backbone_lr` (default: `backbone_lr`) gives the vision tower's own weights their own
+    rate: the few top blocks of a small CNN tuned from a cache want a larger step than a
+    pretrained text encoder fine-tuned as a whole. Norms, biases, the logit scale and bias get no
+    weight decay (decaying the temperature would pull it towards 1, i.e. towards a very soft softmax).
     """
     groups = {}
     for name, param in model.named_parameters():
@@ -25,6 +27,8 @@ def parameter_groups(model, *, backbone_lr: float, lora_lr: float, head_lr: floa
             kind, lr = "lora", lora_lr
         elif name.startswith(("visual_projection", "text_projection", "loss_fn")):
             kind, lr = "heads", head_lr
+        elif name.startswith("vision_model") and vision_backbone_lr is not None:
+            kind, lr = "vision_backbone", vision_backbone_lr
         else:
             kind, lr = "backbone", backbone_lr
         decay = 0.0 if (param.ndim < 2 or kind == "temperature") else weight_decay

@@ -1,0 +1,176 @@
+#!/usr/bin/env python
+"""Exploratory harness behind the depth / caption ablation in doc/FLICKR8K_RECIPE.md.
+
+Not part of the toolkit: a deliberately small loop that answers "how much does tuning the top of
+EfficientNet-Lite0 add?" in minutes, before spending an hour per question on `run_contrastive.py`.
+It keeps the text tower frozen (pooled MiniLM features from `dualencoder.baselines.features`),
+caches the 14x14x112 output of EfficientNet's first 11 blocks once (plain and mirrored), and
+trains the chosen top stages + MLP heads with a CLIP loss in which each image sees one or all
+five of its captions per step (multi-positive). The shipped recipe is then run and measured by
+`run_contrastive.py --config configs/flickr8k_offline.yaml`.
+
+    python doc/experiments/prefix_ablation.py cache --out /tmp/prefix224.pt
+    python doc/experiments/prefix_ablation.py train --prefix /tmp/prefix224.pt --stages 5,6 --captions 5
+"""
+
+import argparse
+import copy
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+DATA = REPO.parent / "shared" / "data" / "flickr8k"
+SPLITS = ("train", "validation", "test")
+PREFIX_STAGES = 5  # stem + stages 0-4 (11 blocks) are cached; stages 5 and 6 + conv_head may train
+
+
+def load_backbones():
+    from modeling_dualencoder import DualEncoderModel
+
+    return DualEncoderModel.from_vision_text_pretrained("offline:efficientnet-lite0", "offline:all-minilm-l6-v2")
+
+
+def cache(args):
+    from data_scripts import ImageTransform, load_image_caption_dataset, to_image_view
+    from dualencoder.processing import build_processor
+
+    model = load_backbones().eval()
+    tower, transform = model.vision_model, ImageTransform(build_processor(model.config).image_processor, train=False)
+    pairs = load_image_caption_dataset(str(args.data), view="pairs", seed=42)
+    out = {}
+    for split in SPLITS:
+        view = to_image_view(pairs[split])
+        hidden = []
+        for start in range(0, len(view), 64):
+            pixels = torch.stack([transform.pixels(image) for image in view[start:start + 64]["image"]])
+            with torch.no_grad():
+                both = []
+                for x in (pixels, pixels.flip(-1)):
+                    h = tower.bn1(tower.conv_stem(x))
+                    for stage in tower.blocks[:PREFIX_STAGES]:
+                        h = stage(h)
+                    both.append(h)
+            hidden.append(torch.stack(both, 1).half())
+            print(f"{split} {start + len(pixels)}/{len(view)}", flush=True)
+        out[split] = {"ids": list(view["image_id"]), "h": torch.cat(hidden)}
+    torch.save(out, args.out)
+
+
+class VisionTop(nn.Module):
+    """EfficientNet-Lite0 from the cached prefix: stages 5 and 6, conv_head, average pool."""
+
+    def __init__(self, tower):
+        super().__init__()
+        self.s5, self.s6 = copy.deepcopy(tower.blocks[5]), copy.deepcopy(tower.blocks[6])
+        self.head, self.bn = copy.deepcopy(tower.conv_head), copy.deepcopy(tower.bn2)
+
+    def forward(self, hidden):
+        return self.bn(self.head(self.s6(self.s5(hidden)))).mean((2, 3))
+
+
+def mlp(dim_in, dim_out):
+    return nn.Sequential(nn.Linear(dim_in, 1024), nn.GELU(), nn.Linear(1024, dim_out))
+
+
+def train(args):
+    from dualencoder.baselines.features import load_features
+    from dualencoder.metrics import retrieval_metrics
+
+    torch.manual_seed(0)
+    prefix = torch.load(args.prefix, weights_only=False)
+    features = load_features(str(args.data), show_progress=False)
+    top = VisionTop(load_backbones().vision_model)
+    stages = {s for s in args.stages.split(",") if s}
+    trains = {"s5": "5" in stages, "s6": bool(stages & {"5", "6"}), "head": bool(stages), "bn": bool(stages)}
+    for name, param in top.named_parameters():
+        param.requires_grad = trains[name.split(".")[0]]
+    image_head, text_head = mlp(1280, 512), mlp(384, 512)
+    logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+    optimizer = torch.optim.AdamW([
+        {"params": [p for p in top.parameters() if p.requires_grad], "lr": args.lr},
+        {"params": [*image_head.parameters(), *text_head.parameters(), logit_scale], "lr": args.head_lr},
+    ], weight_decay=0.05)
+
+    def split_data(name):
+        split, cached = features[name], prefix[name]
+        row = {image_id: k for k, image_id in enumerate(cached["ids"])}
+        return cached["h"][torch.tensor([row[i] for i in split.image_ids])], split.texts, split.text_to_image
+
+    hidden, texts, text_to_image = split_data("train")
+    by_image = [[] for _ in range(hidden.shape[0])]
+    for j, i in enumerate(text_to_image.tolist()):
+        by_image[i].append(j)
+    captions_of = torch.tensor(by_image)  # [N, 5]
+
+    def evaluate(name):
+        h, t, t2i = split_data(name)
+        top.eval(), image_head.eval(), text_head.eval()
+        with torch.no_grad():
+            images = torch.cat([F.normalize(image_head(top(h[s:s + 256, 0].float())), dim=-1) for s in range(0, len(h), 256)])
+            return retrieval_metrics(images, F.normalize(text_head(t), dim=-1), t2i)
+
+    num_images = hidden.shape[0]
+    steps = args.epochs * math.ceil(num_images / args.batch_size)
+    warmup = 0.05 * steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    started = time.time()
+    for epoch in range(args.epochs):
+        top.eval()  # BatchNorm keeps its ImageNet statistics; its affine weights still train
+        image_head.train(), text_head.train()
+        for start in range(0, num_images, args.batch_size):
+            rows = torch.randperm(num_images, generator=torch.Generator().manual_seed(epoch))[start:start + args.batch_size]
+            view = torch.randint(0, 2, (len(rows),)) if args.flip else torch.zeros(len(rows), dtype=torch.long)
+            images = F.normalize(image_head(top(hidden[rows, view].float())), dim=-1)
+            if args.captions == 1:
+                chosen = captions_of[rows, torch.randint(0, 5, (len(rows),))]
+            else:
+                chosen = captions_of[rows].reshape(-1)
+            text_embeds = F.normalize(text_head(texts[chosen]), dim=-1)
+            logits = logit_scale.exp().clamp(max=100) * images @ text_embeds.t()  # [B, B * captions]
+            owner = torch.arange(len(rows)).repeat_interleave(args.captions)
+            positives = (owner[None, :] == torch.arange(len(rows))[:, None]).float()
+            image_to_text = -(F.log_softmax(logits, 1) * positives).sum(1) / args.captions
+            loss = (image_to_text.mean() + F.cross_entropy(logits.t(), owner)) / 2
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+        r = evaluate("validation")
+        print(f"epoch {epoch + 1} {time.time() - started:.0f}s loss {loss.item():.3f} validation i2t R@1 {r['i2t_r1']:.1f} "
+              f"t2i R@1 {r['t2i_r1']:.1f} rsum {r['rsum']:.1f}", flush=True)
+    r = evaluate("test")
+    print(f"TEST i2t {r['i2t_r1']:.1f}/{r['i2t_r5']:.1f}/{r['i2t_r10']:.1f} t2i {r['t2i_r1']:.1f}/{r['t2i_r5']:.1f}/"
+          f"{r['t2i_r10']:.1f} rsum {r['rsum']:.1f} ({time.time() - started:.0f}s)")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    c = commands.add_parser("cache", help="compute the 14x14x112 prefix of every image, plain and mirrored")
+    c.add_argument("--data", type=Path, default=DATA)
+    c.add_argument("--out", type=Path, required=True)
+    t = commands.add_parser("train", help="train the chosen top stages + heads on the cached prefix, report test")
+    t.add_argument("--data", type=Path, default=DATA)
+    t.add_argument("--prefix", type=Path, required=True)
+    t.add_argument("--stages", default="6", help="'' (heads only), '6' (last block) or '5,6' (last 5 blocks)")
+    t.add_argument("--captions", type=int, default=5, choices=(1, 5), help="captions per image per step")
+    t.add_argument("--flip", type=int, default=1, help="draw the mirrored prefix for half the rows")
+    t.add_argument("--epochs", type=int, default=6)
+    t.add_argument("--batch_size", type=int, default=128)
+    t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--head_lr", type=float, default=1e-3)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    (cache if args.command == "cache" else train)(args)
+
+
+if __name__ == "__main__":
+    main()
