@@ -1,7 +1,6 @@
 """Specification of the optimiser set-up: one learning rate per kind of parameter, the schedule."""
 
 import pytest
-import torch
 
 from dualencoder.training.optim import cosine_with_warmup, make_optimizer, parameter_groups
 from modeling_dualencoder import DualEncoderModel
