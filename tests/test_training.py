@@ -137,6 +137,16 @@ def test_a_cached_vision_prefix_trains_the_top_blocks_exactly_like_running_the_w
     assert cached["test"] == pytest.approx(whole["test"], abs=1e-6)
 
 
+def test_batches_by_image_take_every_caption_of_each_image_in_one_step(tiny_model_dir, tmp_path):
+    metrics = run_contrastive.main(tiny_run_args(tiny_model_dir, tmp_path / "out", "--vision_train", "top:1",
+                                                 "--freeze_batchnorm", "true", "--batch_by_image", "true",
+                                                 "--captions_per_image", "0", "--per_device_train_batch_size", "4"))
+    train_images = len(set(run_contrastive.load_data(parse_args(["--dataset", "synthetic", "--num_images", "30"])[1],
+                                                     seed=42)[0]["image_id"]))
+    assert metrics["global_step"] == 2 * -(-train_images // 4)  # 2 epochs of 4 images (all their captions) a step
+    assert metrics["test"]["rsum"] > 0
+
+
 def test_cached_features_are_reused_only_for_the_same_weights_and_settings(tmp_path):
     from dualencoder.training.feature_cache import load_or_compute, tower_fingerprint
 

@@ -76,10 +76,14 @@ def pooled_from_prefix(model, hidden: dict, image_ids: list, depth: int, *, batc
 @torch.no_grad()
 def pooled_text_features(model, captions: list[str], tokenizer, *, max_length: int, batch_size: int, device,
                          desc="embed captions", show_progress=True) -> dict:
-    """caption -> pooled text backbone features (float32, CPU); each distinct caption runs once."""
+    """caption -> pooled text backbone features (float32, CPU); each distinct caption runs once.
+
+    Captions are batched by length, so a batch pads to about its own length rather than to the
+    longest caption of a random draw.
+    """
     was_training = model.training
     model.eval()
-    unique = sorted(set(captions))
+    unique = sorted(set(captions), key=lambda caption: (len(caption), caption))
     features = {}
     for start in tqdm(range(0, len(unique), batch_size), desc=desc, disable=not show_progress, leave=False):
         chunk = unique[start:start + batch_size]
