@@ -64,13 +64,10 @@ def pooled_from_prefix(model, hidden: dict, image_ids: list, depth: int, *, batc
     """image id -> pooled vision features, running only `vision_suffix` over cached prefix outputs."""
     was_training = model.training
     model.eval()
-    features = {}
-    for start in range(0, len(image_ids), batch_size):
-        chunk = image_ids[start:start + batch_size]
-        batch = torch.stack([hidden[i] for i in chunk]).to(device=device, dtype=torch.float32)
-        features.update(zip(chunk, model.vision_suffix(batch, depth).float().cpu()))
+    pooled = _project(lambda vision_hidden: model.vision_suffix(vision_hidden.float(), depth), "vision_hidden",
+                      [hidden[i] for i in image_ids], batch_size, device)
     model.train(was_training)
-    return features
+    return dict(zip(image_ids, pooled))
 
 
 @torch.no_grad()
