@@ -14,7 +14,6 @@ five of its captions per step (multi-positive). The shipped recipe is then run a
 """
 
 import argparse
-import copy
 import math
 import sys
 import time
@@ -28,7 +27,8 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 DATA = REPO.parent / "shared" / "data" / "flickr8k"
 SPLITS = ("train", "validation", "test")
-PREFIX_STAGES = 5  # stem + stages 0-4 (11 blocks) are cached; stages 5 and 6 + conv_head may train
+PREFIX_DEPTH = 11  # stem + EfficientNet stages 0-4 (11 blocks) are cached; stages 5 and 6 + conv_head may train
+TRAIN_MODE = {"": "frozen", "6": "top:1", "5,6": "top:5"}  # --stages -> vision_train
 
 
 def load_backbones():
@@ -42,7 +42,7 @@ def cache(args):
     from dualencoder.processing import build_processor
 
     model = load_backbones().eval()
-    tower, transform = model.vision_model, ImageTransform(build_processor(model.config).image_processor, train=False)
+    transform = ImageTransform(build_processor(model.config).image_processor, train=False)
     pairs = load_image_caption_dataset(str(args.data), view="pairs", seed=42)
     out = {}
     for split in SPLITS:
@@ -51,28 +51,11 @@ def cache(args):
         for start in range(0, len(view), 64):
             pixels = torch.stack([transform.pixels(image) for image in view[start:start + 64]["image"]])
             with torch.no_grad():
-                both = []
-                for x in (pixels, pixels.flip(-1)):
-                    h = tower.bn1(tower.conv_stem(x))
-                    for stage in tower.blocks[:PREFIX_STAGES]:
-                        h = stage(h)
-                    both.append(h)
+                both = [model.vision_prefix(x, PREFIX_DEPTH) for x in (pixels, pixels.flip(-1))]
             hidden.append(torch.stack(both, 1).half())
             print(f"{split} {start + len(pixels)}/{len(view)}", flush=True)
         out[split] = {"ids": list(view["image_id"]), "h": torch.cat(hidden)}
     torch.save(out, args.out)
-
-
-class VisionTop(nn.Module):
-    """EfficientNet-Lite0 from the cached prefix: stages 5 and 6, conv_head, average pool."""
-
-    def __init__(self, tower):
-        super().__init__()
-        self.s5, self.s6 = copy.deepcopy(tower.blocks[5]), copy.deepcopy(tower.blocks[6])
-        self.head, self.bn = copy.deepcopy(tower.conv_head), copy.deepcopy(tower.bn2)
-
-    def forward(self, hidden):
-        return self.bn(self.head(self.s6(self.s5(hidden)))).mean((2, 3))
 
 
 def mlp(dim_in, dim_out):
@@ -82,19 +65,21 @@ def mlp(dim_in, dim_out):
 def train(args):
     from dualencoder.baselines.features import load_features
     from dualencoder.metrics import retrieval_metrics
+    from dualencoder.trainable import set_tower_trainable
 
     torch.manual_seed(0)
     prefix = torch.load(args.prefix, weights_only=False)
     features = load_features(str(args.data), show_progress=False)
-    top = VisionTop(load_backbones().vision_model)
-    stages = {s for s in args.stages.split(",") if s}
-    trains = {"s5": "5" in stages, "s6": bool(stages & {"5", "6"}), "head": bool(stages), "bn": bool(stages)}
-    for name, param in top.named_parameters():
-        param.requires_grad = trains[name.split(".")[0]]
+    model = load_backbones()
+    set_tower_trainable(model, "vision", TRAIN_MODE[args.stages])
+    tower = model.vision_model
+
+    def top(hidden):  # the rest of EfficientNet from the cached prefix, average-pooled
+        return model.vision_suffix(hidden, PREFIX_DEPTH)
     image_head, text_head = mlp(1280, 512), mlp(384, 512)
     logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
     optimizer = torch.optim.AdamW([
-        {"params": [p for p in top.parameters() if p.requires_grad], "lr": args.lr},
+        {"params": [p for p in tower.parameters() if p.requires_grad], "lr": args.lr},
         {"params": [*image_head.parameters(), *text_head.parameters(), logit_scale], "lr": args.head_lr},
     ], weight_decay=0.05)
 
@@ -111,7 +96,7 @@ def train(args):
 
     def evaluate(name):
         h, t, t2i = split_data(name)
-        top.eval(), image_head.eval(), text_head.eval()
+        tower.eval(), image_head.eval(), text_head.eval()
         with torch.no_grad():
             images = torch.cat([F.normalize(image_head(top(h[s:s + 256, 0].float())), dim=-1) for s in range(0, len(h), 256)])
             return retrieval_metrics(images, F.normalize(text_head(t), dim=-1), t2i)
@@ -123,7 +108,7 @@ def train(args):
         optimizer, lambda s: min(1, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
     started = time.time()
     for epoch in range(args.epochs):
-        top.eval()  # BatchNorm keeps its ImageNet statistics; its affine weights still train
+        tower.eval()  # BatchNorm keeps its ImageNet statistics; its affine weights still train
         image_head.train(), text_head.train()
         for start in range(0, num_images, args.batch_size):
             rows = torch.randperm(num_images, generator=torch.Generator().manual_seed(epoch))[start:start + args.batch_size]
@@ -160,7 +145,8 @@ def main():
     t = commands.add_parser("train", help="train the chosen top stages + heads on the cached prefix, report test")
     t.add_argument("--data", type=Path, default=DATA)
     t.add_argument("--prefix", type=Path, required=True)
-    t.add_argument("--stages", default="6", help="'' (heads only), '6' (last block) or '5,6' (last 5 blocks)")
+    t.add_argument("--stages", default="6", choices=sorted(TRAIN_MODE),
+                   help="'' (heads only), '6' (last block) or '5,6' (last 5 blocks)")
     t.add_argument("--captions", type=int, default=5, choices=(1, 5), help="captions per image per step")
     t.add_argument("--flip", type=int, default=1, help="draw the mirrored prefix for half the rows")
     t.add_argument("--epochs", type=int, default=6)
