@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.utils import ModelOutput
 
@@ -577,6 +578,51 @@ class DualEncoderModel(DualEncoderPreTrainedModel):
         if not 0 <= depth <= len(blocks):
             raise ValueError(f"depth {depth} is outside the vision tower's 0..{len(blocks)} blocks.")
         return tower, kind, blocks
+
+    def text_prefix(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], depth: int) -> torch.Tensor:
+        """The text tower's token states after its embeddings and first `depth` layers.
+
+        The text twin of `vision_prefix`: with those layers frozen, training computes it once per
+        caption and runs only `text_suffix` (the upper layers and the pooling) each step.
+        """
+        tower, blocks = self._text_split(depth)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        hidden = tower.embeddings(input_ids=input_ids)
+        return self._run_text_blocks(tower, blocks[:depth], hidden, attention_mask)
+
+    def text_suffix(self, hidden: torch.Tensor, attention_mask: torch.Tensor, depth: int) -> torch.Tensor:
+        """Pooled text features from `text_prefix(input_ids, attention_mask, depth)`.
+
+        `text_suffix(text_prefix(ids, mask, d), mask, d)` equals `encode_text(ids, mask)` for every `d`.
+        """
+        tower, blocks = self._text_split(depth)
+        hidden = self._run_text_blocks(tower, blocks[depth:], hidden, attention_mask)
+        if self.config.text_pooling == "pooler":
+            return tower.pooler(hidden)
+        return _pool(BaseModelOutput(last_hidden_state=hidden), attention_mask, self.config.text_pooling)
+
+    @staticmethod
+    def _run_text_blocks(tower: nn.Module, blocks: list, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if not blocks:
+            return hidden
+        # The same 4-d mask the tower's own forward builds for its attention implementation.
+        mask = create_bidirectional_mask(config=tower.config, inputs_embeds=hidden, attention_mask=attention_mask)
+        for block in blocks:
+            hidden = _block_output(block(hidden, attention_mask=mask))
+        return hidden
+
+    def _text_split(self, depth: int):
+        tower = self.text_model
+        if hasattr(tower, "get_base_model"):
+            raise ValueError("The text tower has LoRA adapters in every layer, so no prefix of it is frozen to cache.")
+        if not hasattr(tower, "embeddings"):
+            raise ValueError(f"Splitting {type(tower).__name__} into a cached prefix and a trained suffix is not "
+                             "supported (BERT-family encoders with `embeddings` are); use text_train full/frozen.")
+        blocks = tower_blocks(tower)
+        if not 0 <= depth <= len(blocks):
+            raise ValueError(f"depth {depth} is outside the text tower's 0..{len(blocks)} layers.")
+        return tower, blocks
 
     def get_image_features(self, pixel_values: Optional[torch.Tensor] = None, vision_pooled: Optional[torch.Tensor] = None,
                            vision_hidden: Optional[torch.Tensor] = None, vision_hidden_depth: Optional[int] = None):

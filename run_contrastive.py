@@ -25,8 +25,8 @@ from accelerate.utils import set_seed
 from torch.utils.data import BatchSampler, DataLoader
 from tqdm.auto import tqdm
 
-from data_scripts import (ContrastiveCollator, ImageGroupBatchSampler, ImageTransform, UniqueImageBatchSampler,
-                          load_image_caption_dataset, to_image_view)
+from data_scripts import (ContrastiveCollator, ImageGroupBatchSampler, ImageTransform, RandomMirror,
+                          UniqueImageBatchSampler, images_with_sided_captions, load_image_caption_dataset, to_image_view)
 from dualencoder.evaluation.embed import embed_split, pooled_from_prefix, pooled_image_features, pooled_text_features
 from dualencoder.metrics import format_metrics_table
 from dualencoder.processing import build_processor
@@ -194,20 +194,32 @@ def main(argv=None) -> dict:
     model.to(accelerator.device)
 
     # --- frozen-tower caches: a tower with nothing to train is run once, not every epoch
-    caches = {"vision": None, "text": None, "vision_hidden": None}
+    caches = {"vision": None, "text": None, "vision_hidden": None, "mirrored": None}
     forward_extras = {}  # e.g. which block the cached vision prefix ends at
     prefix_depth = frozen_prefix_depth(model, "vision") if train_args.cache_frozen_features else 0
     cache_started = time.time()
+    mirror = None
+    if data_args.flip_augment:
+        sided = images_with_sided_captions(train_pairs["image_id"], train_pairs["caption"])
+        mirror = RandomMirror(train_args.seed, never=sided)
+        logger.info("flip_augment: half the training images are mirrored each epoch; %d of them never are (a caption "
+                    "says left or right).", len(sided))
     if train_args.cache_frozen_features:
         batch = train_args.per_device_eval_batch_size
-        every_image = [to_image_view(train_pairs)] + list(eval_views.values())
+        train_images = to_image_view(train_pairs)
+        every_image = [train_images] + list(eval_views.values())
 
-        def every_image_features(**how):
+        def every_image_features(views=every_image, **how):
             features = {}
-            for view in every_image:
+            for view in views:
                 features.update(pooled_image_features(model, view, eval_transform, batch_size=batch,
                                                       device=accelerator.device, show_progress=show, **how))
             return features
+
+        def mirrored_train_features(file, encode, **how):
+            """The same cache for the mirrored training images (flip_augment)."""
+            return load_or_compute(file, lambda: every_image_features(
+                [train_images], encode=lambda pixels: encode(pixels.flip(-1)), desc="cache mirrored", **how))
 
         def vision_cache_file(prefix: str, *extra):
             if not train_args.feature_cache_dir:
@@ -221,6 +233,8 @@ def main(argv=None) -> dict:
             logger.info("vision tower is frozen with no adapters: caching its features (no augmentation).")
             caches["vision"] = load_or_compute(vision_cache_file("vision"),
                                                lambda: every_image_features(desc="cache vision"))
+            if mirror is not None:
+                caches["mirrored"] = mirrored_train_features(vision_cache_file("vision-mirrored"), model.encode_vision)
         elif prefix_depth:
             logger.info("vision blocks below %d are frozen: caching their output (no augmentation); each step "
                         "runs only the blocks above.", prefix_depth)
@@ -230,6 +244,11 @@ def main(argv=None) -> dict:
                                              dtype=getattr(torch, train_args.prefix_cache_dtype),
                                              desc="cache vision prefix"))
             forward_extras["vision_hidden_depth"] = prefix_depth
+            if mirror is not None:
+                prefix_dtype = getattr(torch, train_args.prefix_cache_dtype)
+                caches["mirrored"] = mirrored_train_features(
+                    vision_cache_file("vision-prefix-mirrored", prefix_depth, train_args.prefix_cache_dtype),
+                    lambda pixels: model.vision_prefix(pixels, prefix_depth), dtype=prefix_dtype)
         if tower_is_frozen(model, "text"):
             logger.info("text tower is frozen with no adapters: caching its features.")
             caches["text"] = pooled_text_features(model, train_pairs["caption"], processor.tokenizer,
@@ -239,7 +258,7 @@ def main(argv=None) -> dict:
     if caches["vision"] is not None or caches["vision_hidden"] is not None:
         train_pairs = train_pairs.remove_columns("image")  # never decode images we do not need
     train_pairs = train_pairs.with_transform(CachedFeatureTransform(train_transform, caches["vision"], caches["text"],
-                                                                    caches["vision_hidden"]))
+                                                                    caches["vision_hidden"], mirror, caches["mirrored"]))
 
     def evaluate(split: str) -> dict:
         unwrapped = accelerator.unwrap_model(model)
@@ -292,6 +311,8 @@ def main(argv=None) -> dict:
     done = state["global_step"] >= total_steps
     while not done and state["epoch"] < train_args.num_train_epochs:
         epoch = state["epoch"]
+        if mirror is not None:
+            mirror.set_epoch(epoch)  # before the loader exists: its workers get a copy
         loader = accelerator.prepare(make_train_loader(train_pairs, collator, data_args, train_args, train_args.seed, epoch))
         if state["step_in_epoch"]:
             loader = accelerator.skip_first_batches(loader, state["step_in_epoch"] * train_args.gradient_accumulation_steps)

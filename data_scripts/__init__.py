@@ -13,6 +13,7 @@ contract in doc/ARCHITECTURE.md) and turns them into tensors given the backbones
 from .collator import ContrastiveCollator, image_ids_to_tensor
 from .flickr8k import default_flickr8k_dir, load_flickr8k
 from .loading import load_image_caption_dataset
+from .mirror import RandomMirror, images_with_sided_captions
 from .preprocessing import ImageSpec, ImageTransform, apply_image_transforms, make_image_transform
 from .report import DatasetFormatError, LoadReport, Problem
 from .samplers import ImageGroupBatchSampler, UniqueImageBatchSampler
@@ -29,12 +30,14 @@ __all__ = [
     "PAIR_FEATURES",
     "Problem",
     "ImageGroupBatchSampler",
+    "RandomMirror",
     "UniqueImageBatchSampler",
     "apply_image_transforms",
     "build_synthetic_dataset",
     "convert_view",
     "default_flickr8k_dir",
     "image_ids_to_tensor",
+    "images_with_sided_captions",
     "load_flickr8k",
     "load_image_caption_dataset",
     "make_image_transform",

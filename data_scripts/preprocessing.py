@@ -6,11 +6,12 @@ trained on match the ones it was pretrained on and the ones ``processor(images=.
 at inference. Transforms run on the fly through ``Dataset.with_transform`` (images are decoded
 only when a batch needs them), and return ``pixel_values`` float tensors ``[3, H, W]``.
 
-Training augmentation is a random resized crop only. There is deliberately no horizontal flip:
-captions say "to the left of" / "on the right" (every two-shape synthetic caption, and many
-Flickr8k ones), and a mirrored image would make those captions false. For the same reason there
-is no vertical flip (above/below) and no colour jitter (colours are named in captions). The
-default crop keeps at least 60% of the image area, so the objects a caption names stay in view.
+Training augmentation here is a random resized crop only. A horizontal flip is not part of the
+transform: captions say "to the left of" / "on the right" (every two-shape synthetic caption, and
+some Flickr8k ones), and a mirrored image would make those captions false. `data_scripts.mirror`
+flips only the images none of whose captions name a side (`--flip_augment`). There is no vertical
+flip (above/below) and no colour jitter (colours are named in captions). The default crop keeps
+at least 60% of the image area, so the objects a caption names stay in view.
 """
 
 from __future__ import annotations

@@ -13,13 +13,16 @@ from data_scripts import (
     ImageSpec,
     ImageTransform,
     ImageGroupBatchSampler,
+    RandomMirror,
     UniqueImageBatchSampler,
     apply_image_transforms,
     build_synthetic_dataset,
+    images_with_sided_captions,
     make_image_transform,
     to_image_view,
     to_pair_view,
 )
+from dualencoder.training.feature_cache import CachedFeatureTransform
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.5]
 
@@ -228,3 +231,41 @@ def test_view_round_trip_keeps_order_and_captions():
     assert back.features["image"] == ImageFeature()
     with pytest.raises(ValueError, match="missing"):
         to_pair_view(pairs)
+
+
+def test_images_whose_captions_name_a_side_are_found_by_whole_word():
+    ids = ["a", "a", "b", "c", "d"]
+    captions = ["a dog", "a dog on the Left", "a bright room", "leftover pizza", "turning right"]
+    assert images_with_sided_captions(ids, captions) == {"a", "d"}
+
+
+def test_random_mirror_flips_about_half_never_a_sided_image_and_is_reproducible():
+    ids = [f"img{i}" for i in range(2000)]
+    mirror = RandomMirror(seed=1, never={"img0", "img1"})
+    flipped = {i for i in ids if mirror(i)}
+    assert "img0" not in flipped and "img1" not in flipped
+    assert 900 < len(flipped) < 1100
+    assert flipped == {i for i in ids if RandomMirror(seed=1, never={"img0", "img1"})(i)}  # no RNG state
+    mirror.set_epoch(1)
+    assert flipped != {i for i in ids if mirror(i)}  # a new draw each epoch
+    assert not any(RandomMirror(seed=1, probability=0.0)(i) for i in ids)
+    with pytest.raises(ValueError, match="probability"):
+        RandomMirror(seed=1, probability=2.0)
+
+
+def test_mirrored_rows_read_the_mirrored_cache_or_get_flipped_pixels():
+    mirror = RandomMirror(seed=0, probability=1.0, never={"b"})
+    batch = {"image_id": ["a", "b"], "caption": ["x", "y"]}
+    cache, mirrored = {"a": torch.zeros(2), "b": torch.zeros(2)}, {"a": torch.ones(2)}
+    out = CachedFeatureTransform(None, vision_hidden_cache=cache, mirror=mirror, mirrored_cache=mirrored)(batch)
+    assert out["vision_hidden"][0].tolist() == [1, 1] and out["vision_hidden"][1].tolist() == [0, 0]
+
+    class Pixels:
+        def pixels(self, image):
+            return torch.arange(3.0).expand(3, 1, 3)
+
+    out = CachedFeatureTransform(Pixels(), mirror=mirror)({**batch, "image": [None, None]})
+    assert out["pixel_values"][0][0, 0].tolist() == [2, 1, 0]  # "a" mirrored
+    assert out["pixel_values"][1][0, 0].tolist() == [0, 1, 2]  # "b" says left/right: kept
+    with pytest.raises(ValueError, match="mirrored_cache"):
+        CachedFeatureTransform(None, vision_cache=cache, mirror=mirror)

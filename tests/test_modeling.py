@@ -12,7 +12,7 @@ import torch
 from dualencoder.trainable import (frozen_prefix_depth, parameter_report, set_tower_trainable, tower_is_frozen,
                                    train_mode)
 from modeling_dualencoder import DualEncoderConfig, DualEncoderModel, load_timm_state_dict, tower_blocks
-from tests.tiny import tiny_batch, tiny_timm_config, tiny_vit_distilbert_config
+from tests.tiny import tiny_batch, tiny_bert_config, tiny_text_config, tiny_timm_config, tiny_vit_distilbert_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -263,6 +263,41 @@ def test_vision_prefix_then_suffix_equals_the_whole_tower_at_every_depth(make_co
         for depth in range(depths):
             split = model.vision_suffix(model.vision_prefix(pixels, depth), depth)
             torch.testing.assert_close(split, whole, msg=f"depth {depth}")
+
+
+@pytest.mark.parametrize("text_config", [tiny_text_config, tiny_bert_config], ids=["distilbert", "bert"])
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_text_prefix_then_suffix_equals_the_whole_tower_at_every_depth(text_config, pooling):
+    model = DualEncoderModel(tiny_timm_config(text_config=text_config().to_dict(), text_pooling=pooling)).eval()
+    batch = tiny_batch(model.config, 3)  # row 0 is padded, so the mask must reach the cached layers' attention
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        whole = model.encode_text(ids, mask)
+        for depth in range(len(tower_blocks(model.text_model)) + 1):
+            split = model.text_suffix(model.text_prefix(ids, mask, depth), mask, depth)
+            torch.testing.assert_close(split, whole, msg=f"depth {depth}")
+
+
+def test_a_cached_text_prefix_trimmed_to_its_caption_gives_the_padded_result():
+    """The cache stores each caption's states without padding; re-padded to any length they give the same."""
+    model = DualEncoderModel(tiny_timm_config()).eval()
+    batch = tiny_batch(model.config, 2)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    length = int(mask[0].sum())
+    with torch.no_grad():
+        hidden = model.text_prefix(ids, mask, 1)
+        trimmed = model.text_suffix(hidden[:1, :length], mask[:1, :length], 1)
+        torch.testing.assert_close(trimmed, model.encode_text(ids, mask)[:1])
+
+
+def test_text_prefix_of_a_tower_with_adapters_or_out_of_range_depth_is_a_clear_error():
+    model = DualEncoderModel(tiny_timm_config())
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="outside the text tower's 0..2 layers"):
+        model.text_prefix(ids, None, 3)
+    lora = DualEncoderModel(tiny_timm_config(lora_rank=4, lora_towers=["text"]))
+    with pytest.raises(ValueError, match="LoRA adapters"):
+        lora.text_prefix(ids, None, 1)
 
 
 def test_forward_from_a_cached_vision_prefix_matches_pixels_and_trains_only_the_suffix():

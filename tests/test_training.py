@@ -147,6 +147,23 @@ def test_batches_by_image_take_every_caption_of_each_image_in_one_step(tiny_mode
     assert metrics["test"]["rsum"] > 0
 
 
+def test_flip_augment_caches_the_mirrored_prefix_of_the_training_images_only(tiny_model_dir, tmp_path, caplog):
+    caplog.set_level("INFO")
+    cache_dir = tmp_path / "features"
+    metrics = run_contrastive.main(tiny_run_args(tiny_model_dir, tmp_path / "out", "--vision_train", "top:1",
+                                                 "--flip_augment", "true", "--feature_cache_dir", str(cache_dir)))
+    assert "never are (a caption says left or right)" in caplog.text
+    [mirrored] = cache_dir.glob("vision-prefix-mirrored-*.pt")
+    [plain] = set(cache_dir.glob("vision-prefix-*.pt")) - {mirrored}
+    train_ids = set(run_contrastive.load_data(parse_args(["--dataset", "synthetic", "--num_images", "30"])[1],
+                                              seed=42)[0]["image_id"])
+    mirrored, plain = torch.load(mirrored), torch.load(plain)
+    assert set(mirrored) == train_ids and train_ids < set(plain)
+    some = next(iter(train_ids))
+    assert not torch.equal(mirrored[some], plain[some])
+    assert metrics["test"]["rsum"] > 0
+
+
 def test_cached_features_are_reused_only_for_the_same_weights_and_settings(tmp_path):
     from dualencoder.training.feature_cache import load_or_compute, tower_fingerprint
 

@@ -1,7 +1,7 @@
 """Tiny random-init configs and batches, shared by the tests so each runs in well under a second."""
 
 import torch
-from transformers import DistilBertConfig, ViTConfig
+from transformers import BertConfig, DistilBertConfig, ViTConfig
 
 from modeling_dualencoder import DualEncoderConfig
 
@@ -10,6 +10,12 @@ VOCAB = 100
 
 def tiny_text_config():
     return DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=64)
+
+
+def tiny_bert_config():
+    """A BERT-family text tower like MiniLM's (which has token types and a pooler), at toy size."""
+    return BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=64, max_position_embeddings=64)
 
 
 def tiny_vit_distilbert_config(**overrides) -> DualEncoderConfig:

@@ -58,6 +58,35 @@ def cache(args):
     torch.save(out, args.out)
 
 
+def text_cache(args):
+    """MiniLM's token states after its first `--depth` layers, for every caption (trimmed, float16)."""
+    from dualencoder.baselines.features import load_features
+    from dualencoder.processing import build_processor
+
+    model = load_backbones().eval()
+    tokenizer = build_processor(model.config).tokenizer
+    features = load_features(str(args.data), show_progress=False)
+    out = {"depth": args.depth}
+    for split in SPLITS:
+        captions = features[split].captions
+        states = []
+        for start in range(0, len(captions), 256):
+            batch = tokenizer(captions[start:start + 256], padding=True, truncation=True, max_length=40, return_tensors="pt")
+            with torch.no_grad():
+                hidden = model.text_prefix(batch.input_ids, batch.attention_mask, args.depth)
+            states.extend(h[:int(n)].half() for h, n in zip(hidden, batch.attention_mask.sum(1)))
+        out[split] = states
+        print(f"{split}: {len(states)} captions", flush=True)
+    torch.save(out, args.out)
+
+
+def padded(states):
+    """Trimmed token states -> (padded [B, L, D] float32, attention mask [B, L])."""
+    lengths = torch.tensor([len(s) for s in states])
+    hidden = torch.nn.utils.rnn.pad_sequence([s.float() for s in states], batch_first=True)
+    return hidden, (torch.arange(hidden.shape[1])[None] < lengths[:, None]).long()
+
+
 def mlp(dim_in, dim_out):
     return nn.Sequential(nn.Linear(dim_in, 1024), nn.GELU(), nn.Linear(1024, dim_out))
 
@@ -66,6 +95,7 @@ def train(args):
     from dualencoder.baselines.features import load_features
     from dualencoder.metrics import retrieval_metrics
     from dualencoder.trainable import set_tower_trainable
+    from modeling_dualencoder import tower_blocks
 
     torch.manual_seed(0)
     prefix = torch.load(args.prefix, weights_only=False)
@@ -73,6 +103,10 @@ def train(args):
     model = load_backbones()
     set_tower_trainable(model, "vision", TRAIN_MODE[args.stages])
     tower = model.vision_model
+    text_states = torch.load(args.text_cache, weights_only=False) if args.text_cache else None
+    text_depth = text_states["depth"] if text_states else None
+    num_text_layers = len(tower_blocks(model.text_model))
+    set_tower_trainable(model, "text", f"top:{num_text_layers - text_depth}" if text_states else "frozen")
 
     def top(hidden):  # the rest of EfficientNet from the cached prefix, average-pooled
         return model.vision_suffix(hidden, PREFIX_DEPTH)
@@ -80,6 +114,7 @@ def train(args):
     logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
     optimizer = torch.optim.AdamW([
         {"params": [p for p in tower.parameters() if p.requires_grad], "lr": args.lr},
+        {"params": [p for p in model.text_model.parameters() if p.requires_grad], "lr": args.text_lr},
         {"params": [*image_head.parameters(), *text_head.parameters(), logit_scale], "lr": args.head_lr},
     ], weight_decay=0.05)
 
@@ -94,12 +129,26 @@ def train(args):
         by_image[i].append(j)
     captions_of = torch.tensor(by_image)  # [N, 5]
 
-    def evaluate(name):
+    def embed_texts(name, rows, pooled):
+        """Text embeddings of captions `rows` of split `name`: head on frozen pooled features, or the
+        trained upper MiniLM layers on their cached lower-layer states."""
+        if text_states is None:
+            return F.normalize(text_head(pooled[rows]), dim=-1)
+        hidden, mask = padded([text_states[name][i] for i in rows.tolist()])
+        return F.normalize(text_head(model.text_suffix(hidden, mask, text_depth)), dim=-1)
+
+    def evaluate(name, tta=False):
         h, t, t2i = split_data(name)
-        tower.eval(), image_head.eval(), text_head.eval()
+        tower.eval(), image_head.eval(), text_head.eval(), model.text_model.eval()
         with torch.no_grad():
-            images = torch.cat([F.normalize(image_head(top(h[s:s + 256, 0].float())), dim=-1) for s in range(0, len(h), 256)])
-            return retrieval_metrics(images, F.normalize(text_head(t), dim=-1), t2i)
+            t = torch.cat([embed_texts(name, torch.arange(s, min(s + 256, len(t2i))), t) for s in range(0, len(t2i), 256)])
+            def embed(view):
+                return torch.cat([F.normalize(image_head(top(h[s:s + 256, view].float())), dim=-1)
+                                  for s in range(0, len(h), 256)])
+            images = embed(0)
+            if tta:  # mean of the plain and mirrored image's embeddings
+                images = F.normalize(images + embed(1), dim=-1)
+            return retrieval_metrics(images, t, t2i)
 
     num_images = hidden.shape[0]
     steps = args.epochs * math.ceil(num_images / args.batch_size)
@@ -110,6 +159,7 @@ def train(args):
     for epoch in range(args.epochs):
         tower.eval()  # BatchNorm keeps its ImageNet statistics; its affine weights still train
         image_head.train(), text_head.train()
+        model.text_model.train(text_states is not None)
         for start in range(0, num_images, args.batch_size):
             rows = torch.randperm(num_images, generator=torch.Generator().manual_seed(epoch))[start:start + args.batch_size]
             view = torch.randint(0, 2, (len(rows),)) if args.flip else torch.zeros(len(rows), dtype=torch.long)
@@ -118,7 +168,7 @@ def train(args):
                 chosen = captions_of[rows, torch.randint(0, 5, (len(rows),))]
             else:
                 chosen = captions_of[rows].reshape(-1)
-            text_embeds = F.normalize(text_head(texts[chosen]), dim=-1)
+            text_embeds = embed_texts("train", chosen, texts)
             logits = logit_scale.exp().clamp(max=100) * images @ text_embeds.t()  # [B, B * captions]
             owner = torch.arange(len(rows)).repeat_interleave(args.captions)
             positives = (owner[None, :] == torch.arange(len(rows))[:, None]).float()
@@ -131,6 +181,10 @@ def train(args):
         r = evaluate("validation")
         print(f"epoch {epoch + 1} {time.time() - started:.0f}s loss {loss.item():.3f} validation i2t R@1 {r['i2t_r1']:.1f} "
               f"t2i R@1 {r['t2i_r1']:.1f} rsum {r['rsum']:.1f}", flush=True)
+    if args.tta:
+        r = evaluate("test", tta=True)
+        print(f"TEST+TTA i2t {r['i2t_r1']:.1f}/{r['i2t_r5']:.1f}/{r['i2t_r10']:.1f} t2i {r['t2i_r1']:.1f}/{r['t2i_r5']:.1f}/"
+              f"{r['t2i_r10']:.1f} rsum {r['rsum']:.1f}")
     r = evaluate("test")
     print(f"TEST i2t {r['i2t_r1']:.1f}/{r['i2t_r5']:.1f}/{r['i2t_r10']:.1f} t2i {r['t2i_r1']:.1f}/{r['t2i_r5']:.1f}/"
           f"{r['t2i_r10']:.1f} rsum {r['rsum']:.1f} ({time.time() - started:.0f}s)")
@@ -149,13 +203,20 @@ def main():
                    help="'' (heads only), '6' (last block) or '5,6' (last 5 blocks)")
     t.add_argument("--captions", type=int, default=5, choices=(1, 5), help="captions per image per step")
     t.add_argument("--flip", type=int, default=1, help="draw the mirrored prefix for half the rows")
+    t.add_argument("--tta", type=int, default=0, help="also report test with plain+mirrored image embeddings averaged")
+    t.add_argument("--text_cache", type=Path, help="train MiniLM's layers above this text-cache file's depth")
+    t.add_argument("--text_lr", type=float, default=5e-5)
     t.add_argument("--epochs", type=int, default=6)
     t.add_argument("--batch_size", type=int, default=128)
     t.add_argument("--lr", type=float, default=1e-4)
     t.add_argument("--head_lr", type=float, default=1e-3)
+    x = commands.add_parser("text-cache", help="MiniLM's token states after its first --depth layers, every caption")
+    x.add_argument("--data", type=Path, default=DATA)
+    x.add_argument("--depth", type=int, default=4)
+    x.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    (cache if args.command == "cache" else train)(args)
+    {"cache": cache, "train": train, "text-cache": text_cache}[args.command](args)
 
 
 if __name__ == "__main__":

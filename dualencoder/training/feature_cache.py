@@ -47,22 +47,42 @@ def load_or_compute(path: str, compute) -> dict:
 
 
 class CachedFeatureTransform:
-    """A `with_transform` for pair-view rows: attach cached features, drop what they replace."""
+    """A `with_transform` for pair-view rows: attach cached features, drop what they replace.
 
-    def __init__(self, image_transform, vision_cache=None, text_cache=None, vision_hidden_cache=None):
+    With a `mirror` (see `data_scripts.mirror.RandomMirror`) the images it picks are flipped:
+    pixels directly, cached features by reading `mirrored_cache`, which holds the mirrored
+    counterpart of whichever vision cache is in use (pooled or prefix) for the training images.
+    """
+
+    def __init__(self, image_transform, vision_cache=None, text_cache=None, vision_hidden_cache=None,
+                 mirror=None, mirrored_cache=None):
         self.image_transform = image_transform
         self.vision_cache = vision_cache
         self.text_cache = text_cache
         self.vision_hidden_cache = vision_hidden_cache
+        self.mirror = mirror
+        self.mirrored_cache = mirrored_cache
+        cached = vision_cache is not None or vision_hidden_cache is not None
+        if mirror is not None and cached and mirrored_cache is None:
+            raise ValueError("mirroring cached vision features needs the mirrored images' cache (mirrored_cache)")
+
+    def _flipped(self, image_id: str) -> bool:
+        return self.mirror is not None and self.mirror(image_id)
+
+    def _cached(self, cache: dict, image_id: str):
+        return self.mirrored_cache[image_id] if self._flipped(image_id) else cache[image_id]
 
     def __call__(self, batch: dict) -> dict:
         out = {k: v for k, v in batch.items() if k != "image"}
         if self.vision_cache is not None:
-            out["vision_pooled"] = [self.vision_cache[i] for i in batch["image_id"]]
+            out["vision_pooled"] = [self._cached(self.vision_cache, i) for i in batch["image_id"]]
         elif self.vision_hidden_cache is not None:
-            out["vision_hidden"] = [self.vision_hidden_cache[i] for i in batch["image_id"]]
+            out["vision_hidden"] = [self._cached(self.vision_hidden_cache, i) for i in batch["image_id"]]
         else:
             out["pixel_values"] = [self.image_transform.pixels(image) for image in batch["image"]]
+            if self.mirror is not None:
+                out["pixel_values"] = [p.flip(-1) if self._flipped(i) else p
+                                       for p, i in zip(out["pixel_values"], batch["image_id"])]
         if self.text_cache is not None:
             out["text_pooled"] = [self.text_cache[c] for c in batch["caption"]]
         return out
