@@ -640,8 +640,18 @@ class DualEncoderModel(DualEncoderPreTrainedModel):
         return F.normalize(self.visual_projection(vision_pooled), dim=-1)
 
     def get_text_features(self, input_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
-                          text_pooled: Optional[torch.Tensor] = None):
-        """L2-normalised text embeddings. `text_pooled` skips the backbone (cached features)."""
+                          text_pooled: Optional[torch.Tensor] = None, text_hidden: Optional[torch.Tensor] = None,
+                          text_hidden_mask: Optional[torch.Tensor] = None, text_hidden_depth: Optional[int] = None):
+        """L2-normalised text embeddings.
+
+        `text_pooled` skips the backbone (cached features); `text_hidden` (padded token states,
+        with `text_hidden_mask`) skips its embeddings and first `text_hidden_depth` layers (a cached
+        `text_prefix`).
+        """
+        if text_pooled is None and text_hidden is not None:
+            if text_hidden_depth is None or text_hidden_mask is None:
+                raise ValueError("text_hidden needs text_hidden_mask and text_hidden_depth (the layers that produced it).")
+            text_pooled = self.text_suffix(text_hidden, text_hidden_mask, text_hidden_depth)
         if text_pooled is None:
             text_pooled = self.encode_text(input_ids, attention_mask)
         return F.normalize(self.text_projection(text_pooled), dim=-1)
@@ -659,6 +669,9 @@ class DualEncoderModel(DualEncoderPreTrainedModel):
         text_pooled: Optional[torch.Tensor] = None,
         vision_hidden: Optional[torch.Tensor] = None,
         vision_hidden_depth: Optional[int] = None,
+        text_hidden: Optional[torch.Tensor] = None,
+        text_hidden_mask: Optional[torch.Tensor] = None,
+        text_hidden_depth: Optional[int] = None,
         image_ids: Optional[torch.Tensor] = None,
         return_loss: Optional[bool] = None,
         return_dict: Optional[bool] = None,
@@ -680,7 +693,8 @@ class DualEncoderModel(DualEncoderPreTrainedModel):
         else:
             image_embeds = self.get_image_features(pixel_values, vision_pooled=vision_pooled, vision_hidden=vision_hidden,
                                                    vision_hidden_depth=vision_hidden_depth)
-        text_embeds = self.get_text_features(input_ids, attention_mask, text_pooled=text_pooled)
+        text_embeds = self.get_text_features(input_ids, attention_mask, text_pooled=text_pooled, text_hidden=text_hidden,
+                                             text_hidden_mask=text_hidden_mask, text_hidden_depth=text_hidden_depth)
         logit_scale = self.get_logit_scale()
         logits_per_image = logit_scale * image_embeds @ text_embeds.t()
         if self.logit_bias is not None:

@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 
 from data_scripts import (ContrastiveCollator, ImageGroupBatchSampler, ImageTransform, RandomMirror,
                           UniqueImageBatchSampler, images_with_sided_captions, load_image_caption_dataset, to_image_view)
-from dualencoder.evaluation.embed import embed_split, pooled_from_prefix, pooled_image_features, pooled_text_features
+from dualencoder.evaluation.embed import (embed_split, pooled_from_prefix, pooled_from_text_prefix, pooled_image_features,
+                                          pooled_text_features, split_captions)
 from dualencoder.metrics import format_metrics_table
 from dualencoder.processing import build_processor
 from dualencoder.trainable import (format_parameter_report, frozen_prefix_depth, parameter_report, set_tower_trainable,
@@ -194,9 +195,10 @@ def main(argv=None) -> dict:
     model.to(accelerator.device)
 
     # --- frozen-tower caches: a tower with nothing to train is run once, not every epoch
-    caches = {"vision": None, "text": None, "vision_hidden": None, "mirrored": None}
+    caches = {"vision": None, "text": None, "vision_hidden": None, "mirrored": None, "text_hidden": None}
     forward_extras = {}  # e.g. which block the cached vision prefix ends at
     prefix_depth = frozen_prefix_depth(model, "vision") if train_args.cache_frozen_features else 0
+    text_prefix_depth = frozen_prefix_depth(model, "text") if train_args.cache_frozen_features else 0
     cache_started = time.time()
     mirror = None
     if data_args.flip_augment:
@@ -254,11 +256,21 @@ def main(argv=None) -> dict:
             caches["text"] = pooled_text_features(model, train_pairs["caption"], processor.tokenizer,
                                                  max_length=data_args.max_length, batch_size=batch,
                                                  device=accelerator.device, desc="cache text", show_progress=show)
+        elif text_prefix_depth:
+            logger.info("text layers below %d are frozen: caching each caption's token states there; each step runs "
+                        "only the layers above.", text_prefix_depth)
+            every_caption = list(train_pairs["caption"]) + [c for view in eval_views.values() for c in split_captions(view)[1]]
+            caches["text_hidden"] = pooled_text_features(
+                model, every_caption, processor.tokenizer, max_length=data_args.max_length, batch_size=batch,
+                device=accelerator.device, desc="cache text prefix", show_progress=show, prefix_depth=text_prefix_depth,
+                dtype=getattr(torch, train_args.prefix_cache_dtype))
+            forward_extras["text_hidden_depth"] = text_prefix_depth
     cache_seconds = time.time() - cache_started
     if caches["vision"] is not None or caches["vision_hidden"] is not None:
         train_pairs = train_pairs.remove_columns("image")  # never decode images we do not need
     train_pairs = train_pairs.with_transform(CachedFeatureTransform(train_transform, caches["vision"], caches["text"],
-                                                                    caches["vision_hidden"], mirror, caches["mirrored"]))
+                                                                    caches["vision_hidden"], mirror, caches["mirrored"],
+                                                                    caches["text_hidden"]))
 
     def evaluate(split: str) -> dict:
         unwrapped = accelerator.unwrap_model(model)
@@ -267,9 +279,15 @@ def main(argv=None) -> dict:
             vision_cache = pooled_from_prefix(unwrapped, caches["vision_hidden"], eval_views[split]["image_id"],
                                               prefix_depth, batch_size=train_args.per_device_eval_batch_size,
                                               device=accelerator.device)
+        text_cache = None
+        if caches["text_hidden"] is not None:  # likewise the trained upper text layers
+            text_cache = pooled_from_text_prefix(unwrapped, caches["text_hidden"], split_captions(eval_views[split])[1],
+                                                 text_prefix_depth, batch_size=train_args.per_device_eval_batch_size,
+                                                 device=accelerator.device)
         embedded = embed_split(unwrapped, eval_views[split], eval_transform, processor.tokenizer,
                                max_length=data_args.max_length, batch_size=train_args.per_device_eval_batch_size,
-                               device=accelerator.device, vision_cache=vision_cache, show_progress=show)
+                               device=accelerator.device, vision_cache=vision_cache, text_cache=text_cache,
+                               show_progress=show)
         return embedded.metrics()
 
     # --- optimiser and schedule

@@ -23,8 +23,9 @@ class ContrastiveCollator:
     Each row may hold ``pixel_values`` ([3, H, W] tensor), ``caption`` (str), ``image_id`` (str) and
     pre-computed ``vision_pooled`` / ``text_pooled`` features; the batch holds whichever of
     ``pixel_values`` [B, 3, H, W], ``input_ids`` / ``attention_mask`` [B, T], ``image_ids`` [B]
-    (LongTensor), ``vision_pooled`` / ``text_pooled`` [B, D] and ``vision_hidden`` (a cached vision
-    prefix, any shape) the rows provide. Rows without
+    (LongTensor), ``vision_pooled`` / ``text_pooled`` [B, D], ``vision_hidden`` (a cached vision
+    prefix, any shape) and ``text_hidden`` (a cached text prefix ``[L_i, D]`` per row, padded here to
+    ``[B, T, D]`` with its ``text_hidden_mask``) the rows provide. Rows without
     captions (an image-view batch for embedding images) give no token tensors.
     """
 
@@ -65,7 +66,17 @@ class ContrastiveCollator:
         for column in CACHED_FEATURE_COLUMNS:
             if _present(rows, column):
                 batch[column] = torch.stack([torch.as_tensor(r[column], dtype=torch.float32) for r in rows])
+        if _present(rows, "text_hidden"):
+            batch["text_hidden"], batch["text_hidden_mask"] = pad_token_states([r["text_hidden"] for r in rows])
         return batch
+
+
+def pad_token_states(states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.LongTensor]:
+    """Per-caption token states ``[L_i, D]`` (a cached text prefix, stored unpadded) -> float32
+    ``[B, max L_i, D]`` and the attention mask ``[B, max L_i]`` that marks the real tokens."""
+    lengths = torch.tensor([len(s) for s in states])
+    hidden = torch.nn.utils.rnn.pad_sequence([torch.as_tensor(s, dtype=torch.float32) for s in states], batch_first=True)
+    return hidden, (torch.arange(hidden.shape[1])[None, :] < lengths[:, None]).long()
 
 
 def image_ids_to_tensor(image_ids: list[str]) -> torch.LongTensor:

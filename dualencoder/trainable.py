@@ -91,12 +91,21 @@ def train_mode(model: nn.Module, freeze_batchnorm: bool = False) -> None:
 
     A frozen tower must compute what its cached features hold: with BatchNorm in train mode it
     would normalise with batch statistics and keep updating its running averages, so the
-    "frozen" weights would drift and the un-cached path would differ from the cached one.
+    "frozen" weights would drift and the un-cached path would differ from the cached one. For the
+    same reason the frozen lower blocks (and embeddings) of a `top:N` tower stay in eval mode:
+    they compute exactly what the prefix cache holds, without dropout.
     """
     model.train()
     for tower in TOWERS:
         if tower_is_frozen(model, tower):
             _tower(model, tower).eval()
+        depth = frozen_prefix_depth(model, tower)
+        if depth:  # frozen lower blocks compute fixed features, as their cached output does: no dropout
+            module = _tower(model, tower)
+            for block in tower_blocks(module)[:depth]:
+                block.eval()
+            if getattr(module, "embeddings", None) is not None:
+                module.embeddings.eval()
     for module in model.modules():  # the frozen blocks of a `top:N` tower, too
         frozen = freeze_batchnorm or not any(p.requires_grad for p in module.parameters())
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and frozen:

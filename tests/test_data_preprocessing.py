@@ -146,6 +146,15 @@ def test_collator_passes_cached_features_and_explains_mistakes(tokenizer):
         collate([{"pixel_values": torch.zeros(3, 2, 2)}, {"caption": "a"}])
 
 
+def test_collator_pads_cached_text_states_of_different_lengths_with_their_mask(tokenizer):
+    rows = [{"text_hidden": torch.ones(length, 3, dtype=torch.float16), "image_id": str(length)} for length in (2, 4)]
+    batch = ContrastiveCollator(tokenizer)(rows)
+    assert batch["text_hidden"].shape == (2, 4, 3) and batch["text_hidden"].dtype == torch.float32
+    assert batch["text_hidden_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+    assert batch["text_hidden"][0, 2:].abs().sum() == 0
+    assert "input_ids" not in batch
+
+
 # ---- sampler ---------------------------------------------------------------------------
 
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import run_contrastive
 from dualencoder.training.arguments import parse_args
 from dualencoder.training.checkpoints import list_checkpoints, resolve_resume
-from tests.tiny import save_tiny_model_dir
+from tests.tiny import save_tiny_model_dir, tiny_text_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -132,6 +132,24 @@ def test_a_cached_vision_prefix_trains_the_top_blocks_exactly_like_running_the_w
     untrained = load_file(Path(tiny_model_dir) / "model.safetensors")
     head_conv = next(k for k in cached_weights if k.startswith("vision_model.conv_head"))
     assert not torch.equal(cached_weights[head_conv], untrained[head_conv])  # the top of the tower trained
+    for key in cached_weights:
+        torch.testing.assert_close(cached_weights[key], whole_weights[key], atol=1e-4, rtol=1e-3, msg=key)
+    assert cached["test"] == pytest.approx(whole["test"], abs=1e-6)
+
+
+def test_a_cached_text_prefix_trains_the_top_layers_exactly_like_running_the_whole_tower(tmp_path, caplog):
+    caplog.set_level("INFO")
+    text = tiny_text_config()
+    text.vocab_size, text.dropout, text.attention_dropout = 30522, 0.0, 0.0  # dropout would draw other masks
+    model_dir = save_tiny_model_dir(tmp_path / "model", text_config=text.to_dict())
+    top = ("--vision_train", "frozen", "--text_train", "top:1", "--learning_rate", "1e-3", "--num_train_epochs", "1")
+    cached = run_contrastive.main(tiny_run_args(model_dir, tmp_path / "cached", *top, "--prefix_cache_dtype", "float32"))
+    assert "text layers below 1 are frozen" in caplog.text
+    whole = run_contrastive.main(tiny_run_args(model_dir, tmp_path / "whole", *top, "--cache_frozen_features", "false"))
+    cached_weights, whole_weights = (load_file(tmp_path / run / "model.safetensors") for run in ("cached", "whole"))
+    untrained = load_file(Path(model_dir) / "model.safetensors")
+    top_layer = next(k for k in cached_weights if k.startswith("text_model.transformer.layer.1."))
+    assert not torch.equal(cached_weights[top_layer], untrained[top_layer])  # the top layer trained
     for key in cached_weights:
         torch.testing.assert_close(cached_weights[key], whole_weights[key], atol=1e-4, rtol=1e-3, msg=key)
     assert cached["test"] == pytest.approx(whole["test"], abs=1e-6)

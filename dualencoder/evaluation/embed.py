@@ -12,6 +12,7 @@ from typing import Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
+from data_scripts.collator import pad_token_states
 from dualencoder.metrics import retrieval_metrics
 
 
@@ -72,9 +73,12 @@ def pooled_from_prefix(model, hidden: dict, image_ids: list, depth: int, *, batc
 
 @torch.no_grad()
 def pooled_text_features(model, captions: list[str], tokenizer, *, max_length: int, batch_size: int, device,
-                         desc="embed captions", show_progress=True) -> dict:
-    """caption -> pooled text backbone features (float32, CPU); each distinct caption runs once.
+                         desc="embed captions", show_progress=True, prefix_depth: Optional[int] = None,
+                         dtype=torch.float32) -> dict:
+    """caption -> pooled text backbone features (CPU, `dtype`); each distinct caption runs once.
 
+    With `prefix_depth`, caption -> its token states after the text tower's first `prefix_depth`
+    layers instead (`model.text_prefix`, trimmed to the caption's own tokens): the text prefix cache.
     Captions are batched by length, so a batch pads to about its own length rather than to the
     longest caption of a random draw.
     """
@@ -85,21 +89,41 @@ def pooled_text_features(model, captions: list[str], tokenizer, *, max_length: i
     for start in tqdm(range(0, len(unique), batch_size), desc=desc, disable=not show_progress, leave=False):
         chunk = unique[start:start + batch_size]
         tokens = tokenizer(chunk, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
-        pooled = model.encode_text(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
-        features.update(zip(chunk, pooled.float().cpu()))
+        input_ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
+        if prefix_depth is None:
+            features.update(zip(chunk, model.encode_text(input_ids, mask).to(dtype).cpu()))
+        else:
+            states = model.text_prefix(input_ids, mask, prefix_depth).to(dtype).cpu()
+            features.update((c, h[:n].clone()) for c, h, n in zip(chunk, states, mask.sum(1).tolist()))
     model.train(was_training)
     return features
 
 
 @torch.no_grad()
+def pooled_from_text_prefix(model, hidden: dict, captions: list[str], depth: int, *, batch_size: int, device) -> dict:
+    """caption -> pooled text features, running only `text_suffix` over cached token states."""
+    was_training = model.training
+    model.eval()
+    unique = sorted(set(captions), key=lambda caption: len(hidden[caption]))  # similar lengths pad little
+    pooled = {}
+    for start in range(0, len(unique), batch_size):
+        chunk = unique[start:start + batch_size]
+        states, mask = pad_token_states([hidden[c] for c in chunk])
+        pooled.update(zip(chunk, model.text_suffix(states.to(device), mask.to(device), depth).float().cpu()))
+    model.train(was_training)
+    return pooled
+
+
+@torch.no_grad()
 def embed_split(model, images_view, image_transform, tokenizer, *, max_length: int = 64, batch_size: int = 64,
                 device: Optional[torch.device] = None, vision_cache: Optional[dict] = None,
-                show_progress: bool = True, autocast_dtype: Optional[torch.dtype] = None) -> EmbeddedSplit:
+                text_cache: Optional[dict] = None, show_progress: bool = True, autocast_dtype: Optional[torch.dtype] = None) -> EmbeddedSplit:
     """Embed every image and every caption of `images_view` (columns `image`, `image_id`, `captions`).
 
     `image_transform` turns one image into `[3, H, W]` pixels (e.g. `data_scripts.ImageTransform`
     with `train=False`); `vision_cache` maps image id -> pooled backbone features and, when given,
-    replaces the vision backbone (frozen-tower cache).
+    replaces the vision backbone (frozen-tower cache); `text_cache` (caption -> pooled text
+    features) likewise replaces the text backbone.
     """
     device = device or next(model.parameters()).device
     was_training = model.training
@@ -109,7 +133,8 @@ def embed_split(model, images_view, image_transform, tokenizer, *, max_length: i
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         if vision_cache is None:
             vision_cache = pooled_image_features(model, images_view, image_transform, **common)
-        text_cache = pooled_text_features(model, captions, tokenizer, max_length=max_length, **common)
+        if text_cache is None:
+            text_cache = pooled_text_features(model, captions, tokenizer, max_length=max_length, **common)
         image_embeds = _project(model.get_image_features, "vision_pooled", [vision_cache[i] for i in image_ids],
                                 batch_size, device)
         text_embeds = _project(model.get_text_features, "text_pooled", [text_cache[c] for c in captions],

@@ -4,8 +4,10 @@ When nothing in a tower trains, its pooled output for an (un-augmented) input ne
 computing it once and feeding `vision_pooled` / `text_pooled` to the model gives the same
 embeddings at a fraction of the cost. When only the top blocks of the vision tower train, the
 same holds for the output of the frozen blocks below them (`vision_hidden`, the prefix cache):
-each step then runs only the trained top of the tower. Caches are plain dicts keyed by image id (vision) and by
-(image id, caption) (text), so they serve training and evaluation alike.
+each step then runs only the trained top of the tower. The text tower has the same split
+(`text_hidden`: each caption's token states below its trained layers, stored unpadded). Caches
+are plain dicts keyed by image id (vision) and by caption (text), so they serve training and
+evaluation alike.
 """
 
 from __future__ import annotations
@@ -55,13 +57,14 @@ class CachedFeatureTransform:
     """
 
     def __init__(self, image_transform, vision_cache=None, text_cache=None, vision_hidden_cache=None,
-                 mirror=None, mirrored_cache=None):
+                 mirror=None, mirrored_cache=None, text_hidden_cache=None):
         self.image_transform = image_transform
         self.vision_cache = vision_cache
         self.text_cache = text_cache
         self.vision_hidden_cache = vision_hidden_cache
         self.mirror = mirror
         self.mirrored_cache = mirrored_cache
+        self.text_hidden_cache = text_hidden_cache
         cached = vision_cache is not None or vision_hidden_cache is not None
         if mirror is not None and cached and mirrored_cache is None:
             raise ValueError("mirroring cached vision features needs the mirrored images' cache (mirrored_cache)")
@@ -85,4 +88,7 @@ class CachedFeatureTransform:
                                        for p, i in zip(out["pixel_values"], batch["image_id"])]
         if self.text_cache is not None:
             out["text_pooled"] = [self.text_cache[c] for c in batch["caption"]]
+        elif self.text_hidden_cache is not None:
+            out["text_hidden"] = [self.text_hidden_cache[c] for c in batch["caption"]]
+            del out["caption"]  # nothing to tokenize: the cached states replace the tokens
         return out
