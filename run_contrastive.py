@@ -72,6 +72,8 @@ def build_model(model_args) -> DualEncoderModel:
         model = DualEncoderModel.from_pretrained(model_args.model_name_or_path)
     else:
         model = join_backbones(model_args)
+    if model_args.image_flip_average is not None:
+        model.config.image_flip_average = model_args.image_flip_average
     set_tower_trainable(model, "vision", model_args.vision_train)
     set_tower_trainable(model, "text", model_args.text_train)
     return model
@@ -218,10 +220,10 @@ def main(argv=None) -> dict:
                                                       device=accelerator.device, show_progress=show, **how))
             return features
 
-        def mirrored_train_features(file, encode, **how):
-            """The same cache for the mirrored training images (flip_augment)."""
+        def mirrored_features(file, encode, views, **how):
+            """The same cache for the mirror images of `views` (flip_augment, image_flip_average)."""
             return load_or_compute(file, lambda: every_image_features(
-                [train_images], encode=lambda pixels: encode(pixels.flip(-1)), desc="cache mirrored", **how))
+                views, encode=lambda pixels: encode(pixels.flip(-1)), desc="cache mirrored", **how))
 
         def vision_cache_file(prefix: str, *extra):
             if not train_args.feature_cache_dir:
@@ -233,10 +235,13 @@ def main(argv=None) -> dict:
 
         if tower_is_frozen(model, "vision"):
             logger.info("vision tower is frozen with no adapters: caching its features (no augmentation).")
-            caches["vision"] = load_or_compute(vision_cache_file("vision"),
+            # encode_vision averages over the mirror image when image_flip_average is set: part of the key
+            flip_average = model.config.image_flip_average
+            caches["vision"] = load_or_compute(vision_cache_file("vision", flip_average),
                                                lambda: every_image_features(desc="cache vision"))
             if mirror is not None:
-                caches["mirrored"] = mirrored_train_features(vision_cache_file("vision-mirrored"), model.encode_vision)
+                caches["mirrored"] = mirrored_features(vision_cache_file("vision-mirrored", flip_average),
+                                                       model.encode_vision, [train_images])
         elif prefix_depth:
             logger.info("vision blocks below %d are frozen: caching their output (no augmentation); each step "
                         "runs only the blocks above.", prefix_depth)
@@ -246,11 +251,15 @@ def main(argv=None) -> dict:
                                              dtype=getattr(torch, train_args.prefix_cache_dtype),
                                              desc="cache vision prefix"))
             forward_extras["vision_hidden_depth"] = prefix_depth
-            if mirror is not None:
-                prefix_dtype = getattr(torch, train_args.prefix_cache_dtype)
-                caches["mirrored"] = mirrored_train_features(
-                    vision_cache_file("vision-prefix-mirrored", prefix_depth, train_args.prefix_cache_dtype),
-                    lambda pixels: model.vision_prefix(pixels, prefix_depth), dtype=prefix_dtype)
+            # mirrored prefix: of the training images to augment, of the evaluation images to average over
+            mirrored_views = ([train_images] if mirror is not None else []) + (
+                list(eval_views.values()) if model.config.image_flip_average else [])
+            if mirrored_views:
+                caches["mirrored"] = mirrored_features(
+                    vision_cache_file("vision-prefix-mirrored", prefix_depth, train_args.prefix_cache_dtype,
+                                      len(mirrored_views)),
+                    lambda pixels: model.vision_prefix(pixels, prefix_depth), mirrored_views,
+                    dtype=getattr(torch, train_args.prefix_cache_dtype))
         if tower_is_frozen(model, "text"):
             logger.info("text tower is frozen with no adapters: caching its features.")
             caches["text"] = pooled_text_features(model, train_pairs["caption"], processor.tokenizer,
@@ -278,7 +287,7 @@ def main(argv=None) -> dict:
         if caches["vision_hidden"] is not None:  # the trained top of the tower changes: rerun it from the prefix
             vision_cache = pooled_from_prefix(unwrapped, caches["vision_hidden"], eval_views[split]["image_id"],
                                               prefix_depth, batch_size=train_args.per_device_eval_batch_size,
-                                              device=accelerator.device)
+                                              device=accelerator.device, mirrored=caches["mirrored"])
         text_cache = None
         if caches["text_hidden"] is not None:  # likewise the trained upper text layers
             text_cache = pooled_from_text_prefix(unwrapped, caches["text_hidden"], split_captions(eval_views[split])[1],
@@ -400,6 +409,11 @@ def main(argv=None) -> dict:
                "global_step": state["global_step"]}
     if "test" in eval_views:
         metrics["test"] = evaluate("test")
+        if final.config.image_flip_average and caches["vision"] is None:  # what the test-time flip average adds
+            # (a frozen tower's cached features already hold the average, so there it cannot be undone)
+            final.config.image_flip_average = False
+            metrics["test_without_flip_average"] = evaluate("test")
+            final.config.image_flip_average = True
     if accelerator.is_main_process:
         export(final, processor, metrics, (model_args, data_args, train_args), state)
     accelerator.end_training()
@@ -423,7 +437,9 @@ def export(model, processor, metrics: dict, args: tuple, state: dict) -> None:
         k: v for k, v in (("untrained (validation)", metrics.get("before_training")),
                           ("best (validation)", metrics.get("validation")), ("test", metrics.get("test"))) if v})
     tables = {name: metrics[key] for name, key in (("untrained (val)", "before_training"), ("trained (val)", "validation"),
-                                                   ("trained (test)", "test")) if metrics.get(key)}
+                                                   ("trained (test)", "test"),
+                                                   ("test, no flip average", "test_without_flip_average"))
+              if metrics.get(key)}
     print("\n" + format_metrics_table(tables) + "\n", flush=True)
     logger.info("saved the model, processor, metrics.json and README.md in %s", out)
     if train_args.push_to_hub:

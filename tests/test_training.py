@@ -13,6 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 import run_contrastive
+from data_scripts import ImageTransform
+from dualencoder.evaluation.embed import embed_split
+from dualencoder.processing import build_processor
+from modeling_dualencoder import DualEncoderModel
 from dualencoder.training.arguments import parse_args
 from dualencoder.training.checkpoints import list_checkpoints, resolve_resume
 from tests.tiny import save_tiny_model_dir, tiny_text_config
@@ -180,6 +184,26 @@ def test_flip_augment_caches_the_mirrored_prefix_of_the_training_images_only(tin
     some = next(iter(train_ids))
     assert not torch.equal(mirrored[some], plain[some])
     assert metrics["test"]["rsum"] > 0
+
+
+def test_image_flip_average_evaluates_on_both_views_from_the_cache_and_reports_the_single_view_too(tiny_model_dir,
+                                                                                                    tmp_path):
+    cache_dir = tmp_path / "features"
+    args = ("--vision_train", "top:1", "--flip_augment", "true", "--feature_cache_dir", str(cache_dir),
+            "--prefix_cache_dtype", "float32")
+    averaged = run_contrastive.main(tiny_run_args(tiny_model_dir, tmp_path / "out", *args, "--image_flip_average", "true"))
+    [mirrored] = cache_dir.glob("vision-prefix-mirrored-*.pt")
+    assert len(torch.load(mirrored)) == 30  # training images to augment + evaluation images to average over
+    assert averaged["test"] != averaged["test_without_flip_average"]
+    saved = DualEncoderModel.from_pretrained(tmp_path / "out")
+    assert saved.config.image_flip_average  # the published model embeds images the way it was tested
+    # The cached evaluation equals embedding the test images from pixels with the saved model.
+    _, eval_views = run_contrastive.load_data(parse_args(["--dataset", "synthetic", "--num_images", "30",
+                                                          "--synthetic_image_size", "32"])[1], seed=42)
+    processor = build_processor(saved.config)
+    from_pixels = embed_split(saved, eval_views["test"], ImageTransform(processor.image_processor), processor.tokenizer,
+                              max_length=32, batch_size=16, show_progress=False).metrics()
+    assert from_pixels == pytest.approx(averaged["test"], abs=1e-6)
 
 
 def test_cached_features_are_reused_only_for_the_same_weights_and_settings(tmp_path):

@@ -61,12 +61,25 @@ def pooled_image_features(model, images_view, image_transform, *, batch_size: in
 
 
 @torch.no_grad()
-def pooled_from_prefix(model, hidden: dict, image_ids: list, depth: int, *, batch_size: int, device) -> dict:
-    """image id -> pooled vision features, running only `vision_suffix` over cached prefix outputs."""
+def pooled_from_prefix(model, hidden: dict, image_ids: list, depth: int, *, batch_size: int, device,
+                       mirrored: Optional[dict] = None) -> dict:
+    """image id -> pooled vision features, running only `vision_suffix` over cached prefix outputs.
+
+    With `config.image_flip_average` the features are, as in `encode_vision`, the mean over the
+    image and its mirror image, whose prefix `mirrored` holds.
+    """
     was_training = model.training
     model.eval()
-    pooled = _project(lambda vision_hidden: model.vision_suffix(vision_hidden.float(), depth), "vision_hidden",
-                      [hidden[i] for i in image_ids], batch_size, device)
+
+    def suffix(views: dict) -> torch.Tensor:
+        return _project(lambda vision_hidden: model.vision_suffix(vision_hidden.float(), depth), "vision_hidden",
+                        [views[i] for i in image_ids], batch_size, device)
+
+    pooled = suffix(hidden)
+    if model.config.image_flip_average:
+        if mirrored is None:
+            raise ValueError("config.image_flip_average needs the mirrored images' prefix (mirrored=...)")
+        pooled = (pooled + suffix(mirrored)) / 2
     model.train(was_training)
     return dict(zip(image_ids, pooled))
 
