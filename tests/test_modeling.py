@@ -11,6 +11,7 @@ import torch
 
 from dualencoder.trainable import (frozen_prefix_depth, parameter_report, set_tower_trainable, tower_is_frozen,
                                    train_mode)
+from dualencoder.evaluation.embed import pooled_from_prefix
 from modeling_dualencoder import DualEncoderConfig, DualEncoderModel, load_timm_state_dict, tower_blocks
 from tests.tiny import tiny_batch, tiny_bert_config, tiny_text_config, tiny_timm_config, tiny_vit_distilbert_config
 
@@ -298,6 +299,33 @@ def test_text_prefix_of_a_tower_with_adapters_or_out_of_range_depth_is_a_clear_e
     lora = DualEncoderModel(tiny_timm_config(lora_rank=4, lora_towers=["text"]))
     with pytest.raises(ValueError, match="LoRA adapters"):
         lora.text_prefix(ids, None, 1)
+
+
+def test_image_flip_average_embeds_the_mean_of_both_views_in_eval_mode_only():
+    model = DualEncoderModel(tiny_timm_config(image_flip_average=True))
+    pixels = tiny_batch(model.config, 2)["pixel_values"]
+    model.eval()
+    with torch.no_grad():
+        once, mirrored = model._encode_vision_once(pixels), model._encode_vision_once(pixels.flip(-1))
+        torch.testing.assert_close(model.encode_vision(pixels), (once + mirrored) / 2)
+        torch.testing.assert_close(model.encode_vision(pixels), model.encode_vision(pixels.flip(-1)))  # flip-invariant
+        model.train()
+        train_mode(model, freeze_batchnorm=True)  # BatchNorm statistics fixed, so only the flag differs
+        torch.testing.assert_close(model.encode_vision(pixels), once)  # training sees one view: mirroring can augment
+
+
+def test_pooled_from_prefix_averages_the_mirrored_prefix_like_encode_vision():
+    model = DualEncoderModel(tiny_timm_config(image_flip_average=True)).eval()
+    pixels = tiny_batch(model.config, 3)["pixel_values"]
+    depth = 2
+    ids = ["a", "b", "c"]
+    with torch.no_grad():
+        plain = dict(zip(ids, model.vision_prefix(pixels, depth)))
+        mirrored = dict(zip(ids, model.vision_prefix(pixels.flip(-1), depth)))
+        pooled = pooled_from_prefix(model, plain, ids, depth, batch_size=2, device="cpu", mirrored=mirrored)
+        torch.testing.assert_close(torch.stack([pooled[i] for i in ids]), model.encode_vision(pixels))
+    with pytest.raises(ValueError, match="mirrored"):
+        pooled_from_prefix(model, plain, ids, depth, batch_size=2, device="cpu")
 
 
 def test_forward_from_a_cached_vision_prefix_matches_pixels_and_trains_only_the_suffix():
