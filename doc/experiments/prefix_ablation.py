@@ -3,7 +3,7 @@
 
 Not part of the toolkit: a deliberately small loop that answers "how much does tuning the top of
 EfficientNet-Lite0 add?" in minutes, before spending an hour per question on `run_contrastive.py`.
-It keeps the text tower frozen (pooled MiniLM features from `dualencoder.baselines.features`),
+By default it keeps the text tower frozen (pooled MiniLM features from `dualencoder.baselines.features`),
 caches the 14x14x112 output of EfficientNet's first 11 blocks once (plain and mirrored), and
 trains the chosen top stages + MLP heads with a CLIP loss in which each image sees one or all
 five of its captions per step (multi-positive). The shipped recipe is then run and measured by
@@ -11,6 +11,10 @@ five of its captions per step (multi-positive). The shipped recipe is then run a
 
     python doc/experiments/prefix_ablation.py cache --out /tmp/prefix224.pt
     python doc/experiments/prefix_ablation.py train --prefix /tmp/prefix224.pt --stages 5,6 --captions 5
+
+With `text-cache --depth 4 --out /tmp/text_d4.pt` and `train --text_cache /tmp/text_d4.pt`, MiniLM's
+layers above depth 4 train too, from cached token states (`DualEncoderModel.text_prefix/text_suffix`);
+`--tta 1` also reports the test split with plain and mirrored image embeddings averaged.
 """
 
 import argparse
