@@ -25,7 +25,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import BatchSampler, DataLoader
 from tqdm.auto import tqdm
 
-from data_scripts import (ContrastiveCollator, ImageGroupBatchSampler, ImageTransform, RandomMirror,
+from data_scripts import (ContrastiveCollator, ImageGroupBatchSampler, ImageTransform, RandomMirror, TransformedRows,
                           UniqueImageBatchSampler, images_with_sided_captions, load_image_caption_dataset, to_image_view)
 from dualencoder.evaluation.embed import (embed_split, pooled_from_prefix, pooled_from_text_prefix, pooled_image_features,
                                           pooled_text_features, split_captions)
@@ -145,13 +145,13 @@ def select_captions(pairs, per_image: int, seed: int, epoch: int):
     return sorted(chosen)
 
 
-def make_train_loader(pairs, collator, data_args, train_args, seed, epoch):
+def make_train_loader(pairs, transform, collator, data_args, train_args, seed, epoch):
     """The epoch's DataLoader; batches depend only on (seed, epoch), so resume sees the same ones."""
-    rows = pairs.select(select_captions(pairs, data_args.captions_per_image, seed, epoch))
+    rows = TransformedRows(pairs, transform, select_captions(pairs, data_args.captions_per_image, seed, epoch))
     if data_args.batch_by_image:
-        sampler = ImageGroupBatchSampler(rows["image_id"], train_args.per_device_train_batch_size, seed=seed)
+        sampler = ImageGroupBatchSampler(rows.column("image_id"), train_args.per_device_train_batch_size, seed=seed)
     elif data_args.unique_image_batches:
-        sampler = UniqueImageBatchSampler(rows["image_id"], train_args.per_device_train_batch_size, seed=seed)
+        sampler = UniqueImageBatchSampler(rows.column("image_id"), train_args.per_device_train_batch_size, seed=seed)
     else:
         sampler = SeededBatchSampler(len(rows), train_args.per_device_train_batch_size, seed)
     sampler.set_epoch(epoch)
@@ -277,9 +277,8 @@ def main(argv=None) -> dict:
     cache_seconds = time.time() - cache_started
     if caches["vision"] is not None or caches["vision_hidden"] is not None:
         train_pairs = train_pairs.remove_columns("image")  # never decode images we do not need
-    train_pairs = train_pairs.with_transform(CachedFeatureTransform(train_transform, caches["vision"], caches["text"],
-                                                                    caches["vision_hidden"], mirror, caches["mirrored"],
-                                                                    caches["text_hidden"]))
+    train_rows_transform = CachedFeatureTransform(train_transform, caches["vision"], caches["text"], caches["vision_hidden"],
+                                                  mirror, caches["mirrored"], caches["text_hidden"])
 
     def evaluate(split: str) -> dict:
         unwrapped = accelerator.unwrap_model(model)
@@ -304,7 +303,8 @@ def main(argv=None) -> dict:
                                lora_lr=train_args.lora_learning_rate,
                                head_lr=train_args.head_learning_rate, scale_lr=train_args.logit_scale_learning_rate,
                                weight_decay=train_args.weight_decay)
-    steps_per_epoch = math.ceil(len(make_train_loader(train_pairs, collator, data_args, train_args, train_args.seed, 0))
+    steps_per_epoch = math.ceil(len(make_train_loader(train_pairs, train_rows_transform, collator, data_args, train_args,
+                                                      train_args.seed, 0))
                                 / accelerator.num_processes / train_args.gradient_accumulation_steps)
     total_steps = steps_per_epoch * train_args.num_train_epochs
     if train_args.max_steps:
@@ -340,7 +340,8 @@ def main(argv=None) -> dict:
         epoch = state["epoch"]
         if mirror is not None:
             mirror.set_epoch(epoch)  # before the loader exists: its workers get a copy
-        loader = accelerator.prepare(make_train_loader(train_pairs, collator, data_args, train_args, train_args.seed, epoch))
+        loader = accelerator.prepare(make_train_loader(train_pairs, train_rows_transform, collator, data_args, train_args,
+                                                       train_args.seed, epoch))
         if state["step_in_epoch"]:
             loader = accelerator.skip_first_batches(loader, state["step_in_epoch"] * train_args.gradient_accumulation_steps)
         train_mode(accelerator.unwrap_model(model), freeze_batchnorm=train_args.freeze_batchnorm)

@@ -15,6 +15,7 @@ from .flickr8k import default_flickr8k_dir, load_flickr8k
 from .loading import load_image_caption_dataset
 from .mirror import RandomMirror, images_with_sided_captions
 from .preprocessing import ImageSpec, ImageTransform, apply_image_transforms, make_image_transform
+from .rows import TransformedRows
 from .report import DatasetFormatError, LoadReport, Problem
 from .samplers import ImageGroupBatchSampler, UniqueImageBatchSampler
 from .synthetic import build_synthetic_dataset
@@ -31,6 +32,7 @@ __all__ = [
     "Problem",
     "ImageGroupBatchSampler",
     "RandomMirror",
+    "TransformedRows",
     "UniqueImageBatchSampler",
     "apply_image_transforms",
     "build_synthetic_dataset",

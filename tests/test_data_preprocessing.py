@@ -14,6 +14,7 @@ from data_scripts import (
     ImageTransform,
     ImageGroupBatchSampler,
     RandomMirror,
+    TransformedRows,
     UniqueImageBatchSampler,
     apply_image_transforms,
     build_synthetic_dataset,
@@ -278,3 +279,20 @@ def test_mirrored_rows_read_the_mirrored_cache_or_get_flipped_pixels():
     assert out["pixel_values"][1][0, 0].tolist() == [0, 1, 2]  # "b" says left/right: kept
     with pytest.raises(ValueError, match="mirrored_cache"):
         CachedFeatureTransform(None, vision_cache=cache, mirror=mirror)
+
+
+def test_transformed_rows_apply_the_batch_transform_to_the_chosen_rows_only():
+    data = Dataset.from_dict({"image_id": ["a", "b", "c", "d"], "caption": ["w", "x", "y", "z"]})
+    calls = []
+
+    def transform(batch):
+        calls.append(list(batch["image_id"]))
+        return {**batch, "upper": [c.upper() for c in batch["caption"]]}
+
+    rows = TransformedRows(data, transform, indices=[3, 1])
+    assert len(rows) == 2 and rows.column("image_id") == ["d", "b"]
+    assert rows.__getitems__([1, 0]) == [{"image_id": "b", "caption": "x", "upper": "X"},
+                                          {"image_id": "d", "caption": "z", "upper": "Z"}]
+    assert calls == [["b", "d"]]  # one transform call per batch, on those rows only
+    loader = DataLoader(rows, batch_size=2, collate_fn=lambda batch: [r["upper"] for r in batch])
+    assert list(loader) == [["Z", "X"]]
