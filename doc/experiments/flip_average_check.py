@@ -1,0 +1,65 @@
+#!/usr/bin/env python
+"""Where to average the plain and mirrored image (row 13b of doc/FLICKR8K_RECIPE.md).
+
+Embeds the Flickr8k test split with a trained `run_contrastive.py` model from its cached vision
+prefixes (plain and mirrored, as written to --feature_cache_dir), three ways: one view, the mean
+of the pooled features (what `image_flip_average` does) and the mean of the embeddings.
+
+    python doc/experiments/flip_average_check.py --run outputs/flickr8k_offline \\
+        --prefix <cache>/vision-prefix-<key>.pt --mirrored <cache>/vision-prefix-mirrored-<key>.pt
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+
+def main():
+    import run_contrastive
+    from dualencoder.evaluation.embed import pooled_from_text_prefix, pooled_text_features, split_captions
+    from dualencoder.metrics import retrieval_metrics
+    from dualencoder.processing import build_processor
+    from dualencoder.trainable import frozen_prefix_depth, set_tower_trainable
+    from dualencoder.training.arguments import parse_args
+    from modeling_dualencoder import DualEncoderModel
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="a run_contrastive.py output directory")
+    parser.add_argument("--config", default=str(REPO / "configs" / "flickr8k_offline.yaml"))
+    parser.add_argument("--prefix", required=True, help="the run's cached vision prefix (.pt)")
+    parser.add_argument("--mirrored", required=True, help="the run's cached mirrored vision prefix (.pt)")
+    args = parser.parse_args()
+    model_args, data_args, _ = parse_args(["--config", args.config])
+    _, views = run_contrastive.load_data(data_args, 42)
+    model = DualEncoderModel.from_pretrained(args.run).eval()
+    for tower, mode in (("vision", model_args.vision_train), ("text", model_args.text_train)):
+        set_tower_trainable(model, tower, mode)  # only to read the prefix depths the run used
+    vision_depth, text_depth = frozen_prefix_depth(model, "vision"), frozen_prefix_depth(model, "text")
+    tokenizer = build_processor(model.config).tokenizer
+    plain, mirrored = torch.load(args.prefix), torch.load(args.mirrored)
+    ids, captions, text_to_image = split_captions(views["test"])
+    with torch.no_grad():
+        pooled = [model.vision_suffix(torch.stack([cache[i] for i in ids]).float(), vision_depth)
+                  for cache in (plain, mirrored)]
+        states = pooled_text_features(model, captions, tokenizer, max_length=data_args.max_length, batch_size=256,
+                                      device="cpu", prefix_depth=text_depth, show_progress=False)
+        text_pooled = pooled_from_text_prefix(model, states, captions, text_depth, batch_size=256, device="cpu")
+        texts = model.get_text_features(text_pooled=torch.stack([text_pooled[c] for c in captions]))
+        one = model.get_image_features(vision_pooled=pooled[0])
+        ways = {"one view": one,
+                "mean of pooled features": model.get_image_features(vision_pooled=(pooled[0] + pooled[1]) / 2),
+                "mean of embeddings": F.normalize(one + model.get_image_features(vision_pooled=pooled[1]), dim=-1)}
+    for name, images in ways.items():
+        r = retrieval_metrics(images, texts, text_to_image)
+        print(f"{name}: i2t {r['i2t_r1']:.1f}/{r['i2t_r5']:.1f}/{r['i2t_r10']:.1f} "
+              f"t2i {r['t2i_r1']:.1f}/{r['t2i_r5']:.1f}/{r['t2i_r10']:.1f} rsum {r['rsum']:.1f}")
+
+
+if __name__ == "__main__":
+    main()
