@@ -130,7 +130,8 @@ def pooled_from_text_prefix(model, hidden: dict, captions: list[str], depth: int
 @torch.no_grad()
 def embed_split(model, images_view, image_transform, tokenizer, *, max_length: int = 64, batch_size: int = 64,
                 device: Optional[torch.device] = None, vision_cache: Optional[dict] = None,
-                text_cache: Optional[dict] = None, show_progress: bool = True, autocast_dtype: Optional[torch.dtype] = None) -> EmbeddedSplit:
+                text_cache: Optional[dict] = None, show_progress: bool = True,
+                autocast_dtype: Optional[torch.dtype] = None) -> EmbeddedSplit:
     """Embed every image and every caption of `images_view` (columns `image`, `image_id`, `captions`).
 
     `image_transform` turns one image into `[3, H, W]` pixels (e.g. `data_scripts.ImageTransform`

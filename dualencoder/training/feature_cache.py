@@ -49,7 +49,8 @@ def load_or_compute(path: str, compute) -> dict:
 
 
 class CachedFeatureTransform:
-    """A `with_transform` for pair-view rows: attach cached features, drop what they replace.
+    """The batch transform of the training rows (`data_scripts.TransformedRows`): attach cached
+    features, drop what they replace.
 
     With a `mirror` (see `data_scripts.mirror.RandomMirror`) the images it picks are flipped:
     pixels directly, cached features by reading `mirrored_cache`, which holds the mirrored
