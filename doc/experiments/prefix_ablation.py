@@ -84,18 +84,12 @@ def text_cache(args):
     torch.save(out, args.out)
 
 
-def padded(states):
-    """Trimmed token states -> (padded [B, L, D] float32, attention mask [B, L])."""
-    lengths = torch.tensor([len(s) for s in states])
-    hidden = torch.nn.utils.rnn.pad_sequence([s.float() for s in states], batch_first=True)
-    return hidden, (torch.arange(hidden.shape[1])[None] < lengths[:, None]).long()
-
-
 def mlp(dim_in, dim_out):
     return nn.Sequential(nn.Linear(dim_in, 1024), nn.GELU(), nn.Linear(1024, dim_out))
 
 
 def train(args):
+    from data_scripts.collator import pad_token_states
     from dualencoder.baselines.features import load_features
     from dualencoder.metrics import retrieval_metrics
     from dualencoder.trainable import set_tower_trainable
@@ -138,7 +132,7 @@ def train(args):
         trained upper MiniLM layers on their cached lower-layer states."""
         if text_states is None:
             return F.normalize(text_head(pooled[rows]), dim=-1)
-        hidden, mask = padded([text_states[name][i] for i in rows.tolist()])
+        hidden, mask = pad_token_states([text_states[name][i] for i in rows.tolist()])
         return F.normalize(text_head(model.text_suffix(hidden, mask, text_depth)), dim=-1)
 
     def evaluate(name, tta=False):

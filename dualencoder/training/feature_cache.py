@@ -91,5 +91,6 @@ class CachedFeatureTransform:
             out["text_pooled"] = [self.text_cache[c] for c in batch["caption"]]
         elif self.text_hidden_cache is not None:
             out["text_hidden"] = [self.text_hidden_cache[c] for c in batch["caption"]]
-            del out["caption"]  # nothing to tokenize: the cached states replace the tokens
+        if self.text_cache is not None or self.text_hidden_cache is not None:
+            del out["caption"]  # nothing to tokenize: the cached features replace the tokens
         return out
