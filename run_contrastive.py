@@ -38,14 +38,11 @@ from dualencoder.training.checkpoints import load_checkpoint, resolve_resume, sa
 from dualencoder.training.feature_cache import CachedFeatureTransform, load_or_compute, tower_fingerprint
 from dualencoder.training.model_card import write_model_card
 from dualencoder.training.optim import cosine_with_warmup, make_optimizer
+from dualencoder.training.step import TrainingDiverged, TrainStep, compile_in_place  # noqa: F401  (TrainingDiverged: part of the API)
 from modeling_dualencoder import DualEncoderModel
 
 logger = logging.getLogger("run_contrastive")
 LOWER_IS_BETTER = ("_medr", "_meanr")
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
 
 
 class SeededBatchSampler(BatchSampler):
@@ -195,6 +192,8 @@ def main(argv=None) -> dict:
     eval_transform = ImageTransform(processor.image_processor, train=False)
     collator = ContrastiveCollator(processor.tokenizer, max_length=data_args.max_length)
     model.to(accelerator.device)
+    if train_args.channels_last:  # convolutions then run in NHWC (caching included), whatever the input's layout
+        model.vision_model.to(memory_format=torch.channels_last)
 
     # --- frozen-tower caches: a tower with nothing to train is run once, not every epoch
     caches = {"vision": None, "text": None, "vision_hidden": None, "mirrored": None, "text_hidden": None}
@@ -311,6 +310,11 @@ def main(argv=None) -> dict:
         total_steps = min(total_steps, train_args.max_steps)
     scheduler = cosine_with_warmup(optimizer, int(train_args.warmup_ratio * total_steps), total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if train_args.torch_compile:  # in place: parameter names, checkpoints and save_pretrained stay as they are
+        compiled = compile_in_place(accelerator.unwrap_model(model), train_args.torch_compile_scope,
+                                    backend=train_args.torch_compile_backend, mode=train_args.torch_compile_mode)
+        logger.info("torch.compile (%s, scope %s): %d modules", train_args.torch_compile_backend,
+                    train_args.torch_compile_scope, len(compiled))
     loss_fn = accelerator.unwrap_model(model).loss_fn
     if accelerator.log_with:
         accelerator.init_trackers("run_contrastive", config={k: str(v) for a in (model_args, data_args, train_args)
@@ -327,7 +331,17 @@ def main(argv=None) -> dict:
         state["before_training"] = before
         logger.info("validation before training:\n%s", format_metrics_table({"untrained": before}))
 
+    # The loss is checked on the host every step on CPU, where that is free, and on a GPU at each
+    # logging step and before anything is saved, so a step never waits for the GPU.
+    hint = (f"Nothing was saved from that step on. Try a lower --learning_rate/--head_learning_rate, --max_grad_norm 1.0, "
+            f"--mixed_precision bf16 instead of fp16, or resume from the last checkpoint in {train_args.output_dir}.")
+    train_step = TrainStep(accelerator, model, optimizer, scheduler, max_grad_norm=train_args.max_grad_norm,
+                           extras=forward_extras, after_optimizer_step=getattr(loss_fn, "after_optimizer_step", None),
+                           check_every=1 if accelerator.device.type == "cpu" else train_args.logging_steps,
+                           diverged_hint=hint, global_step=state["global_step"])
+
     def checkpoint():
+        train_step.check()
         save_checkpoint(accelerator, train_args.output_dir, state["global_step"], state, train_args.save_total_limit)
 
     # --- train
@@ -346,29 +360,14 @@ def main(argv=None) -> dict:
             loader = accelerator.skip_first_batches(loader, state["step_in_epoch"] * train_args.gradient_accumulation_steps)
         train_mode(accelerator.unwrap_model(model), freeze_batchnorm=train_args.freeze_batchnorm)
         for batch in loader:
-            with accelerator.accumulate(model):
-                outputs = model(**batch, **forward_extras, return_loss=True)
-                loss = outputs.loss
-                if not torch.isfinite(loss.detach()):
-                    raise TrainingDiverged(
-                        f"loss is {loss.item()} at epoch {epoch}, step {state['global_step'] + 1}: nothing was saved "
-                        f"from this step. Try a lower --learning_rate/--head_learning_rate, --max_grad_norm 1.0, "
-                        f"--mixed_precision bf16 instead of fp16, or resume from the last checkpoint in {train_args.output_dir}."
-                    )
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and train_args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), train_args.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                if accelerator.sync_gradients and hasattr(loss_fn, "after_optimizer_step"):
-                    loss_fn.after_optimizer_step(accelerator.unwrap_model(model))  # e.g. an EMA teacher
+            loss = train_step(batch)
             if not accelerator.sync_gradients:
                 continue
             state["global_step"] += 1
             state["step_in_epoch"] += 1
             progress.update(1)
             if state["global_step"] % train_args.logging_steps == 0:
+                train_step.check()
                 record = {"step": state["global_step"], "epoch": epoch, "loss": loss.item(),
                           "logit_scale": accelerator.unwrap_model(model).get_logit_scale().item(),
                           "lr": scheduler.get_last_lr()[0]}
@@ -381,6 +380,7 @@ def main(argv=None) -> dict:
                 done = True
                 break
         # --- end of epoch: validate, keep the best, checkpoint
+        train_step.check()
         state["epoch"] = epoch + 1
         state["step_in_epoch"] = 0
         if "validation" in eval_views:

@@ -108,6 +108,53 @@ def timed(record: dict, key: str, device: Optional[torch.device] = None):
         record[key] = record.get(key, 0.0) + time.perf_counter() - started
 
 
+class StepClock:
+    """Times steps on the device's own clock, so timing does not change what it measures.
+
+    On a GPU, `start()` / `stop()` record CUDA events in the stream and the host never waits: it
+    keeps queueing kernels ahead of the GPU, as a real training loop does. A step's time is the
+    GPU time between its two events, idle gaps inside the step (the host falling behind, or a sync
+    inside the step) included. `seconds()` waits once, at the end. On CPU it is a plain wall clock.
+    `wall_seconds()` is the time from the first kept `start()` to the last `stop()`: it also counts
+    the gaps between steps (data fetching, in the Trainer).
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.pairs = []  # (start, stop) marks of the kept steps
+        self._start = None
+
+    def _mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def start(self) -> None:
+        self._start = self._mark()
+
+    def stop(self, keep: bool = True) -> None:
+        if keep:
+            self.pairs.append((self._start, self._mark()))
+
+    def seconds(self) -> list[float]:
+        if self.cuda:
+            synchronize(self.device)
+            return [a.elapsed_time(b) / 1000.0 for a, b in self.pairs]
+        return [b - a for a, b in self.pairs]
+
+    def wall_seconds(self) -> float:
+        if not self.pairs:
+            return 0.0
+        first, last = self.pairs[0][0], self.pairs[-1][1]
+        if self.cuda:
+            synchronize(self.device)
+            return first.elapsed_time(last) / 1000.0
+        return last - first
+
+
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 

@@ -36,7 +36,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -59,14 +58,16 @@ from benchmarks.common import (  # noqa: E402
     reset_peak_memory,
     run_guarded,
     run_in_child,
-    synchronize,
+    StepClock,
     write_json,
 )
 
 PAIRS = ("vit-distilbert", "vit-bert", "offline")
 MODES = ("full", "lora", "frozen-vision-cache")
 PRECISIONS = ("fp32", "bf16")
-COMPILE = ("off", "on")
+# on: the whole model; blocks: each transformer layer; blocks-graphs: each layer as a CUDA graph
+COMPILE = ("off", "on", "blocks", "blocks-graphs")
+LAYOUTS = ("off", "on")
 SIZES = ("base", "small", "tiny")
 LORA = dict(lora_rank=16, lora_towers=["vision", "text"])
 
@@ -167,6 +168,7 @@ def run_ours(spec: dict) -> dict:
 
     from dualencoder.trainable import parameter_report
     from dualencoder.training.optim import cosine_with_warmup, make_optimizer
+    from dualencoder.training.step import TrainStep, compile_in_place
 
     accelerator = Accelerator(mixed_precision="bf16" if spec["precision"] == "bf16" else "no")
     device = accelerator.device
@@ -185,31 +187,39 @@ def run_ours(spec: dict) -> dict:
         accelerator.backward(model(**batch, return_loss=True).loss)
     flops = counter.get_total_flops()
     optimizer.zero_grad(set_to_none=True)
-    if spec["compile"] == "on":
-        model.compile()
-
-    def step():
-        with accelerator.accumulate(model):
-            loss = model(**batch, return_loss=True).loss
-            if not torch.isfinite(loss.detach()):
-                raise RuntimeError(f"loss is {loss.item()}")
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+    scope, _, graphs = spec["compile"].partition("-")
+    compile_in_place(model, {"on": "model"}.get(scope, scope), mode="reduce-overhead" if graphs else None)
+    if spec.get("channels_last") == "on":
+        model.to(memory_format=torch.channels_last)
+        batch = {k: v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 else v for k, v in batch.items()}
+    total = spec["warmup"] + spec["steps"]
+    step = TrainStep(accelerator, model, optimizer, scheduler, max_grad_norm=1.0, check_every=total)
 
     reset_peak_memory(device)
-    times = []
-    for index in range(spec["warmup"] + spec["steps"]):
-        synchronize(device)
-        started = time.perf_counter()
-        step()
-        synchronize(device)
-        if index >= spec["warmup"]:
-            times.append(time.perf_counter() - started)
-    return summarise(spec, device, times, flops, params, weights)
+    clock = StepClock(device)
+    for index in range(total):
+        clock.start()
+        step(batch)
+        clock.stop(keep=index >= spec["warmup"])
+    times = clock.seconds()
+    row = summarise(spec, device, times, flops, params, weights)
+    row["wall_samples_per_s"] = round(spec["batch_size"] * len(times) / clock.wall_seconds(), 2)
+    if spec.get("profile"):
+        row["profile"] = profile_steps(step, batch, device)
+    return row
+
+
+def profile_steps(step, batch: dict, device: torch.device, steps: int = 3) -> str:
+    """The kernels that take the time: torch.profiler over a few more steps, top 30 by device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step(batch)
+        step.check()
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70)
 
 
 # ---------------------------------------------------------------------------------------- HF Trainer
@@ -265,19 +275,16 @@ def run_hf_trainer(spec: dict) -> dict:
     model.zero_grad(set_to_none=True)
 
     class StepTimer(TrainerCallback):
-        """Wall time of each optimiser step after warm-up, the device synchronised at both ends."""
+        """Each optimiser step on the StepClock: from on_step_begin to on_step_end, as for our loop."""
 
         def __init__(self):
-            self.times, self.started, self.step = [], 0.0, 0
+            self.clock = StepClock(device)
 
         def on_step_begin(self, args, state, control, **kwargs):
-            synchronize(device)
-            self.started, self.step = time.perf_counter(), state.global_step
+            self.clock.start()
 
         def on_step_end(self, args, state, control, **kwargs):
-            synchronize(device)
-            if self.step >= spec["warmup"]:
-                self.times.append(time.perf_counter() - self.started)
+            self.clock.stop(keep=state.global_step > spec["warmup"])  # global_step counts this step already
 
     timer = StepTimer()
     total = spec["warmup"] + spec["steps"]
@@ -294,7 +301,9 @@ def run_hf_trainer(spec: dict) -> dict:
                                                         spec["seq_len"], text.vocab_size))
         reset_peak_memory(device)
         result = trainer.train()
-    row = summarise(spec, device, timer.times, flops, params, "random")
+    times = timer.clock.seconds()
+    row = summarise(spec, device, times, flops, params, "random")
+    row["wall_samples_per_s"] = round(spec["batch_size"] * len(times) / timer.clock.wall_seconds(), 2)
     row["trainer_reported_samples_per_s"] = round(result.metrics["train_samples_per_second"], 2)
     return row
 
@@ -330,14 +339,18 @@ def plan(args) -> list[dict]:
     modes = parse_choices(args.mode, MODES)
     precisions = parse_choices(args.precision, PRECISIONS)
     compiles = parse_choices(args.compile, COMPILE)
-    common = dict(size=args.size, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
+    layouts = parse_choices(args.channels_last, LAYOUTS)
+    common = dict(profile=args.profile, size=args.size, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
                   image_size=args.image_size, seq_len=args.seq_len, threads=args.threads)
-    specs = [dict(impl="ours", pair=pair, mode=mode, precision=precision, compile=compiled, **common)
-             for pair in pairs for mode in modes for precision in precisions for compiled in compiles]
+    specs = [dict(impl="ours", pair=pair, mode=mode, precision=precision, compile=compiled, channels_last=layout,
+                  **common)
+             for pair in pairs for mode in modes for precision in precisions for compiled in compiles
+             for layout in layouts]
     if args.baseline or args.pair == "all":
         for precision in precisions:
-            for compiled in compiles:
-                ours = dict(impl="ours", pair="vit-bert", mode="full", precision=precision, compile=compiled, **common)
+            for compiled in [c for c in compiles if c in ("off", "on")]:  # the Trainer compiles whole models only
+                ours = dict(impl="ours", pair="vit-bert", mode="full", precision=precision, compile=compiled,
+                            channels_last="off", **common)
                 if ours not in specs:
                     specs.append(ours)
                 specs.append(dict(ours, impl="hf-trainer"))
@@ -345,43 +358,48 @@ def plan(args) -> list[dict]:
 
 
 def ratios(rows: list[dict]) -> list[dict]:
-    """ours / HF Trainer samples per second, for rows of the same shape, precision and compile."""
-    key = ("pair", "size", "mode", "precision", "compile", "batch_size", "image_size", "seq_len")
+    """ours / HF Trainer samples per second for rows of the same shape and precision, each of our
+    compile settings against each of the Trainer's (the Trainer's default is compile off)."""
+    key = ("pair", "size", "mode", "precision", "batch_size", "image_size", "seq_len")
     out = []
     for theirs in rows:
         if theirs["impl"] != "hf-trainer" or "error" in theirs:
             continue
         for ours in rows:
-            if ours["impl"] == "ours" and "error" not in ours and all(ours[k] == theirs[k] for k in key):
-                out.append({"precision": ours["precision"], "compile": ours["compile"],
-                            "ours_samples_per_s": ours["samples_per_s"], "hf_samples_per_s": theirs["samples_per_s"],
+            if ours["impl"] == "ours" and "error" not in ours and all(ours.get(k) == theirs.get(k) for k in key):
+                out.append({"precision": ours["precision"], "ours_compile": ours["compile"],
+                            "hf_compile": theirs["compile"], "ours_samples_per_s": ours["samples_per_s"],
+                            "hf_samples_per_s": theirs["samples_per_s"],
                             "ratio": round(ours["samples_per_s"] / theirs["samples_per_s"], 3)})
     return out
 
 
 def print_tables(rows: list[dict], ratio_rows: list[dict], batch_size: int) -> None:
-    headers = ["pair", "size", "mode", "precision", "compile", "loop", "weights", "step ms", "samples/s",
-               "GFLOP/sample", "TFLOP/s", "MFU %", "GPU peak MiB", "host RSS MiB"]
+    headers = ["pair", "size", "mode", "precision", "compile", "channels last", "loop", "weights", "step ms",
+               "samples/s", "wall samples/s", "GFLOP/sample", "TFLOP/s", "MFU %", "GPU peak MiB", "host RSS MiB"]
     table = []
     for row in rows:
         size = "-" if row["pair"] == "offline" else row["size"]
-        head = [row["pair"], size, row["mode"], row["precision"], row["compile"],
+        head = [row["pair"], size, row["mode"], row["precision"], row["compile"], row.get("channels_last", "off"),
                 "HF Trainer" if row["impl"] == "hf-trainer" else "ours"]
         if "error" in row:
-            table.append(head + [row.get("weights", "–"), f"error: {row['error']}"] + [""] * 6)
+            table.append(head + [row.get("weights", "–"), f"error: {row['error']}"] + [""] * 7)
             continue
         mfu = None if row["mfu"] is None else 100 * row["mfu"]
         table.append(head + [row["weights"], fmt(1000 * row["step_time_median_s"]), fmt(row["samples_per_s"]),
-                             f"{row['flops_per_sample'] / 1e9:.3g}", f"{row['achieved_tflops']:.3g}", fmt(mfu),
+                             fmt(row.get("wall_samples_per_s")), f"{row['flops_per_sample'] / 1e9:.3g}",
+                             f"{row['achieved_tflops']:.3g}", fmt(mfu),
                              fmt(row["gpu_peak_mib"], 0), fmt(row["host_rss_peak_mib"], 0)])
-    print("\n" + markdown_table(headers, table, right_from=7))
+    print("\n" + markdown_table(headers, table, right_from=8))
     print(f"\nFLOPs: torch.utils.flop_counter.FlopCounterMode over one forward+backward at batch {batch_size} "
           "(matmul/conv/attention; element-wise and optimiser work not counted), divided by the batch.")
     if ratio_rows:
-        print("\n" + markdown_table(["precision", "compile", "ours samples/s", "HF Trainer samples/s", "ours / HF"],
-                                    [[r["precision"], r["compile"], fmt(r["ours_samples_per_s"]),
+        print("\n" + markdown_table(["precision", "ours compile", "HF compile", "ours samples/s", "HF Trainer samples/s",
+                                     "ours / HF"],
+                                    [[r["precision"], r.get("ours_compile", r.get("compile")),
+                                      r.get("hf_compile", r.get("compile")), fmt(r["ours_samples_per_s"]),
                                       fmt(r["hf_samples_per_s"]), f"{r['ratio']:.2f}x"] for r in ratio_rows],
-                                    right_from=2))
+                                    right_from=3))
 
 
 def parse_args(argv=None):
@@ -389,7 +407,13 @@ def parse_args(argv=None):
     parser.add_argument("--pair", default="vit-distilbert", help=f"comma list of {', '.join(PAIRS)}, or 'all' (adds the baseline)")
     parser.add_argument("--mode", default="full", help=f"comma list of {', '.join(MODES)}, or 'all'")
     parser.add_argument("--precision", default="bf16", help="comma list of fp32, bf16, or 'all'")
-    parser.add_argument("--compile", default="off", help="torch.compile: off, on, or 'all' (both)")
+    parser.add_argument("--compile", default="off",
+                        help="torch.compile: off, on (the whole model), blocks (each transformer layer), blocks-graphs "
+                             "(each layer, CUDA graphs), or 'all'")
+    parser.add_argument("--profile", action="store_true",
+                        help="after timing, profile 3 more steps of our loop and print the top kernels by time")
+    parser.add_argument("--channels_last", default="off",
+                        help="channels-last memory format for the model and pixels (pays for conv towers): off, on, or 'all'")
     parser.add_argument("--baseline", action="store_true", help="add HF Trainer + VisionTextDualEncoderModel rows")
     parser.add_argument("--size", default="base", choices=SIZES, help="ViT/DistilBERT/BERT size (base = B/16 + DistilBERT)")
     parser.add_argument("--batch_size", type=int, default=64)
@@ -428,6 +452,8 @@ def main(argv=None) -> dict:
         row = {**spec, **row, "isolated": not args.in_process}
         if "error" not in row:
             print(f"    {row['samples_per_s']} samples/s, step {1000 * row['step_time_median_s']:.1f} ms", flush=True)
+            if row.get("profile"):
+                print(row["profile"], flush=True)
         rows.append(row)
     ratio_rows = ratios(rows)
     print_tables(rows, ratio_rows, args.batch_size)

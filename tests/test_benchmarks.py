@@ -94,3 +94,24 @@ def test_eval_speed(tmp_path):
         assert flickr["seconds"][stage] > 0, stage
     assert index["images"] == 300 and index["captions"] == 600
     assert index["seconds"]["generate"] > 0 and index["seconds"]["rank"] > 0
+
+
+def test_throughput_channels_last_row_runs_the_conv_tower(tmp_path):
+    result = throughput.main(["--pair", "offline", "--mode", "full", "--precision", "fp32", "--channels_last", "all",
+                              "--image_size", "32", "--seq_len", "8", "--batch_size", "2", "--steps", "1",
+                              "--warmup", "1", "--in_process", "--profile", "--out", str(tmp_path / "cl.json")])
+    assert [row["channels_last"] for row in result["rows"]] == ["off", "on"]
+    for row in result["rows"]:
+        _check_row(row)
+    assert result["rows"][0]["flops_per_sample"] == result["rows"][1]["flops_per_sample"]  # same work, other layout
+    assert "Self CPU" in result["rows"][0]["profile"]  # --profile: the top kernels of 3 more steps
+
+
+def test_step_clock_keeps_only_the_steps_asked_for():
+    clock = common.StepClock(torch.device("cpu"))
+    for keep in (False, True, True):
+        clock.start()
+        clock.stop(keep=keep)
+    seconds = clock.seconds()
+    assert len(seconds) == 2 and all(s >= 0 for s in seconds)
+    assert clock.wall_seconds() >= sum(seconds)

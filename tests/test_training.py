@@ -112,6 +112,32 @@ def test_tiny_run_trains_evaluates_and_exports_a_loadable_model(tiny_model_dir, 
     torch.testing.assert_close(final["visual_projection.net.0.weight"], best["visual_projection.net.0.weight"])
 
 
+@pytest.fixture(scope="module")
+def plain_one_epoch_run(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("plain")
+    return out, run_contrastive.main(tiny_run_args(tiny_model_dir, out, "--num_train_epochs", "1"))
+
+
+@pytest.mark.parametrize("speedup, atol", [
+    (["--torch_compile", "true", "--torch_compile_backend", "eager"], 1e-5),  # scope: blocks
+    (["--torch_compile", "true", "--torch_compile_backend", "eager", "--torch_compile_scope", "model"], 1e-5),
+    (["--channels_last", "true"], 1e-3),  # NHWC convolutions sum in another order: last-bit differences, then Adam
+], ids=["compile-blocks", "compile-model", "channels-last"])
+def test_speed_options_train_to_the_same_weights_and_save_the_same_parameter_names(tiny_model_dir, tmp_path,
+                                                                                   plain_one_epoch_run, speedup, atol):
+    """torch_compile compiles the model in place and channels_last only changes the conv weights'
+    memory layout: checkpoints, the export and the numbers stay as they are. (The eager backend
+    traces the same graphs as inductor without generating kernels, so CPU CI checks the tracing in
+    seconds; the speed is measured on a GPU by benchmarks/throughput.py.)"""
+    plain_dir, plain = plain_one_epoch_run
+    fast = run_contrastive.main(tiny_run_args(tiny_model_dir, tmp_path / "fast", "--num_train_epochs", "1", *speedup))
+    assert fast["test"] == pytest.approx(plain["test"])
+    a, b = load_file(plain_dir / "model.safetensors"), load_file(tmp_path / "fast" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=atol)
+
+
 def test_frozen_tower_features_are_cached_and_training_still_learns_the_heads(tiny_model_dir, tmp_path, caplog):
     caplog.set_level("INFO")
     cache_dir = tmp_path / "features"

@@ -1,0 +1,106 @@
+"""One optimiser step of the contrastive loop, shared by run_contrastive.py and the benchmarks.
+
+A step is forward, backward, gradient clipping, then the optimiser and scheduler steps. It never
+waits for the GPU. Reading a loss's value on the host (`loss.item()`, `if not torch.isfinite(loss)`)
+blocks the host until the GPU has finished the forward pass, so the host cannot queue the next
+kernels while the GPU works. Instead each step folds "was this loss finite?" into a flag that stays
+on the device. The host reads the flag in `check()`: every `check_every` steps, and before anything
+is saved (the caller calls `check()` there). On CPU the read costs nothing, so there the caller
+checks every step.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+class TrainStep:
+    """`step(batch)` runs one step and returns the loss (detached, still on the device).
+
+    `extras` are keyword arguments every forward gets (e.g. which block a cached prefix ends at).
+    `after_optimizer_step(model)` runs after each real optimiser step (e.g. an EMA teacher update).
+    `diverged_hint` ends the error message raised when a loss was not finite. `global_step` is the
+    number of optimiser steps already taken (a resumed run's), so errors name the run's own step.
+    """
+
+    def __init__(self, accelerator, model, optimizer, scheduler, *, max_grad_norm: float = 1.0,
+                 extras: Optional[dict] = None, after_optimizer_step: Optional[Callable] = None,
+                 check_every: int = 1, diverged_hint: str = "", global_step: int = 0):
+        self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
+        self.max_grad_norm, self.extras = max_grad_norm, dict(extras or {})
+        self.after_optimizer_step, self.diverged_hint = after_optimizer_step, diverged_hint
+        self.check_every = max(1, check_every)
+        self.global_step = global_step  # optimiser steps taken
+        self.calls = 0  # forward passes run by this object (micro-batches, with gradient accumulation)
+        self._first_bad = None  # device tensor: the first optimiser step whose loss was not finite, or 0
+
+    def __call__(self, batch: dict) -> torch.Tensor:
+        accelerator = self.accelerator
+        with accelerator.accumulate(self.model):
+            loss = self.model(**batch, **self.extras, return_loss=True).loss
+            self._note_finite(loss.detach(), self.global_step + 1)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and self.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if accelerator.sync_gradients:
+                self.global_step += 1
+                if self.after_optimizer_step is not None:
+                    self.after_optimizer_step(accelerator.unwrap_model(self.model))
+        self.calls += 1
+        if self.calls % self.check_every == 0:
+            self.check()
+        return loss.detach()
+
+    def _note_finite(self, loss: torch.Tensor, step: int) -> None:
+        """Remember `step` on the device if this loss is the first that is not finite (no host sync)."""
+        if self._first_bad is None:
+            self._first_bad = torch.zeros((), dtype=torch.long, device=loss.device)
+        bad = ~torch.isfinite(loss) & (self._first_bad == 0)
+        self._first_bad = torch.where(bad, torch.full_like(self._first_bad, step), self._first_bad)
+
+    def check(self) -> None:
+        """Raise TrainingDiverged if any loss so far was not finite (this waits for the GPU)."""
+        if self._first_bad is None:
+            return
+        first = int(self._first_bad)
+        if first:
+            raise TrainingDiverged(f"the loss was not finite at step {first}. {self.diverged_hint}".strip())
+
+
+COMPILE_SCOPES = ("off", "model", "blocks")
+
+
+def compile_in_place(model: torch.nn.Module, scope: str = "model", backend: str = "inductor",
+                     mode: Optional[str] = None) -> list[str]:
+    """torch.compile `model` in place; returns the names of the modules compiled.
+
+    `model` compiles the whole forward (and, through AOTAutograd, its backward) as few graphs.
+    `blocks` compiles each repeated block instead (each child of a ModuleList whose children are all
+    of one class: transformer layers, CNN stages). Identical blocks share one compiled graph, so
+    compiling takes seconds, and the glue between blocks (embeddings, pooling, heads, loss) stays
+    eager. Compiling in place (`Module.compile`) keeps parameter names, so checkpoints and
+    `save_pretrained` are unchanged. `mode` is torch.compile's (e.g. "reduce-overhead": CUDA graphs).
+    """
+    if scope not in COMPILE_SCOPES:
+        raise ValueError(f"compile scope {scope!r}: expected one of {', '.join(COMPILE_SCOPES)}")
+    if scope == "off":
+        return []
+    if scope == "model":
+        model.compile(backend=backend, mode=mode)
+        return [""]
+    compiled = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 1 and len({type(m) for m in module}) == 1:
+            for index, block in enumerate(module):
+                block.compile(backend=backend, mode=mode)
+                compiled.append(f"{name}.{index}")
+    return compiled

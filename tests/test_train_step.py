@@ -1,0 +1,87 @@
+"""The shared training step: one optimiser step per call, and a loss check that never makes the
+host wait for the GPU, read every `check_every` calls and whenever the caller asks."""
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from dualencoder.training.optim import cosine_with_warmup
+from dualencoder.training.step import TrainingDiverged, TrainStep
+
+
+class Toy(torch.nn.Module):
+    """A model with the DualEncoderModel calling convention: forward(**batch, return_loss) -> .loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(3))
+
+    def forward(self, x, scale=1.0, return_loss=True):
+        return type("Out", (), {"loss": (self.weight * x).sum() * scale})
+
+
+def make_step(check_every=1, **options):
+    accelerator = Accelerator(cpu=True)
+    model = Toy()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = cosine_with_warmup(optimizer, 0, 10)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    return model, TrainStep(accelerator, model, optimizer, scheduler, check_every=check_every, **options)
+
+
+def test_a_step_updates_the_weights_with_the_extras_and_returns_the_detached_loss():
+    model, step = make_step(extras={"scale": 2.0}, max_grad_norm=0)
+    loss = step({"x": torch.ones(3)})
+    assert loss.item() == pytest.approx(6.0) and not loss.requires_grad
+    assert torch.allclose(model.weight.detach(), torch.full((3,), 1 - 0.1 * 2.0))
+    assert step.global_step == 1
+
+
+def test_a_non_finite_loss_is_reported_at_the_next_check_naming_its_step():
+    _, step = make_step(check_every=3, global_step=10)  # a resumed run: steps are counted from 10
+    step({"x": torch.ones(3)})
+    step({"x": torch.tensor([float("nan"), 1.0, 1.0])})  # step 12: not read on the host yet
+    with pytest.raises(TrainingDiverged, match="step 12"):
+        step({"x": torch.ones(3)})  # the third call reads the flag
+
+
+def test_check_raises_on_demand_and_stays_quiet_when_all_losses_were_finite():
+    _, step = make_step(check_every=100)
+    step.check()  # nothing run yet
+    step({"x": torch.ones(3)})
+    step.check()
+    step({"x": torch.tensor([float("inf"), 0.0, 0.0])})
+    with pytest.raises(TrainingDiverged, match="step 2"):
+        step.check()
+
+
+def test_after_optimizer_step_runs_once_per_optimiser_step():
+    seen = []
+    model, step = make_step(after_optimizer_step=lambda m: seen.append(m))
+    for _ in range(3):
+        step({"x": torch.ones(3)})
+    assert len(seen) == 3 and seen[0] is model
+
+
+def test_compiling_the_blocks_compiles_each_repeated_layer_and_keeps_the_outputs():
+    from transformers import BertConfig, ViTConfig
+
+    from dualencoder.training.step import compile_in_place
+    from modeling_dualencoder import DualEncoderConfig, DualEncoderModel
+
+    config = DualEncoderConfig(
+        vision_config=ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                image_size=32, patch_size=8),
+        text_config=BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                               intermediate_size=64), image_size=32)
+    torch.manual_seed(0)
+    model = DualEncoderModel(config).eval()
+    batch = {"pixel_values": torch.randn(2, 3, 32, 32), "input_ids": torch.randint(0, 100, (2, 6)),
+             "attention_mask": torch.ones(2, 6, dtype=torch.long)}
+    before = model(**batch, return_loss=True).loss
+    compiled = compile_in_place(model, "blocks", backend="eager")
+    assert len(compiled) == 4 and all(name.rsplit(".", 1)[1] in ("0", "1") for name in compiled)  # 2 ViT + 2 BERT layers
+    torch.testing.assert_close(model(**batch, return_loss=True).loss, before)
+    assert set(model.state_dict()) == set(DualEncoderModel(config).state_dict())  # names unchanged
+    with pytest.raises(ValueError, match="blocks"):
+        compile_in_place(model, "everything")
