@@ -112,6 +112,9 @@ class DualEncoderConfig(PretrainedConfig):
     """
 
     model_type = "contrastive-dual-encoder"
+    # Like transformers' own composite configs (EncoderDecoderConfig): without its towers there is
+    # no config to make, so transformers must not build a default one to diff against when saving.
+    has_no_defaults_at_init = True
 
     def __init__(
         self,

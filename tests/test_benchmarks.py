@@ -115,3 +115,24 @@ def test_step_clock_keeps_only_the_steps_asked_for():
     seconds = clock.seconds()
     assert len(seconds) == 2 and all(s >= 0 for s in seconds)
     assert clock.wall_seconds() >= sum(seconds)
+
+
+def test_train_check_resplits_a_test_only_copy_and_trains_a_random_model_end_to_end(tmp_path):
+    from benchmarks import train_check
+    from tests.test_data_flickr8k import make_official
+
+    source = make_official(tmp_path / "subset", n=24, splits=(0, 0, 24))  # like make_flickr_subset.sh's copy
+    out = tmp_path / "check.json"
+    result = train_check.main(["--data", str(source), "--splits", "16,4,4", "--architecture", "tiny",
+                               "--workdir", str(tmp_path / "work"), "--out", str(out), "--",
+                               "--num_train_epochs", "2", "--per_device_train_batch_size", "8",
+                               "--per_device_eval_batch_size", "8", "--image_size", "32", "--logging_steps", "1",
+                               "--vision_train", "full", "--text_train", "full"])
+    assert json.loads(out.read_text()) == result
+    lists = tmp_path / "work" / "flickr8k" / "Flickr8k_text"
+    assert [len((lists / f"Flickr_8k.{s}Images.txt").read_text().split()) for s in ("train", "dev", "test")] == [16, 4, 4]
+    assert result["global_step"] == 20  # 16 images x 5 captions / 8 per step x 2 epochs
+    assert set(result["test"]) >= {"i2t_r1", "t2i_r1", "rsum"}
+    assert (tmp_path / "work" / "run" / "model.safetensors").exists()
+    with pytest.raises(SystemExit, match="24 test images"):
+        train_check.resplit_flickr(str(source), [20, 4, 4], str(tmp_path / "other"))

