@@ -337,7 +337,7 @@ def main(argv=None) -> dict:
             f"--mixed_precision bf16 instead of fp16, or resume from the last checkpoint in {train_args.output_dir}.")
     train_step = TrainStep(accelerator, model, optimizer, scheduler, max_grad_norm=train_args.max_grad_norm,
                            extras=forward_extras, after_optimizer_step=getattr(loss_fn, "after_optimizer_step", None),
-                           check_every=1 if accelerator.device.type == "cpu" else train_args.logging_steps,
+                           check_every=1 if accelerator.device.type == "cpu" else 0,
                            diverged_hint=hint, global_step=state["global_step"])
 
     def checkpoint():

@@ -193,7 +193,7 @@ def run_ours(spec: dict) -> dict:
         model.to(memory_format=torch.channels_last)
         batch = {k: v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 else v for k, v in batch.items()}
     total = spec["warmup"] + spec["steps"]
-    step = TrainStep(accelerator, model, optimizer, scheduler, max_grad_norm=1.0, check_every=total)
+    step = TrainStep(accelerator, model, optimizer, scheduler, max_grad_norm=1.0)  # checked once, after timing
 
     reset_peak_memory(device)
     clock = StepClock(device)
@@ -201,9 +201,8 @@ def run_ours(spec: dict) -> dict:
         clock.start()
         step(batch)
         clock.stop(keep=index >= spec["warmup"])
-    times = clock.seconds()
-    row = summarise(spec, device, times, flops, params, weights)
-    row["wall_samples_per_s"] = round(spec["batch_size"] * len(times) / clock.wall_seconds(), 2)
+    step.check()
+    row = summarise(spec, device, clock, flops, params, weights)
     if spec.get("profile"):
         row["profile"] = profile_steps(step, batch, device)
     return row
@@ -301,15 +300,15 @@ def run_hf_trainer(spec: dict) -> dict:
                                                         spec["seq_len"], text.vocab_size))
         reset_peak_memory(device)
         result = trainer.train()
-    times = timer.clock.seconds()
-    row = summarise(spec, device, times, flops, params, "random")
-    row["wall_samples_per_s"] = round(spec["batch_size"] * len(times) / timer.clock.wall_seconds(), 2)
+    row = summarise(spec, device, timer.clock, flops, params, "random")
     row["trainer_reported_samples_per_s"] = round(result.metrics["train_samples_per_second"], 2)
     return row
 
 
 # ---------------------------------------------------------------------------------------- rows
-def summarise(spec: dict, device: torch.device, times: list, flops: int, params: dict, weights: str) -> dict:
+def summarise(spec: dict, device: torch.device, clock: StepClock, flops: int, params: dict, weights: str) -> dict:
+    """One row from the clock's measured steps (median step time, and wall samples/s over them)."""
+    times = clock.seconds()
     step = median(times)
     peak = peak_flops(device, spec["precision"])
     achieved = flops / step
@@ -318,6 +317,7 @@ def summarise(spec: dict, device: torch.device, times: list, flops: int, params:
         "params_total": params["total"], "params_trainable": params["trainable"],
         "step_times_s": [round(t, 5) for t in times], "step_time_median_s": round(step, 5),
         "samples_per_s": round(spec["batch_size"] / step, 2),
+        "wall_samples_per_s": round(spec["batch_size"] * len(times) / clock.wall_seconds(), 2),
         "flops_per_step": int(flops), "flops_per_sample": int(flops // spec["batch_size"]),
         "achieved_tflops": float(f"{achieved / 1e12:.4g}"),
         "peak_tflops": None if peak is None else peak / 1e12,

@@ -4,9 +4,9 @@ A step is forward, backward, gradient clipping, then the optimiser and scheduler
 waits for the GPU. Reading a loss's value on the host (`loss.item()`, `if not torch.isfinite(loss)`)
 blocks the host until the GPU has finished the forward pass, so the host cannot queue the next
 kernels while the GPU works. Instead each step folds "was this loss finite?" into a flag that stays
-on the device. The host reads the flag in `check()`: every `check_every` steps, and before anything
-is saved (the caller calls `check()` there). On CPU the read costs nothing, so there the caller
-checks every step.
+on the device. The host reads the flag in `check()`: whenever the caller asks (before logging a loss,
+before anything is saved), and every `check_every` calls if that is set. On CPU the read costs
+nothing, so there the caller checks every step.
 """
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ class TrainStep:
 
     def __init__(self, accelerator, model, optimizer, scheduler, *, max_grad_norm: float = 1.0,
                  extras: Optional[dict] = None, after_optimizer_step: Optional[Callable] = None,
-                 check_every: int = 1, diverged_hint: str = "", global_step: int = 0):
+                 check_every: int = 0, diverged_hint: str = "", global_step: int = 0):
         self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
         self.max_grad_norm, self.extras = max_grad_norm, dict(extras or {})
         self.after_optimizer_step, self.diverged_hint = after_optimizer_step, diverged_hint
-        self.check_every = max(1, check_every)
+        self.check_every = check_every  # 0: only when the caller calls check()
         self.global_step = global_step  # optimiser steps taken
         self.calls = 0  # forward passes run by this object (micro-batches, with gradient accumulation)
         self._first_bad = None  # device tensor: the first optimiser step whose loss was not finite, or 0
@@ -56,7 +56,7 @@ class TrainStep:
                 if self.after_optimizer_step is not None:
                     self.after_optimizer_step(accelerator.unwrap_model(self.model))
         self.calls += 1
-        if self.calls % self.check_every == 0:
+        if self.check_every and self.calls % self.check_every == 0:
             self.check()
         return loss.detach()
 
@@ -85,7 +85,7 @@ def compile_in_place(model: torch.nn.Module, scope: str = "model", backend: str 
 
     `model` compiles the whole forward (and, through AOTAutograd, its backward) as few graphs.
     `blocks` compiles each repeated block instead (each child of a ModuleList whose children are all
-    of one class: transformer layers, CNN stages). Identical blocks share one compiled graph, so
+    of one class: transformer layers; timm's CNN stages are nn.Sequential and stay eager). Identical blocks share one compiled graph, so
     compiling takes seconds, and the glue between blocks (embeddings, pooling, heads, loss) stays
     eager. Compiling in place (`Module.compile`) keeps parameter names, so checkpoints and
     `save_pretrained` are unchanged. `mode` is torch.compile's (e.g. "reduce-overhead": CUDA graphs).
