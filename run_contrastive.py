@@ -25,8 +25,9 @@ from accelerate.utils import set_seed
 from torch.utils.data import BatchSampler, DataLoader
 from tqdm.auto import tqdm
 
-from data_scripts import (ContrastiveCollator, ImageGroupBatchSampler, ImageTransform, RandomMirror, TransformedRows,
-                          UniqueImageBatchSampler, images_with_sided_captions, load_image_caption_dataset, to_image_view)
+from data_scripts import (ContrastiveCollator, ImageGroupBatchSampler, ImageTransform, RandomFeatureCrop, RandomMirror,
+                          TransformedRows, UniqueImageBatchSampler, images_with_sided_captions, load_image_caption_dataset,
+                          to_image_view)
 from dualencoder.evaluation.embed import (embed_split, pooled_from_prefix, pooled_from_text_prefix, pooled_image_features,
                                           pooled_text_features, split_captions)
 from dualencoder.metrics import format_metrics_table
@@ -188,6 +189,7 @@ def main(argv=None) -> dict:
     processor = build_processor(model.config)
     logger.info("parameters:\n%s", format_parameter_report(parameter_report(model)))
     train_pairs, eval_views = load_data(data_args, train_args.seed)
+    eval_captions = {split: split_captions(view)[1] for split, view in eval_views.items()}  # flattened, in view order
     train_transform = ImageTransform(processor.image_processor, train=True, augment=data_args.augment)
     eval_transform = ImageTransform(processor.image_processor, train=False)
     collator = ContrastiveCollator(processor.tokenizer, max_length=data_args.max_length)
@@ -201,7 +203,7 @@ def main(argv=None) -> dict:
     prefix_depth = frozen_prefix_depth(model, "vision") if train_args.cache_frozen_features else 0
     text_prefix_depth = frozen_prefix_depth(model, "text") if train_args.cache_frozen_features else 0
     cache_started = time.time()
-    mirror = None
+    mirror = prefix_crop = None
     if data_args.flip_augment:
         sided = images_with_sided_captions(train_pairs["image_id"], train_pairs["caption"])
         mirror = RandomMirror(train_args.seed, never=sided)
@@ -233,7 +235,8 @@ def main(argv=None) -> dict:
             return os.path.join(os.path.expanduser(train_args.feature_cache_dir), f"{prefix}-{key}.pt")
 
         if tower_is_frozen(model, "vision"):
-            logger.info("vision tower is frozen with no adapters: caching its features (no augmentation).")
+            logger.info("vision tower is frozen with no adapters: caching its features (%s).",
+                        "augment does not apply to pooled features" if data_args.augment else "no augmentation")
             # encode_vision averages over the mirror image when image_flip_average is set: part of the key
             flip_average = model.config.image_flip_average
             caches["vision"] = load_or_compute(vision_cache_file("vision", flip_average),
@@ -242,8 +245,11 @@ def main(argv=None) -> dict:
                 caches["mirrored"] = mirrored_features(vision_cache_file("vision-mirrored", flip_average),
                                                        model.encode_vision, [train_images])
         elif prefix_depth:
-            logger.info("vision blocks below %d are frozen: caching their output (no augmentation); each step "
-                        "runs only the blocks above.", prefix_depth)
+            logger.info("vision blocks below %d are frozen: caching their output (%s); each step runs only the "
+                        "blocks above.", prefix_depth,
+                        "augment: random resized crops of the cached maps" if data_args.augment else "no augmentation")
+            if data_args.augment:
+                prefix_crop = RandomFeatureCrop(train_args.seed, scale=train_transform.crop_scale)
             caches["vision_hidden"] = load_or_compute(
                 vision_cache_file("vision-prefix", prefix_depth, train_args.prefix_cache_dtype),
                 lambda: every_image_features(encode=lambda pixels: model.vision_prefix(pixels, prefix_depth),
@@ -267,7 +273,7 @@ def main(argv=None) -> dict:
         elif text_prefix_depth:
             logger.info("text layers below %d are frozen: caching each caption's token states there; each step runs "
                         "only the layers above.", text_prefix_depth)
-            every_caption = list(train_pairs["caption"]) + [c for view in eval_views.values() for c in split_captions(view)[1]]
+            every_caption = list(train_pairs["caption"]) + [c for captions in eval_captions.values() for c in captions]
             caches["text_hidden"] = pooled_text_features(
                 model, every_caption, processor.tokenizer, max_length=data_args.max_length, batch_size=batch,
                 device=accelerator.device, desc="cache text prefix", show_progress=show, prefix_depth=text_prefix_depth,
@@ -277,7 +283,7 @@ def main(argv=None) -> dict:
     if caches["vision"] is not None or caches["vision_hidden"] is not None:
         train_pairs = train_pairs.remove_columns("image")  # never decode images we do not need
     train_rows_transform = CachedFeatureTransform(train_transform, caches["vision"], caches["text"], caches["vision_hidden"],
-                                                  mirror, caches["mirrored"], caches["text_hidden"])
+                                                  mirror, caches["mirrored"], caches["text_hidden"], prefix_crop)
 
     def evaluate(split: str) -> dict:
         unwrapped = accelerator.unwrap_model(model)
@@ -288,7 +294,7 @@ def main(argv=None) -> dict:
                                               device=accelerator.device, mirrored=caches["mirrored"])
         text_cache = None
         if caches["text_hidden"] is not None:  # likewise the trained upper text layers
-            text_cache = pooled_from_text_prefix(unwrapped, caches["text_hidden"], split_captions(eval_views[split])[1],
+            text_cache = pooled_from_text_prefix(unwrapped, caches["text_hidden"], eval_captions[split],
                                                  text_prefix_depth, batch_size=train_args.per_device_eval_batch_size,
                                                  device=accelerator.device)
         embedded = embed_split(unwrapped, eval_views[split], eval_transform, processor.tokenizer,
@@ -352,8 +358,9 @@ def main(argv=None) -> dict:
     done = state["global_step"] >= total_steps
     while not done and state["epoch"] < train_args.num_train_epochs:
         epoch = state["epoch"]
-        if mirror is not None:
-            mirror.set_epoch(epoch)  # before the loader exists: its workers get a copy
+        for augmentation in (mirror, prefix_crop):
+            if augmentation is not None:
+                augmentation.set_epoch(epoch)  # before the loader exists: its workers get a copy
         loader = accelerator.prepare(make_train_loader(train_pairs, train_rows_transform, collator, data_args, train_args,
                                                        train_args.seed, epoch))
         if state["step_in_epoch"]:

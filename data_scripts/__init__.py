@@ -11,6 +11,7 @@ contract in doc/ARCHITECTURE.md) and turns them into tensors given the backbones
 """
 
 from .collator import ContrastiveCollator, image_ids_to_tensor
+from .feature_crop import RandomFeatureCrop
 from .flickr8k import default_flickr8k_dir, load_flickr8k
 from .loading import load_image_caption_dataset
 from .mirror import RandomMirror, images_with_sided_captions
@@ -31,6 +32,7 @@ __all__ = [
     "PAIR_FEATURES",
     "Problem",
     "ImageGroupBatchSampler",
+    "RandomFeatureCrop",
     "RandomMirror",
     "TransformedRows",
     "UniqueImageBatchSampler",

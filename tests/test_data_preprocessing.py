@@ -13,6 +13,7 @@ from data_scripts import (
     ImageSpec,
     ImageTransform,
     ImageGroupBatchSampler,
+    RandomFeatureCrop,
     RandomMirror,
     TransformedRows,
     UniqueImageBatchSampler,
@@ -279,6 +280,45 @@ def test_mirrored_rows_read_the_mirrored_cache_or_get_flipped_pixels():
     assert out["pixel_values"][1][0, 0].tolist() == [0, 1, 2]  # "b" says left/right: kept
     with pytest.raises(ValueError, match="mirrored_cache"):
         CachedFeatureTransform(None, vision_cache=cache, mirror=mirror)
+
+
+def test_a_feature_crop_is_a_resized_window_of_the_map_drawn_per_image_and_epoch():
+    crop = RandomFeatureCrop(seed=3)
+    windows = {i: crop.window(14, 14, f"img{i}") for i in range(200)}
+    for top, left, h, w in windows.values():
+        assert 0 <= top <= 14 - h and 0 <= left <= 14 - w
+        assert 0.6 * 196 - 14 <= h * w <= 196  # the area range, up to rounding to the grid
+    assert len(set(windows.values())) > 20  # images get different windows
+    assert windows == {i: RandomFeatureCrop(seed=3).window(14, 14, f"img{i}") for i in range(200)}  # no RNG state
+    crop.set_epoch(1)
+    assert windows != {i: crop.window(14, 14, f"img{i}") for i in range(200)}  # a new draw each epoch
+
+    # The output keeps shape and dtype, and is the chosen window upsampled: a map that is linear in
+    # its column index stays linear, now spanning only the window's columns.
+    columns = torch.arange(14.0).expand(2, 14, 14).to(torch.float16)
+    cropped_id = next(f"img{i}" for i, (_, _, h, w) in windows.items() if w < 12)
+    crop.set_epoch(0)
+    top, left, h, w = crop.window(14, 14, cropped_id)
+    out = crop(columns, cropped_id)
+    assert out.shape == columns.shape and out.dtype == torch.float16
+    assert left <= out.min() and out.max() <= left + w - 1
+    assert torch.equal(out[0], out[1]) and (out[:, :, 1:] >= out[:, :, :-1]).all()
+    assert torch.equal(RandomFeatureCrop(seed=3, scale=(1.0, 1.0), ratio=(1.0, 1.0))(columns, "x"), columns)
+    with pytest.raises(ValueError, match="scale"):
+        RandomFeatureCrop(seed=0, scale=(0.0, 1.0))
+
+
+def test_cached_prefix_rows_of_one_image_get_the_same_crop_after_the_mirror():
+    mirror = RandomMirror(seed=0, probability=1.0)
+    crop = RandomFeatureCrop(seed=0, scale=(0.3, 0.3))
+    plain = {"a": torch.zeros(1, 8, 8)}
+    mirrored = {"a": torch.arange(8.0).expand(1, 8, 8)}
+    batch = {"image_id": ["a", "a"], "caption": ["x", "y"]}
+    out = CachedFeatureTransform(None, vision_hidden_cache=plain, mirror=mirror, mirrored_cache=mirrored,
+                                 prefix_crop=crop)(batch)
+    first, second = out["vision_hidden"]
+    assert torch.equal(first, second) and torch.equal(first, crop(mirrored["a"], "a"))
+    assert not torch.equal(first, mirrored["a"])
 
 
 def test_transformed_rows_apply_the_batch_transform_to_the_chosen_rows_only():

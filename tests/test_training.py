@@ -217,6 +217,21 @@ def test_flip_augment_caches_the_mirrored_prefix_of_the_training_images_only(tin
     assert metrics["test"]["rsum"] > 0
 
 
+def test_augment_with_a_cached_prefix_crops_the_cached_maps_and_changes_training(tiny_model_dir, tmp_path, caplog):
+    caplog.set_level("INFO")
+    cache_dir = tmp_path / "features"
+    args = ("--vision_train", "top:1", "--text_train", "frozen", "--feature_cache_dir", str(cache_dir),
+            "--prefix_cache_dtype", "float32", "--num_train_epochs", "1")
+    cropped = run_contrastive.main(tiny_run_args(tiny_model_dir, tmp_path / "cropped", *args, "--augment", "true"))
+    assert "random resized crops of the cached maps" in caplog.text
+    plain = run_contrastive.main(tiny_run_args(tiny_model_dir, tmp_path / "plain", *args))
+    assert len(list(cache_dir.glob("vision-prefix-*.pt"))) == 1  # one cache serves both: crops are drawn per step
+    cropped_weights, plain_weights = (load_file(tmp_path / run / "model.safetensors") for run in ("cropped", "plain"))
+    head_conv = next(k for k in cropped_weights if k.startswith("vision_model.conv_head"))
+    assert not torch.equal(cropped_weights[head_conv], plain_weights[head_conv])
+    assert cropped["test"]["rsum"] > 0 and plain["test"]["rsum"] > 0
+
+
 def test_image_flip_average_evaluates_on_both_views_from_the_cache_and_reports_the_single_view_too(tiny_model_dir,
                                                                                                     tmp_path):
     cache_dir = tmp_path / "features"

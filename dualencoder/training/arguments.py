@@ -47,7 +47,7 @@ class DataArguments:
     num_images: int = field(default=1200, metadata={"help": "synthetic only: how many images to generate."})
     synthetic_image_size: int = field(default=128, metadata={"help": "synthetic only: generated image size (resized to the backbone's size)."})
     max_length: int = field(default=32, metadata={"help": "Tokens per caption after truncation."})
-    augment: bool = field(default=False, metadata={"help": "Random resized crop on training images (see flip_augment for mirroring)."})
+    augment: bool = field(default=False, metadata={"help": "Random resized crop on training images (see flip_augment for mirroring). With the vision prefix cache (vision_train: top:N) the cached maps are cropped and resized back instead (data_scripts/feature_crop.py); a fully frozen, pooled vision cache is not augmented."})
     flip_augment: bool = field(default=False, metadata={"help": "Mirror half the training images each epoch, never one whose captions say left or right. With cached vision features or prefix, the mirrored training images are cached too (twice the caching time)."})
     unique_image_batches: bool = field(default=True, metadata={"help": "Never put two captions of one image in a batch."})
     batch_by_image: bool = field(default=False, metadata={"help": "Batches of per_device_train_batch_size images, each with all its captions of the epoch (see captions_per_image) as positives of one another; cached image features are embedded once per image. Overrides unique_image_batches."})

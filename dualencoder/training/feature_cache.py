@@ -55,10 +55,12 @@ class CachedFeatureTransform:
     With a `mirror` (see `data_scripts.mirror.RandomMirror`) the images it picks are flipped:
     pixels directly, cached features by reading `mirrored_cache`, which holds the mirrored
     counterpart of whichever vision cache is in use (pooled or prefix) for the training images.
+    With a `prefix_crop` (`data_scripts.RandomFeatureCrop`) each cached prefix map, mirrored or
+    not, is replaced by a random resized window of itself: the image crop of a cached tower.
     """
 
     def __init__(self, image_transform, vision_cache=None, text_cache=None, vision_hidden_cache=None,
-                 mirror=None, mirrored_cache=None, text_hidden_cache=None):
+                 mirror=None, mirrored_cache=None, text_hidden_cache=None, prefix_crop=None):
         self.image_transform = image_transform
         self.vision_cache = vision_cache
         self.text_cache = text_cache
@@ -66,6 +68,7 @@ class CachedFeatureTransform:
         self.mirror = mirror
         self.mirrored_cache = mirrored_cache
         self.text_hidden_cache = text_hidden_cache
+        self.prefix_crop = prefix_crop
         cached = vision_cache is not None or vision_hidden_cache is not None
         if mirror is not None and cached and mirrored_cache is None:
             raise ValueError("mirroring cached vision features needs the mirrored images' cache (mirrored_cache)")
@@ -82,6 +85,8 @@ class CachedFeatureTransform:
             out["vision_pooled"] = [self._cached(self.vision_cache, i) for i in batch["image_id"]]
         elif self.vision_hidden_cache is not None:
             out["vision_hidden"] = [self._cached(self.vision_hidden_cache, i) for i in batch["image_id"]]
+            if self.prefix_crop is not None:
+                out["vision_hidden"] = [self.prefix_crop(f, i) for f, i in zip(out["vision_hidden"], batch["image_id"])]
         else:
             out["pixel_values"] = [self.image_transform.pixels(image) for image in batch["image"]]
             if self.mirror is not None:
