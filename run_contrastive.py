@@ -249,7 +249,8 @@ def main(argv=None) -> dict:
                         "blocks above.", prefix_depth,
                         "augment: random resized crops of the cached maps" if data_args.augment else "no augmentation")
             if data_args.augment:
-                prefix_crop = RandomFeatureCrop(train_args.seed, scale=train_transform.crop_scale)
+                prefix_crop = RandomFeatureCrop(train_args.seed, scale=train_transform.crop_scale,
+                                                ratio=train_transform.crop_ratio)
             caches["vision_hidden"] = load_or_compute(
                 vision_cache_file("vision-prefix", prefix_depth, train_args.prefix_cache_dtype),
                 lambda: every_image_features(encode=lambda pixels: model.vision_prefix(pixels, prefix_depth),

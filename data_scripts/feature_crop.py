@@ -16,13 +16,15 @@ resumed run, DataLoader workers and every caption row of one image agree on it (
 from __future__ import annotations
 
 import math
-import zlib
 
 import torch
 import torch.nn.functional as F
 
+from .mirror import PerImageDraw
+from .preprocessing import CROP_RATIO, CROP_SCALE
 
-class RandomFeatureCrop:
+
+class RandomFeatureCrop(PerImageDraw):
     """`crop(features, image_id)`: a random window of a ``[C, H, W]`` map, resized back to ``H x W``.
 
     ``scale`` bounds the window's share of the map's area, ``ratio`` its width/height ratio (those of
@@ -30,24 +32,20 @@ class RandomFeatureCrop:
     whole map, as torchvision's crop does.
     """
 
-    def __init__(self, seed: int, scale: tuple[float, float] = (0.6, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    def __init__(self, seed: int, scale: tuple[float, float] = CROP_SCALE, ratio: tuple[float, float] = CROP_RATIO,
                  attempts: int = 10):
         if not 0.0 < scale[0] <= scale[1] <= 1.0:
             raise ValueError(f"crop scale must satisfy 0 < low <= high <= 1, got {scale}")
         if not 0.0 < ratio[0] <= ratio[1]:
             raise ValueError(f"crop ratio must satisfy 0 < low <= high, got {ratio}")
-        self.seed = seed
+        super().__init__(seed)
         self.scale = scale
         self.ratio = ratio
         self.attempts = attempts
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def window(self, height: int, width: int, image_id: str) -> tuple[int, int, int, int]:
         """(top, left, h, w) of the image's window this epoch, on a ``height x width`` grid."""
-        generator = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{self.epoch}:{image_id}:crop".encode()))
+        generator = torch.Generator().manual_seed(self.draw(image_id, "crop"))
         log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
         for _ in range(self.attempts):
             u = torch.rand(4, generator=generator).tolist()

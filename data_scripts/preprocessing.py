@@ -29,6 +29,11 @@ from torchvision.transforms import functional as F
 
 from .images import to_rgb
 
+# The random resized crop's ranges: share of the image's area, and width/height ratio. Also those of
+# the crop of cached feature maps (feature_crop.RandomFeatureCrop), the same augmentation there.
+CROP_SCALE = (0.6, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
+
 # PIL / transformers' PILImageResampling integer codes -> torchvision modes
 _INTERPOLATION = {
     0: InterpolationMode.NEAREST,
@@ -108,18 +113,19 @@ class ImageTransform:
     """
 
     def __init__(self, image_processor: Any, train: bool = False, augment: bool = True,
-                 crop_scale: tuple[float, float] = (0.6, 1.0)):
+                 crop_scale: tuple[float, float] = CROP_SCALE, crop_ratio: tuple[float, float] = CROP_RATIO):
         self.spec = ImageSpec.from_processor(image_processor)
         self.train = train
         self.augment = train and augment
         self.crop_scale = crop_scale
+        self.crop_ratio = crop_ratio
         self._geometry = self._build_geometry()
 
     def _build_geometry(self):
         spec = self.spec
         if self.augment:
             return transforms.RandomResizedCrop(
-                spec.output_size, scale=self.crop_scale, ratio=(3 / 4, 4 / 3), interpolation=spec.interpolation
+                spec.output_size, scale=self.crop_scale, ratio=self.crop_ratio, interpolation=spec.interpolation
             )
         steps = [transforms.Resize(spec.resize if len(spec.resize) == 2 else spec.resize[0],
                                    interpolation=spec.interpolation)]

@@ -84,9 +84,11 @@ class CachedFeatureTransform:
         if self.vision_cache is not None:
             out["vision_pooled"] = [self._cached(self.vision_cache, i) for i in batch["image_id"]]
         elif self.vision_hidden_cache is not None:
-            out["vision_hidden"] = [self._cached(self.vision_hidden_cache, i) for i in batch["image_id"]]
+            # once per image: with batch_by_image its caption rows share one (cropped) map
+            maps = {i: self._cached(self.vision_hidden_cache, i) for i in dict.fromkeys(batch["image_id"])}
             if self.prefix_crop is not None:
-                out["vision_hidden"] = [self.prefix_crop(f, i) for f, i in zip(out["vision_hidden"], batch["image_id"])]
+                maps = {i: self.prefix_crop(features, i) for i, features in maps.items()}
+            out["vision_hidden"] = [maps[i] for i in batch["image_id"]]
         else:
             out["pixel_values"] = [self.image_transform.pixels(image) for image in batch["image"]]
             if self.mirror is not None:

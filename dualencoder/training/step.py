@@ -85,8 +85,8 @@ def compile_in_place(model: torch.nn.Module, scope: str = "model", backend: str 
 
     `model` compiles the whole forward (and, through AOTAutograd, its backward) as few graphs.
     `blocks` compiles each repeated block instead (each child of a ModuleList whose children are all
-    of one class: transformer layers; timm's CNN stages are nn.Sequential and stay eager). Identical blocks share one compiled graph, so
-    compiling takes seconds, and the glue between blocks (embeddings, pooling, heads, loss) stays
+    of one class: transformer layers; timm's CNN stages are nn.Sequential and stay eager). Identical
+    blocks share one compiled graph, so compiling takes seconds, and the glue between blocks (embeddings, pooling, heads, loss) stays
     eager. Compiling in place (`Module.compile`) keeps parameter names, so checkpoints and
     `save_pretrained` are unchanged. `mode` is torch.compile's (e.g. "reduce-overhead": CUDA graphs).
     """
