@@ -72,6 +72,8 @@ def build_model(model_args) -> DualEncoderModel:
         model = join_backbones(model_args)
     if model_args.image_flip_average is not None:
         model.config.image_flip_average = model_args.image_flip_average
+    if model_args.vision_chunk_size is not None:
+        model.config.vision_chunk_size = model_args.vision_chunk_size
     set_tower_trainable(model, "vision", model_args.vision_train)
     set_tower_trainable(model, "text", model_args.text_train)
     return model

@@ -21,6 +21,8 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
+from dualencoder.devices import pick_device  # noqa: F401  (the benchmarks take it from here)
+
 # Dense peak throughput by device name (substring of torch.cuda.get_device_name(), first match
 # wins), in FLOP/s. "fp32" is the non-tensor-core rate: PyTorch leaves TF32 matmuls off by
 # default (torch.backends.cuda.matmul.allow_tf32 is False), so fp32 matmuls run on CUDA cores.
@@ -36,11 +38,15 @@ PEAK_FLOPS = (
 
 
 # ---------------------------------------------------------------------------------------- device
-def pick_device(name: Optional[str] = None) -> torch.device:
-    """`name` if given, else CUDA when available, else CPU."""
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def add_threads_argument(parser) -> None:
+    """The benchmarks' shared `--threads` flag (torch CPU threads; the machine may be shared)."""
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def set_threads(threads: Optional[int]) -> None:
+    """Apply `--threads` when given; None leaves torch's own choice."""
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def device_info(device: torch.device) -> dict:

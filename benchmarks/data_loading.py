@@ -24,6 +24,7 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
+    add_threads_argument,
     command_line,
     device_info,
     fmt,
@@ -31,6 +32,7 @@ from benchmarks.common import (  # noqa: E402
     markdown_table,
     parse_ints,
     pick_device,
+    set_threads,
     write_json,
 )
 
@@ -116,7 +118,7 @@ def parse_args(argv=None):
     parser.add_argument("--prefetch_factor", type=int, default=2)
     parser.add_argument("--pin_memory", default="auto", choices=("auto", "on", "off"), help="auto: on when CUDA is there")
     parser.add_argument("--synthetic_image_size", type=int, default=224)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads of the main process")
+    add_threads_argument(parser)
     parser.add_argument("--out", default="benchmarks/results/data_loading.json")
     return parser.parse_args(argv)
 
@@ -125,8 +127,7 @@ def main(argv=None) -> dict:
     from data_scripts import ContrastiveCollator, ImageTransform
 
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     device = pick_device()
     pin = args.pin_memory == "on" or (args.pin_memory == "auto" and device.type == "cuda")
     started = time.perf_counter()

@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
+    add_threads_argument,
     command_line,
     device_info,
     fmt,
@@ -31,6 +32,7 @@ from benchmarks.common import (  # noqa: E402
     markdown_table,
     offline_pair_available,
     pick_device,
+    set_threads,
     synchronize,
     timed,
     write_json,
@@ -174,15 +176,14 @@ def parse_args(argv=None):
     parser.add_argument("--captions_per_image", type=int, default=1)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--skip_flickr", action="store_true")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_threads_argument(parser)
     parser.add_argument("--out", default="benchmarks/results/eval_speed.json")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     device = pick_device()
     result = {**device_info(device), "command": command_line(argv), "torch_threads": torch.get_num_threads(),
               "precision": args.precision, "batch_size": args.batch_size}

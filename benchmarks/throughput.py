@@ -42,6 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
+    add_threads_argument,
     command_line,
     count_flops,
     device_info,
@@ -54,6 +55,7 @@ from benchmarks.common import (  # noqa: E402
     parse_choices,
     peak_flops,
     pick_device,
+    set_threads,
     reset_accelerate_state,
     reset_peak_memory,
     run_guarded,
@@ -328,8 +330,7 @@ def summarise(spec: dict, device: torch.device, clock: StepClock, flops: int, pa
 
 
 def run_row(spec: dict) -> dict:
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
+    set_threads(spec.get("threads"))
     return run_hf_trainer(spec) if spec["impl"] == "hf-trainer" else run_ours(spec)
 
 
@@ -421,7 +422,7 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=5, help="steps run before measuring (compilation happens here)")
     parser.add_argument("--image_size", type=int, default=224)
     parser.add_argument("--seq_len", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_threads_argument(parser)
     parser.add_argument("--in_process", action="store_true",
                         help="run every row in this process (faster start; host RSS is then the process's peak so far)")
     parser.add_argument("--row_timeout", type=float, default=None, help="seconds before a row's process is stopped")

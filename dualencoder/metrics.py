@@ -29,6 +29,8 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
+from dualencoder.devices import pick_device
+
 __all__ = [
     "retrieval_ranks",
     "ranks_from_similarity",
@@ -43,12 +45,6 @@ STANDARD_KS = (1, 5, 10)
 # ---------------------------------------------------------------------------------------------
 # input checking
 # ---------------------------------------------------------------------------------------------
-
-
-def _pick_device(device) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _to_tensor(x) -> torch.Tensor:
@@ -172,7 +168,7 @@ def retrieval_ranks(
         ties counted against the model (see the module docstring).
     """
     chunk_size = _check_chunk_size(chunk_size)
-    dev = _pick_device(device)
+    dev = pick_device(device)
     images = _as_matrix(image_embeds, "image_embeds", dev)
     texts = _as_matrix(text_embeds, "text_embeds", dev)
     if images.shape[1] != texts.shape[1]:

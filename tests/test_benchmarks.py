@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from benchmarks import common, data_loading, eval_speed, throughput
+from benchmarks import common, data_loading, eval_speed, throughput, vision_chunks
 
 
 @pytest.fixture(autouse=True)
@@ -136,3 +136,14 @@ def test_train_check_resplits_a_test_only_copy_and_trains_a_random_model_end_to_
     assert (tmp_path / "work" / "run" / "model.safetensors").exists()
     with pytest.raises(SystemExit, match="24 test images"):
         train_check.resplit_flickr(str(source), [20, 4, 4], str(tmp_path / "other"))
+
+
+def test_vision_chunks_times_each_chunk_size_against_the_whole_batch(tmp_path):
+    out = tmp_path / "chunks.json"
+    result = vision_chunks.main(["--model", "tiny", "--batch_size", "4", "--image_size", "32", "--depth", "1",
+                                 "--chunks", "2,3", "--warmup", "0", "--repeats", "2", "--out", str(out)])
+    assert json.loads(out.read_text()) == result
+    assert [row["chunk"] for row in result["rows"]] == [0, 2, 3]  # the whole batch first: the reference
+    for row in result["rows"]:
+        assert len(row["prefix_s"]) == len(row["suffix_train_s"]) == 2
+        assert row["prefix_median_s"] > 0 and row["suffix_train_median_s"] > 0

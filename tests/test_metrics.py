@@ -294,3 +294,17 @@ print(m.compute(predictions=[[0.9, 0.1], [0.2, 0.8]], references=[[0], [1]])["rs
     lines = out.stdout.strip().splitlines()
     assert lines[0].startswith("ERROR:") and "DUALENCODER_ROOT" in lines[0] and "could not be imported" in lines[0]
     assert lines[-1] == "600.0"
+
+
+def test_pick_device_prefers_cuda_only_when_asked_to_choose(monkeypatch):
+    from dualencoder.devices import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device() == torch.device("cpu")
+    assert pick_device("auto") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pick_device() == torch.device("cuda")
+    assert pick_device("auto") == torch.device("cuda")
+    # A device named by the caller is taken as it is, whatever is available.
+    assert pick_device("cpu") == torch.device("cpu")
+    assert pick_device(torch.device("cuda", 1)) == torch.device("cuda", 1)

@@ -266,6 +266,49 @@ def test_vision_prefix_then_suffix_equals_the_whole_tower_at_every_depth(make_co
             torch.testing.assert_close(split, whole, msg=f"depth {depth}")
 
 
+@pytest.mark.parametrize("make_config", [tiny_vit_distilbert_config, tiny_timm_config], ids=["hf_vit", "timm_cnn"])
+def test_vision_chunks_give_the_whole_batch_result_and_gradients(make_config):
+    whole_model = DualEncoderModel(make_config())
+    chunked_model = DualEncoderModel(make_config(vision_chunk_size=2))
+    chunked_model.load_state_dict(whole_model.state_dict())
+    pixels = tiny_batch(whole_model.config, 5)["pixel_values"]  # chunks of 2, 2 and 1
+    depth = 1
+    grads = []
+    for model in (whole_model, chunked_model):
+        train_mode(model, freeze_batchnorm=True)
+        pooled = model.encode_vision(pixels)
+        from_prefix = model.vision_suffix(model.vision_prefix(pixels, depth), depth)
+        (pooled.square().sum() + from_prefix.sum()).backward()
+        grads.append((pooled.detach(), from_prefix.detach(),
+                      {n: p.grad.clone() for n, p in model.vision_model.named_parameters() if p.grad is not None}))
+    (pooled_a, prefix_a, grads_a), (pooled_b, prefix_b, grads_b) = grads
+    torch.testing.assert_close(pooled_b, pooled_a)
+    torch.testing.assert_close(prefix_b, prefix_a)
+    assert grads_a and grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], msg=name)
+
+
+def test_vision_chunks_are_skipped_while_batchnorm_statistics_update(caplog):
+    whole_model = DualEncoderModel(tiny_timm_config())
+    chunked_model = DualEncoderModel(tiny_timm_config(vision_chunk_size=2))
+    chunked_model.load_state_dict(whole_model.state_dict())
+    pixels = tiny_batch(whole_model.config, 6)["pixel_values"]
+    whole_model.train(), chunked_model.train()  # BatchNorm normalises with the statistics of the batch
+    with caplog.at_level("WARNING"):
+        chunked = chunked_model.encode_vision(pixels)
+    torch.testing.assert_close(chunked, whole_model.encode_vision(pixels))
+    assert "vision_chunk_size is ignored" in caplog.text
+    # In eval mode the running statistics are used, so the chunks apply and still agree.
+    with torch.no_grad():
+        torch.testing.assert_close(chunked_model.eval().encode_vision(pixels), whole_model.eval().encode_vision(pixels))
+
+
+def test_vision_chunk_size_must_be_positive():
+    with pytest.raises(ValueError, match="vision_chunk_size"):
+        tiny_timm_config(vision_chunk_size=0)
+
+
 @pytest.mark.parametrize("text_config", [tiny_text_config, tiny_bert_config], ids=["distilbert", "bert"])
 @pytest.mark.parametrize("pooling", ["mean", "cls"])
 def test_text_prefix_then_suffix_equals_the_whole_tower_at_every_depth(text_config, pooling):

@@ -27,6 +27,7 @@ import torch
 from transformers import AutoProcessor
 
 from data_scripts import ImageTransform, load_image_caption_dataset
+from dualencoder.devices import pick_device
 from dualencoder.evaluation.embed import EmbeddedSplit, embed_split
 from dualencoder.metrics import format_metrics_table
 from dualencoder.processing import build_processor
@@ -47,12 +48,6 @@ _HEAD_FIELDS = ("projection_dim", "projection_head", "projection_hidden_dim", "t
 
 
 # ----------------------------------------------------------------------------------------- models
-def pick_device(device: Optional[str] = None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def load_model(name_or_path: str, device: Optional[str] = None):
     """A saved model and its processor (a directory from `run_contrastive.py`, or a Hub id)."""
     model = DualEncoderModel.from_pretrained(name_or_path).to(pick_device(device)).eval()
