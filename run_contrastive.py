@@ -351,11 +351,13 @@ def main(argv=None) -> dict:
 
     def checkpoint():
         train_step.check()
+        state["train_seconds"] = earlier_seconds + time.time() - started  # a resumed run's time adds up across runs
         save_checkpoint(accelerator, train_args.output_dir, state["global_step"], state, train_args.save_total_limit)
 
     # --- train
     metric = train_args.metric_for_best_model
     best_dir = os.path.join(train_args.output_dir, "best")
+    earlier_seconds = state.get("train_seconds", 0.0)  # training time of the runs this one resumes
     started = time.time()
     progress = tqdm(total=total_steps, initial=state["global_step"], desc="train", disable=not show)
     done = state["global_step"] >= total_steps
@@ -407,7 +409,7 @@ def main(argv=None) -> dict:
                     write_atomically(best_dir, accelerator.unwrap_model(model).save_pretrained)
         checkpoint()
     progress.close()
-    train_seconds = time.time() - started
+    train_seconds = earlier_seconds + time.time() - started
     accelerator.wait_for_everyone()
 
     # --- test the best model and export it
@@ -417,7 +419,7 @@ def main(argv=None) -> dict:
     metrics = {"before_training": state.get("before_training"), "validation": state.get("best_validation"),
                "best_epoch": state.get("best_epoch"), "train_seconds": round(train_seconds, 1),
                "cache_seconds": round(cache_seconds, 1),
-               "global_step": state["global_step"]}
+               "global_step": state["global_step"], "resumed_from": resume or None}
     if "test" in eval_views:
         metrics["test"] = evaluate("test")
         if final.config.image_flip_average and caches["vision"] is None:  # what the test-time flip average adds

@@ -1,6 +1,7 @@
 """Baselines on frozen features: each must learn a toy problem; features cache; the compare command."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -139,9 +140,13 @@ def test_compare_command_writes_table_and_json_with_main_runs(tmp_path, toy):
     saved = json.loads(out.with_suffix(".json").read_text())
     assert saved["results"]["main-run"]["test"]["rsum"] == 300.0
     assert saved["results"]["linear-cca"]["test"]["rsum"] > 3 * CHANCE_RSUM
-    # --reuse: the baselines come from the JSON, nothing is refitted
+    # --reuse: the baselines come from the JSON, nothing is refitted, and the features are not even
+    # loaded (the cache is gone and the data dir never existed)
     saved["results"]["linear-cca"]["test"]["rsum"] = 123.0
     out.with_suffix(".json").write_text(json.dumps(saved))
+    shutil.rmtree(directory)
     again = main(["--data", str(data_dir), "--out", str(out), "--cache_dir", str(tmp_path / "cache"),
                   "--baselines", "linear-cca", "--reuse"])
     assert again["linear-cca"]["test"]["rsum"] == 123.0 and "--reuse" not in out.read_text()
+    assert json.loads(out.with_suffix(".json").read_text())["meta"]["image_dim"] == \
+        saved["meta"]["image_dim"]

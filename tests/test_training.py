@@ -315,6 +315,9 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_result(tiny_model_dir, tmp_p
 
     resumed = run_contrastive.main(argv + ["--resume_from_checkpoint", "latest"])
     assert resumed["global_step"] == reference["global_step"]
+    # The training time adds the interrupted run's (up to its checkpoint) to the resumed run's.
+    assert reference["resumed_from"] is None and resumed["resumed_from"] == checkpoints[-1]
+    assert resumed["train_seconds"] > state["train_seconds"] > 0
     assert resumed["test"] == pytest.approx(reference["test"])
     final_reference = load_file(tmp_path / "reference" / "model.safetensors")
     final_resumed = load_file(interrupted / "model.safetensors")

@@ -159,6 +159,19 @@ Code: `dualencoder/baselines/`; tests: `tests/test_baselines.py`.
 """
 
 
+def feature_meta(features: dict, key: str, args: argparse.Namespace) -> dict:
+    """What the page says about the frozen features the baselines were fitted on."""
+    train = features["train"]
+    extraction = sum(f.seconds for f in features.values())
+    return {
+        "feature_key": key, "vision_model": args.vision_model, "text_model": args.text_model,
+        "image_size": args.image_size or 224, "image_dim": train.images.shape[1], "text_dim": train.texts.shape[1],
+        "splits": {name: {"images": f.images.shape[0], "captions": f.texts.shape[0]} for name, f in features.items()},
+        "cache": f"~/.cache/dualencoder/features/{key}" if args.cache_dir is None else f"{args.cache_dir}/{key}",
+        "machine": f"{platform.machine()} CPU", "extraction": f"{extraction / 60:.0f} min when they were extracted here",
+    }
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -170,29 +183,36 @@ def main(argv=None) -> dict:
         from data_scripts import default_flickr8k_dir
 
         data = str(default_flickr8k_dir())
-    features = load_features(data, vision=args.vision_model, text=args.text_model, image_size=args.image_size,
-                             max_length=args.max_length, cache_root=args.cache_dir)
-    train, val, test = features["train"], features["validation"], features["test"]
-    extraction = sum(f.seconds for f in features.values())
     key = feature_key(data, args.vision_model, args.text_model, image_size=args.image_size, max_length=args.max_length)
     given = [arg for arg in (argv if argv is not None else sys.argv[1:]) if arg != "--reuse"]
-    command = "python -m dualencoder.baselines.compare " + " ".join(given)
-    meta = {
-        "command": command.strip(), "data": args.data, "vision_model": args.vision_model, "text_model": args.text_model,
-        "image_size": args.image_size or 224, "image_dim": train.images.shape[1], "text_dim": train.texts.shape[1],
-        "splits": {name: {"images": f.images.shape[0], "captions": f.texts.shape[0]} for name, f in features.items()},
-        "cache": f"~/.cache/dualencoder/features/{key}" if args.cache_dir is None else f"{args.cache_dir}/{key}",
-        "threads": args.threads, "machine": f"{platform.machine()} CPU", "epochs": args.epochs,
-        "patience": args.patience, "json": str(json_path),
-        "extraction": f"{extraction / 60:.0f} min when they were extracted here",
-    }
+    saved = json.loads(json_path.read_text()) if args.reuse and json_path.exists() else {}
+    previous = saved.get("results", {})
+    saved_meta = saved.get("meta", {})
+    saved_key = saved_meta.get("feature_key") or (Path(saved_meta["cache"]).name if "cache" in saved_meta else None)
+    if saved_key == key and all(
+        previous.get(name, {}).get("kind") == "baseline" for name in args.baselines
+    ):
+        # Nothing to fit: the feature facts on the page are the saved ones, and the features (minutes
+        # to extract on a machine without the cache) are not needed.
+        logger.info("every baseline is in %s for these features: not loading them", json_path)
+        meta = dict(saved_meta, feature_key=key)
+    else:
+        if saved_key not in (key, None):
+            logger.warning("%s holds baselines of other features (%s): refitting them", json_path, saved_key)
+            previous = {}
+        features = load_features(data, vision=args.vision_model, text=args.text_model, image_size=args.image_size,
+                                 max_length=args.max_length, cache_root=args.cache_dir)
+        train, val, test = features["train"], features["validation"], features["test"]
+        meta = feature_meta(features, key, args)
+    meta.update({
+        "command": ("python -m dualencoder.baselines.compare " + " ".join(given)).strip(), "data": args.data,
+        "threads": args.threads, "epochs": args.epochs, "patience": args.patience, "json": str(json_path),
+    })
+    meta.pop("main_note", None)
     if args.main_runs:
         meta["main_note"] = ("\nMain-model rows come from each run's `metrics.json` (`test` section); they are "
                              "comparable only when the run used this data set's test split.\n")
 
-    previous = {}
-    if args.reuse and json_path.exists():
-        previous = json.loads(json_path.read_text())["results"]
     results: dict = {}
 
     def write() -> None:
