@@ -351,7 +351,7 @@ def main(argv=None) -> dict:
 
     def checkpoint():
         train_step.check()
-        state["train_seconds"] = earlier_seconds + time.time() - started  # a resumed run's time adds up across runs
+        state["train_seconds"] = training_seconds()
         save_checkpoint(accelerator, train_args.output_dir, state["global_step"], state, train_args.save_total_limit)
 
     # --- train
@@ -359,6 +359,11 @@ def main(argv=None) -> dict:
     best_dir = os.path.join(train_args.output_dir, "best")
     earlier_seconds = state.get("train_seconds", 0.0)  # training time of the runs this one resumes
     started = time.time()
+
+    def training_seconds() -> float:
+        """This run's training time plus that of the runs it resumes (kept in each checkpoint's state)."""
+        return earlier_seconds + time.time() - started
+
     progress = tqdm(total=total_steps, initial=state["global_step"], desc="train", disable=not show)
     done = state["global_step"] >= total_steps
     while not done and state["epoch"] < train_args.num_train_epochs:
@@ -409,7 +414,7 @@ def main(argv=None) -> dict:
                     write_atomically(best_dir, accelerator.unwrap_model(model).save_pretrained)
         checkpoint()
     progress.close()
-    train_seconds = earlier_seconds + time.time() - started
+    train_seconds = training_seconds()
     accelerator.wait_for_everyone()
 
     # --- test the best model and export it

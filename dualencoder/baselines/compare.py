@@ -164,7 +164,7 @@ def feature_meta(features: dict, key: str, args: argparse.Namespace) -> dict:
     train = features["train"]
     extraction = sum(f.seconds for f in features.values())
     return {
-        "feature_key": key, "vision_model": args.vision_model, "text_model": args.text_model,
+        "vision_model": args.vision_model, "text_model": args.text_model,
         "image_size": args.image_size or 224, "image_dim": train.images.shape[1], "text_dim": train.texts.shape[1],
         "splits": {name: {"images": f.images.shape[0], "captions": f.texts.shape[0]} for name, f in features.items()},
         "cache": f"~/.cache/dualencoder/features/{key}" if args.cache_dir is None else f"{args.cache_dir}/{key}",
@@ -188,14 +188,12 @@ def main(argv=None) -> dict:
     saved = json.loads(json_path.read_text()) if args.reuse and json_path.exists() else {}
     previous = saved.get("results", {})
     saved_meta = saved.get("meta", {})
-    saved_key = saved_meta.get("feature_key") or (Path(saved_meta["cache"]).name if "cache" in saved_meta else None)
-    if saved_key == key and all(
-        previous.get(name, {}).get("kind") == "baseline" for name in args.baselines
-    ):
+    saved_key = Path(saved_meta["cache"]).name if "cache" in saved_meta else None  # the cache dir is named by the key
+    if saved_key == key and all(previous.get(name, {}).get("kind") == "baseline" for name in args.baselines):
         # Nothing to fit: the feature facts on the page are the saved ones, and the features (minutes
         # to extract on a machine without the cache) are not needed.
         logger.info("every baseline is in %s for these features: not loading them", json_path)
-        meta = dict(saved_meta, feature_key=key)
+        meta = dict(saved_meta)
     else:
         if saved_key not in (key, None):
             logger.warning("%s holds baselines of other features (%s): refitting them", json_path, saved_key)
