@@ -83,6 +83,10 @@ def join_backbones(model_args) -> DualEncoderModel:
     loss_kwargs = yaml.safe_load(model_args.loss_options) or {}
     if not isinstance(loss_kwargs, dict):
         raise SystemExit(f"error: --loss_options must be a mapping, got {model_args.loss_options!r}")
+    glued = [key for key, value in loss_kwargs.items() if value is None and ":" in str(key)]
+    if glued:  # YAML reads {margin:0.2} as the key 'margin:0.2' with no value
+        raise SystemExit(f"error: --loss_options {model_args.loss_options!r}: {glued[0]!r} needs a space after ':' "
+                         f"(YAML), e.g. '{{{str(glued[0]).replace(':', ': ', 1)}}}'")
     if "codebook" in model_args.loss:
         loss_kwargs.setdefault("embed_dim", model_args.projection_dim)
     scale, bias = model_args.logit_scale_init_value, model_args.logit_bias_init_value

@@ -65,6 +65,13 @@ def test_loss_options_can_be_a_yaml_mapping_or_a_command_line_string(tmp_path):
     assert yaml.safe_load(model_args.loss_options) == {"margin": 0.3}
 
 
+def test_loss_options_without_a_space_after_the_colon_say_how_to_write_them():
+    # YAML reads {margin:0.2} as a key 'margin:0.2' with no value: the error names it and the fix
+    model_args, _, _ = parse_args(["--loss", "clip+triplet", "--loss_options", "{margin:0.2}"])
+    with pytest.raises(SystemExit, match=r"'margin:0.2' needs a space after ':'.*\{margin: 0.2\}"):
+        run_contrastive.join_backbones(model_args)
+
+
 def test_unknown_keys_are_errors_that_name_them(tmp_path, capsys):
     config = tmp_path / "c.yaml"
     config.write_text("learning_rat: 0.001\n")
