@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -296,8 +295,26 @@ def test_resume_latest_ignores_a_half_written_checkpoint(tmp_path):
         resolve_resume(str(tmp_path), str(tmp_path / "checkpoint-8"))
 
 
+# Run in a child process: run_contrastive.main(argv), SIGKILLed by itself the moment checkpoint-<step> is
+# complete. A kill from outside, timed by polling for the checkpoint, raced the run: under load the run
+# could write later checkpoints, or finish, before the kill landed.
+_KILL_AFTER_CHECKPOINT = """
+import json, os, signal, sys
+import run_contrastive
+argv, step_to_die_after = json.loads(sys.argv[1]), int(sys.argv[2])
+save_checkpoint = run_contrastive.save_checkpoint
+def save_then_die(accelerator, output_dir, step, *args, **kwargs):
+    path = save_checkpoint(accelerator, output_dir, step, *args, **kwargs)
+    if step == step_to_die_after:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return path
+run_contrastive.save_checkpoint = save_then_die
+run_contrastive.main(argv)
+"""
+
+
 def test_a_run_killed_mid_epoch_resumes_to_the_same_result(tiny_model_dir, tmp_path):
-    """kill -9 after a mid-epoch checkpoint, resume from 'latest', compare with an uninterrupted run."""
+    """kill -9 right after a mid-epoch checkpoint, resume from 'latest', compare with an uninterrupted run."""
     extra = ("--checkpointing_steps", "2", "--save_total_limit", "10", "--eval_before_training", "false")
     reference = run_contrastive.main(tiny_run_args(tiny_model_dir, tmp_path / "reference", *extra))
 
@@ -305,19 +322,13 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_result(tiny_model_dir, tmp_p
     argv = tiny_run_args(tiny_model_dir, interrupted, *extra)
     # Same thread count as this process, so both runs sum in the same order.
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(torch.get_num_threads()))
-    process = subprocess.Popen([sys.executable, "run_contrastive.py", *argv], cwd=REPO, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and not (interrupted / "checkpoint-2" / "trainer_state.json").exists():
-        if process.poll() is not None:
-            pytest.fail("the run ended before its first checkpoint")
-        time.sleep(0.05)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    killed = subprocess.run([sys.executable, "-c", _KILL_AFTER_CHECKPOINT, json.dumps(argv), "2"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=400)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     checkpoints = list_checkpoints(str(interrupted))
-    assert checkpoints, "no checkpoint written before the kill"
+    assert [Path(c).name for c in checkpoints] == ["checkpoint-2"]
     state = json.loads((Path(checkpoints[-1]) / "trainer_state.json").read_text())
-    assert state["step_in_epoch"] > 0, "the kill came too late to test a mid-epoch resume"
+    assert state["step_in_epoch"] > 0, "checkpoint-2 should fall inside the first epoch"
     assert not (interrupted / "metrics.json").exists()
 
     resumed = run_contrastive.main(argv + ["--resume_from_checkpoint", "latest"])
