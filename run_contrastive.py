@@ -28,9 +28,10 @@ from tqdm.auto import tqdm
 from data_scripts import (ContrastiveCollator, ImageGroupBatchSampler, ImageTransform, RandomFeatureCrop, RandomMirror,
                           TransformedRows, UniqueImageBatchSampler, images_with_sided_captions, load_image_caption_dataset,
                           to_image_view)
-from dualencoder.evaluation.embed import (embed_split, pooled_from_prefix, pooled_from_text_prefix, pooled_image_features,
+from dualencoder.evaluation.embed import (EmbeddedSplit, embed_split, pooled_from_prefix, pooled_from_text_prefix, pooled_image_features,
                                           pooled_text_features, split_captions)
 from dualencoder.metrics import format_metrics_table
+from dualencoder.querybank import querybank_metrics
 from dualencoder.processing import build_processor
 from dualencoder.trainable import (format_parameter_report, frozen_prefix_depth, parameter_report, set_tower_trainable,
                                    tower_is_frozen, train_mode)
@@ -264,7 +265,9 @@ def main(argv=None) -> dict:
                                              desc="cache vision prefix"))
             forward_extras["vision_hidden_depth"] = prefix_depth
             # mirrored prefix: of the training images to augment, of the evaluation images to average over
-            mirrored_views = ([train_images] if mirror is not None else []) + (
+            # (and of the training images when they are the querybank: its queries are embedded like the test's)
+            bank_mirrored = model.config.image_flip_average and train_args.querybank_beta is not None
+            mirrored_views = ([train_images] if mirror is not None or bank_mirrored else []) + (
                 list(eval_views.values()) if model.config.image_flip_average else [])
             if mirrored_views:
                 caches["mirrored"] = mirrored_features(
@@ -292,23 +295,28 @@ def main(argv=None) -> dict:
     train_rows_transform = CachedFeatureTransform(train_transform, caches["vision"], caches["text"], caches["vision_hidden"],
                                                   mirror, caches["mirrored"], caches["text_hidden"], prefix_crop)
 
-    def evaluate(split: str) -> dict:
+    def embed(split: str, view=None) -> EmbeddedSplit:
+        """Embed an evaluation split (or `view`, an image view of the training images) with the model as it is now."""
         unwrapped = accelerator.unwrap_model(model)
+        view = eval_views[split] if view is None else view
+        captions = eval_captions[split] if split in eval_captions else split_captions(view)[1]
         vision_cache = caches["vision"]
         if caches["vision_hidden"] is not None:  # the trained top of the tower changes: rerun it from the prefix
-            vision_cache = pooled_from_prefix(unwrapped, caches["vision_hidden"], eval_views[split]["image_id"],
+            vision_cache = pooled_from_prefix(unwrapped, caches["vision_hidden"], view["image_id"],
                                               prefix_depth, batch_size=train_args.per_device_eval_batch_size,
                                               device=accelerator.device, mirrored=caches["mirrored"])
         text_cache = None
         if caches["text_hidden"] is not None:  # likewise the trained upper text layers
-            text_cache = pooled_from_text_prefix(unwrapped, caches["text_hidden"], eval_captions[split],
+            text_cache = pooled_from_text_prefix(unwrapped, caches["text_hidden"], captions,
                                                  text_prefix_depth, batch_size=train_args.per_device_eval_batch_size,
                                                  device=accelerator.device)
-        embedded = embed_split(unwrapped, eval_views[split], eval_transform, processor.tokenizer,
-                               max_length=data_args.max_length, batch_size=train_args.per_device_eval_batch_size,
-                               device=accelerator.device, vision_cache=vision_cache, text_cache=text_cache,
-                               show_progress=show)
-        return embedded.metrics()
+        return embed_split(unwrapped, view, eval_transform, processor.tokenizer,
+                           max_length=data_args.max_length, batch_size=train_args.per_device_eval_batch_size,
+                           device=accelerator.device, vision_cache=vision_cache, text_cache=text_cache,
+                           show_progress=show)
+
+    def evaluate(split: str) -> dict:
+        return embed(split).metrics()
 
     # --- optimiser and schedule
     optimizer = make_optimizer(model, backbone_lr=train_args.learning_rate, vision_backbone_lr=train_args.vision_learning_rate,
@@ -436,6 +444,15 @@ def main(argv=None) -> dict:
             final.config.image_flip_average = False
             metrics["test_without_flip_average"] = evaluate("test")
             final.config.image_flip_average = True
+    if train_args.querybank_beta is not None and eval_views:
+        started = time.time()
+        bank = embed("train", to_image_view(train_pairs))
+        for split in eval_views:
+            metrics[f"{split}_querybank"] = querybank_metrics(embed(split), bank, train_args.querybank_beta)
+        metrics["querybank"] = {"beta": train_args.querybank_beta, "bank": "train", "images": len(bank.image_ids),
+                                "captions": len(bank.captions), "seconds": round(time.time() - started, 1)}
+        logger.info("querybank (%d training images, %d captions, beta %g): embedded and scored in %.0f s",
+                    len(bank.image_ids), len(bank.captions), train_args.querybank_beta, time.time() - started)
     if accelerator.is_main_process:
         export(final, processor, metrics, (model_args, data_args, train_args), state)
     accelerator.end_training()
@@ -457,10 +474,13 @@ def export(model, processor, metrics: dict, args: tuple, state: dict) -> None:
         json.dump(state["history"], handle, indent=2)
     write_model_card(out, model_config=model.config, args=args, metrics={
         k: v for k, v in (("untrained (validation)", metrics.get("before_training")),
-                          ("best (validation)", metrics.get("validation")), ("test", metrics.get("test"))) if v})
+                          ("best (validation)", metrics.get("validation")), ("test", metrics.get("test")),
+                          ("test, querybank-normalised", metrics.get("test_querybank"))) if v})
     tables = {name: metrics[key] for name, key in (("untrained (val)", "before_training"), ("trained (val)", "validation"),
                                                    ("trained (test)", "test"),
-                                                   ("test, no flip average", "test_without_flip_average"))
+                                                   ("test, no flip average", "test_without_flip_average"),
+                                                   ("val, querybank", "validation_querybank"),
+                                                   ("test, querybank", "test_querybank"))
               if metrics.get(key)}
     print("\n" + format_metrics_table(tables) + "\n", flush=True)
     logger.info("saved the model, processor, metrics.json and README.md in %s", out)

@@ -98,6 +98,18 @@ def _as_text_to_image(text_to_image, num_texts: int, num_images: int, device) ->
     return t.to(device)
 
 
+def _as_bias(bias, name: str, n: int, device: torch.device) -> torch.Tensor:
+    """A [n] float32 per-gallery-item score offset (0 when not given)."""
+    if bias is None:
+        return torch.zeros(n, dtype=torch.float32, device=device)
+    b = _to_tensor(bias).to(device=device, dtype=torch.float32)
+    if b.shape != (n,):
+        raise ValueError(f"{name} must have shape [{n}] (one offset per gallery item), got {tuple(b.shape)}")
+    if not torch.isfinite(b).all():
+        raise ValueError(f"{name} has non-finite values")
+    return b
+
+
 def _check_chunk_size(chunk_size: int) -> int:
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
@@ -150,6 +162,8 @@ def retrieval_ranks(
     *,
     chunk_size: int = 1024,
     device=None,
+    image_bias=None,
+    text_bias=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank of the correct item for every image query and every text query.
 
@@ -162,6 +176,11 @@ def retrieval_ranks(
         chunk_size: number of query rows scored at once; memory is ``chunk_size x max(Ni, Nt)``
             floats instead of ``Ni x Nt``. Results do not depend on it.
         device: where to compute; ``None`` picks CUDA when available, else CPU.
+        image_bias, text_bias: optional [Ni] / [Nt] offsets added to every score of that
+            gallery item: text -> image ranks images by ``s_ij + image_bias[i]``, image -> text
+            ranks captions by ``s_ij + text_bias[j]``. A per-item offset never changes which
+            query ranks an item higher, only how items compete within one query's ranking
+            (e.g. :mod:`dualencoder.querybank`'s hubness correction).
 
     Returns:
         ``(i2t_ranks, t2i_ranks)``: CPU LongTensors of shape [Ni] and [Nt], ranks starting at 1,
@@ -178,14 +197,16 @@ def retrieval_ranks(
             f"(text_embeds {tuple(texts.shape)})"
         )
     t2i = _as_text_to_image(text_to_image, texts.shape[0], images.shape[0], dev)
+    image_offsets = _as_bias(image_bias, "image_bias", images.shape[0], dev)
+    text_offsets = _as_bias(text_bias, "text_bias", texts.shape[0], dev)
 
     i2t_parts, t2i_parts = [], []
     for start in range(0, images.shape[0], chunk_size):
-        block = images[start : start + chunk_size] @ texts.T
+        block = images[start : start + chunk_size] @ texts.T + text_offsets
         i2t_parts.append(_i2t_block_ranks(block, start, t2i).cpu())
         del block
     for start in range(0, texts.shape[0], chunk_size):
-        block = texts[start : start + chunk_size] @ images.T
+        block = texts[start : start + chunk_size] @ images.T + image_offsets
         t2i_parts.append(_t2i_block_ranks(block, t2i[start : start + chunk_size]).cpu())
         del block
     return torch.cat(i2t_parts), torch.cat(t2i_parts)
@@ -248,6 +269,8 @@ def retrieval_metrics(
     ks: Sequence[int] = STANDARD_KS,
     chunk_size: int = 1024,
     device=None,
+    image_bias=None,
+    text_bias=None,
 ) -> dict:
     """Recall@K, median and mean rank in both directions, and RSUM.
 
@@ -260,7 +283,8 @@ def retrieval_metrics(
     """
     ks = _check_ks(ks)
     i2t, t2i = retrieval_ranks(
-        image_embeds, text_embeds, text_to_image, chunk_size=chunk_size, device=device
+        image_embeds, text_embeds, text_to_image, chunk_size=chunk_size, device=device,
+        image_bias=image_bias, text_bias=text_bias,
     )
     return metrics_from_ranks(i2t, t2i, ks=ks)
 

@@ -18,6 +18,7 @@ from transformers import VisionTextDualEncoderProcessor
 from dualencoder.evaluation import evaluate_model, figures, report
 from dualencoder.evaluation.embed import EmbeddedSplit
 from dualencoder.metrics import retrieval_metrics
+from dualencoder.querybank import querybank_metrics
 from modeling_dualencoder import DualEncoderModel, resolve_offline
 from tests.tiny import tiny_vit_distilbert_config
 
@@ -116,6 +117,25 @@ def test_evaluate_writes_json_and_prints_a_table(model_dir, tmp_path, capsys):
     embedded = evaluate_model.embed(model, processor, view, show_progress=False)
     expected = retrieval_metrics(embedded.image_embeds, embedded.text_embeds, embedded.text_to_image)
     assert run["metrics"] == pytest.approx(expected)
+
+
+def test_querybank_rows_score_the_split_against_another_splits_queries(model_dir, capsys):
+    args = ["--model_dir", str(model_dir), "--dataset", "synthetic", "--num_images", "24",
+            "--synthetic_image_size", "32", "--split", "test"]
+    result = evaluate_model.main([*args, "--querybank_split", "train", "--querybank_beta", "5", "20"])
+    bank = result["results"]["model"]["querybank"]
+    assert (bank["split"], list(bank["metrics"])) == ("train", ["5", "20"])
+    printed = capsys.readouterr().out
+    assert f"| {model_dir}, querybank train beta 5 |" in printed and "querybank train beta 20 |" in printed
+    # The same numbers as QB-Norm over the two splits embedded by hand.
+    model, processor = evaluate_model.load_model(str(model_dir))
+    embedded, bank_split = (evaluate_model.embed(model, processor, evaluate_model.load_split(
+        "synthetic", split, num_images=24, synthetic_image_size=32), show_progress=False) for split in ("test", "train"))
+    assert bank["images"] == len(bank_split.image_ids) and bank["captions"] == len(bank_split.captions)
+    for beta in (5.0, 20.0):
+        assert bank["metrics"][f"{beta:g}"] == pytest.approx(querybank_metrics(embedded, bank_split, beta))
+    with pytest.raises(SystemExit, match="--querybank_split test is the evaluated split"):
+        evaluate_model.main([*args, "--querybank_split", "test"])
 
 
 def test_zero_shot_alone_and_beside_the_model(model_dir, zero_shot_args, capsys):

@@ -12,9 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 import run_contrastive
-from data_scripts import ImageTransform
+from data_scripts import ImageTransform, to_image_view
 from dualencoder.evaluation.embed import embed_split
 from dualencoder.processing import build_processor
+from dualencoder.querybank import querybank_metrics
 from modeling_dualencoder import DualEncoderModel
 from dualencoder.training.arguments import parse_args
 from dualencoder.training.checkpoints import list_checkpoints, resolve_resume
@@ -256,6 +257,34 @@ def test_image_flip_average_evaluates_on_both_views_from_the_cache_and_reports_t
     from_pixels = embed_split(saved, eval_views["test"], ImageTransform(processor.image_processor), processor.tokenizer,
                               max_length=32, batch_size=16, show_progress=False).metrics()
     assert from_pixels == pytest.approx(averaged["test"], abs=1e-6)
+
+
+def test_querybank_metrics_use_the_training_split_as_the_bank_and_match_embedding_from_pixels(tiny_model_dir, tmp_path):
+    cache_dir = tmp_path / "features"
+    args = ("--vision_train", "top:1", "--image_flip_average", "true", "--feature_cache_dir", str(cache_dir),
+            "--prefix_cache_dtype", "float32", "--num_train_epochs", "1", "--querybank_beta", "10")
+    metrics = run_contrastive.main(tiny_run_args(tiny_model_dir, tmp_path / "out", *args))
+    [mirrored] = cache_dir.glob("vision-prefix-mirrored-*.pt")
+    assert len(torch.load(mirrored)) == 30  # no flip_augment, yet the bank's training images are averaged too
+    train_pairs, eval_views = run_contrastive.load_data(parse_args(["--dataset", "synthetic", "--num_images", "30",
+                                                                    "--synthetic_image_size", "32"])[1], seed=42)
+    assert metrics["querybank"] == {"beta": 10.0, "bank": "train", "images": len(set(train_pairs["image_id"])),
+                                    "captions": len(train_pairs), "seconds": metrics["querybank"]["seconds"]}
+    # The same numbers as embedding the training and evaluation images from pixels with the saved model.
+    saved = DualEncoderModel.from_pretrained(tmp_path / "out")
+    processor = build_processor(saved.config)
+
+    def embed(view):
+        return embed_split(saved, view, ImageTransform(processor.image_processor), processor.tokenizer, max_length=32,
+                           batch_size=16, show_progress=False)
+
+    bank = embed(to_image_view(train_pairs))
+    for split in ("validation", "test"):
+        assert metrics[f"{split}_querybank"] == pytest.approx(querybank_metrics(embed(eval_views[split]), bank, 10.0),
+                                                              abs=1e-6)
+    assert metrics["test_querybank"] != metrics["test"]
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "test, querybank-normalised" in card and "beta 10" in card
 
 
 def test_cached_features_are_reused_only_for_the_same_weights_and_settings(tmp_path):

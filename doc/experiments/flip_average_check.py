@@ -9,39 +9,22 @@ of the pooled features (what `image_flip_average` does) and the mean of the embe
         --prefix <cache>/vision-prefix-<key>.pt --mirrored <cache>/vision-prefix-mirrored-<key>.pt
 """
 
-import argparse
-import sys
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
-
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
+from trained_run import load_trained_run, run_parser
 
 
 def main():
-    import run_contrastive
     from dualencoder.evaluation.embed import pooled_from_text_prefix, pooled_text_features, split_captions
     from dualencoder.metrics import retrieval_metrics
-    from dualencoder.processing import build_processor
-    from dualencoder.trainable import frozen_prefix_depth, set_tower_trainable
-    from dualencoder.training.arguments import parse_args
-    from modeling_dualencoder import DualEncoderModel
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", required=True, help="a run_contrastive.py output directory")
-    parser.add_argument("--config", default=str(REPO / "configs" / "flickr8k_offline.yaml"))
+    parser = run_parser(__doc__)
     parser.add_argument("--prefix", required=True, help="the run's cached vision prefix (.pt)")
     parser.add_argument("--mirrored", required=True, help="the run's cached mirrored vision prefix (.pt)")
     args = parser.parse_args()
-    model_args, data_args, _ = parse_args(["--config", args.config])
-    _, views = run_contrastive.load_data(data_args, 42)
-    model = DualEncoderModel.from_pretrained(args.run).eval()
-    for tower, mode in (("vision", model_args.vision_train), ("text", model_args.text_train)):
-        set_tower_trainable(model, tower, mode)  # only to read the prefix depths the run used
-    vision_depth, text_depth = frozen_prefix_depth(model, "vision"), frozen_prefix_depth(model, "text")
-    tokenizer = build_processor(model.config).tokenizer
+    run = load_trained_run(args.run, args.config)
+    model, views, data_args, tokenizer = run.model, run.views, run.data_args, run.tokenizer
+    vision_depth, text_depth = run.vision_depth, run.text_depth
     plain, mirrored = torch.load(args.prefix), torch.load(args.mirrored)
     ids, captions, text_to_image = split_captions(views["test"])
     with torch.no_grad():

@@ -31,6 +31,7 @@ from dualencoder.devices import pick_device
 from dualencoder.evaluation.embed import EmbeddedSplit, embed_split
 from dualencoder.metrics import format_metrics_table
 from dualencoder.processing import build_processor
+from dualencoder.querybank import querybank_metrics
 from dualencoder.visualize import similarity_gap
 from modeling_dualencoder import DualEncoderConfig, DualEncoderModel
 
@@ -207,6 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also evaluate the untrained joined backbones (fresh projection heads) as a baseline")
     add_zero_shot_arguments(parser)
     add_data_arguments(parser)
+    bank = parser.add_argument_group("querybank normalisation (dualencoder/querybank.py)")
+    bank.add_argument("--querybank_split", default=None,
+                      help="also score with QB-Norm, the querybank being this split's images and captions (e.g. "
+                           "train; never the evaluated split). Costs one embedding pass over it.")
+    bank.add_argument("--querybank_beta", type=float, nargs="+", default=[10.0],
+                      help="inverse temperature(s) of the querybank's inverted softmax; each gets a row "
+                           "(default: 10, chosen on Flickr8k validation)")
     parser.add_argument("--output_json", default=None, help="write the results here as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
@@ -216,8 +224,15 @@ def evaluate(args: argparse.Namespace) -> dict:
     """Run the evaluation the parsed arguments describe; returns what `--output_json` holds."""
     if not args.model_dir and not args.zero_shot:
         raise SystemExit("nothing to evaluate: pass --model_dir DIR and/or --zero_shot")
+    if args.querybank_split is not None and args.querybank_split == args.split:
+        raise SystemExit(f"--querybank_split {args.querybank_split} is the evaluated split: the querybank must be "
+                         "other queries (e.g. --querybank_split train), or the test queries would score themselves")
     options = data_options(args.model_dir, **vars(args))
     view = load_split(**options)
+    bank_view = None
+    if args.querybank_split is not None:
+        bank_view = load_split(**{**options, "split": args.querybank_split, "max_images": None})
+        logger.info("querybank: %s/%s, %d images", options["dataset"], args.querybank_split, len(bank_view))
     logger.info("evaluating on %s/%s: %d images", options["dataset"], options["split"], len(view))
     show = not args.quiet
     # (key, row name, loader): one model in memory at a time
@@ -237,15 +252,27 @@ def evaluate(args: argparse.Namespace) -> dict:
         model, processor = load()
         embedded = embed(model, processor, view, max_length=options["max_length"], batch_size=args.batch_size,
                          show_progress=show)
+        results[key] = {"name": name, **describe(embedded)}
+        if bank_view is not None:
+            bank = embed(model, processor, bank_view, max_length=options["max_length"], batch_size=args.batch_size,
+                         show_progress=show)
+            results[key]["querybank"] = {
+                "split": args.querybank_split, "images": len(bank.image_ids), "captions": len(bank.captions),
+                "metrics": {f"{beta:g}": querybank_metrics(embedded, bank, beta) for beta in args.querybank_beta}}
         del model
         num_captions = len(embedded.captions)
-        results[key] = {"name": name, **describe(embedded)}
     return {"dataset": options["dataset"], "split": options["split"], "num_images": len(view),
             "num_captions": num_captions, "data_options": options, "results": results}
 
 
 def results_table(output: dict) -> str:
-    return format_metrics_table({run["name"]: run["metrics"] for run in output["results"].values()})
+    rows = {}
+    for run in output["results"].values():
+        rows[run["name"]] = run["metrics"]
+        bank = run.get("querybank")
+        for beta, metrics in (bank["metrics"].items() if bank else ()):
+            rows[f"{run['name']}, querybank {bank['split']} beta {beta}"] = metrics
+    return format_metrics_table(rows)
 
 
 def main(argv=None) -> dict:

@@ -10,6 +10,13 @@ import yaml
 from dualencoder.metrics import format_metrics_table
 
 
+QUERYBANK_NOTE = """
+The querybank-normalised row scores each candidate by its cosine similarity minus how strongly the
+training split's embeddings match it (an inverted softmax, beta {beta}; `dualencoder/querybank.py`):
+a different scoring rule from the plain rows, which discounts "hub" items close to many queries.
+"""
+
+
 def write_model_card(output_dir: str, *, model_config, args: tuple, metrics: dict) -> str:
     """Write `output_dir/README.md` with Hub metadata, the recipe, the metrics table and usage."""
     model_args, data_args, train_args = args
@@ -41,7 +48,7 @@ Ranks over all images / all captions of the split; image->text uses the best of 
 captions; ties count against the model.
 
 {format_metrics_table(tables) if tables else "(no evaluation ran)"}
-
+{QUERYBANK_NOTE.format(beta=train_args.querybank_beta) if any("querybank" in name for name in tables) else ""}
 ## How to use
 
 ```python
