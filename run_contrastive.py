@@ -446,7 +446,10 @@ def main(argv=None) -> dict:
             final.config.image_flip_average = True
     if train_args.querybank_beta is not None and eval_views:
         started = time.time()
-        bank = embed("train", to_image_view(train_pairs))
+        bank_images = to_image_view(train_pairs)
+        if train_args.querybank_max_images:
+            bank_images = bank_images.select(range(min(train_args.querybank_max_images, len(bank_images))))
+        bank = embed("train", bank_images)
         for split in eval_views:
             metrics[f"{split}_querybank"] = querybank_metrics(embed(split), bank, train_args.querybank_beta)
         metrics["querybank"] = {"beta": train_args.querybank_beta, "bank": "train", "images": len(bank.image_ids),

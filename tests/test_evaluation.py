@@ -134,6 +134,8 @@ def test_querybank_rows_score_the_split_against_another_splits_queries(model_dir
     assert bank["images"] == len(bank_split.image_ids) and bank["captions"] == len(bank_split.captions)
     for beta in (5.0, 20.0):
         assert bank["metrics"][f"{beta:g}"] == pytest.approx(querybank_metrics(embedded, bank_split, beta))
+    smaller = evaluate_model.main([*args, "--querybank_split", "train", "--querybank_max_images", "5"])
+    assert smaller["results"]["model"]["querybank"]["images"] == 5 < bank["images"]
     with pytest.raises(SystemExit, match="--querybank_split test is the evaluated split"):
         evaluate_model.main([*args, "--querybank_split", "test"])
 

@@ -285,6 +285,9 @@ def test_querybank_metrics_use_the_training_split_as_the_bank_and_match_embeddin
     assert metrics["test_querybank"] != metrics["test"]
     card = (tmp_path / "out" / "README.md").read_text()
     assert "test, querybank-normalised" in card and "beta 10" in card
+    # A smaller bank: the first 4 training images and their captions.
+    smaller = run_contrastive.main(tiny_run_args(tiny_model_dir, tmp_path / "small", *args, "--querybank_max_images", "4"))
+    assert (smaller["querybank"]["images"], smaller["querybank"]["captions"]) == (4, 20)
 
 
 def test_cached_features_are_reused_only_for_the_same_weights_and_settings(tmp_path):

@@ -215,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     bank.add_argument("--querybank_beta", type=float, nargs="+", default=[10.0],
                       help="inverse temperature(s) of the querybank's inverted softmax; each gets a row "
                            "(default: 10, chosen on Flickr8k validation)")
+    bank.add_argument("--querybank_max_images", type=int, default=None,
+                      help="the first N images of the querybank split (and their captions) form the bank "
+                           "(default: all)")
     parser.add_argument("--output_json", default=None, help="write the results here as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
@@ -231,7 +234,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     view = load_split(**options)
     bank_view = None
     if args.querybank_split is not None:
-        bank_view = load_split(**{**options, "split": args.querybank_split, "max_images": None})
+        bank_view = load_split(**{**options, "split": args.querybank_split, "max_images": args.querybank_max_images})
         logger.info("querybank: %s/%s, %d images", options["dataset"], args.querybank_split, len(bank_view))
     logger.info("evaluating on %s/%s: %d images", options["dataset"], options["split"], len(view))
     show = not args.quiet
