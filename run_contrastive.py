@@ -295,11 +295,11 @@ def main(argv=None) -> dict:
     train_rows_transform = CachedFeatureTransform(train_transform, caches["vision"], caches["text"], caches["vision_hidden"],
                                                   mirror, caches["mirrored"], caches["text_hidden"], prefix_crop)
 
-    def embed(split: str, view=None) -> EmbeddedSplit:
-        """Embed an evaluation split (or `view`, an image view of the training images) with the model as it is now."""
+    def embed(view, captions=None) -> EmbeddedSplit:
+        """Embed an image view (an evaluation split, or the training images as the querybank) with the model as it is
+        now; `captions` are its captions flattened in view order, when already known."""
         unwrapped = accelerator.unwrap_model(model)
-        view = eval_views[split] if view is None else view
-        captions = eval_captions[split] if split in eval_captions else split_captions(view)[1]
+        captions = split_captions(view)[1] if captions is None else captions
         vision_cache = caches["vision"]
         if caches["vision_hidden"] is not None:  # the trained top of the tower changes: rerun it from the prefix
             vision_cache = pooled_from_prefix(unwrapped, caches["vision_hidden"], view["image_id"],
@@ -316,7 +316,7 @@ def main(argv=None) -> dict:
                            show_progress=show)
 
     def evaluate(split: str) -> dict:
-        return embed(split).metrics()
+        return embed(eval_views[split], eval_captions[split]).metrics()
 
     # --- optimiser and schedule
     optimizer = make_optimizer(model, backbone_lr=train_args.learning_rate, vision_backbone_lr=train_args.vision_learning_rate,
@@ -437,8 +437,10 @@ def main(argv=None) -> dict:
                "best_epoch": state.get("best_epoch"), "train_seconds": round(train_seconds, 1),
                "cache_seconds": round(cache_seconds, 1),
                "global_step": state["global_step"], "resumed_from": resume or None}
+    final_embeddings = {}  # split -> EmbeddedSplit of the final model, kept for the querybank scores below
     if "test" in eval_views:
-        metrics["test"] = evaluate("test")
+        final_embeddings["test"] = embed(eval_views["test"], eval_captions["test"])
+        metrics["test"] = final_embeddings["test"].metrics()
         if final.config.image_flip_average and caches["vision"] is None:  # what the test-time flip average adds
             # (a frozen tower's cached features already hold the average, so there it cannot be undone)
             final.config.image_flip_average = False
@@ -449,9 +451,10 @@ def main(argv=None) -> dict:
         bank_images = to_image_view(train_pairs)
         if train_args.querybank_max_images:
             bank_images = bank_images.select(range(min(train_args.querybank_max_images, len(bank_images))))
-        bank = embed("train", bank_images)
+        bank = embed(bank_images)
         for split in eval_views:
-            metrics[f"{split}_querybank"] = querybank_metrics(embed(split), bank, train_args.querybank_beta)
+            embedded = final_embeddings.get(split) or embed(eval_views[split], eval_captions[split])
+            metrics[f"{split}_querybank"] = querybank_metrics(embedded, bank, train_args.querybank_beta)
         metrics["querybank"] = {"beta": train_args.querybank_beta, "bank": "train", "images": len(bank.image_ids),
                                 "captions": len(bank.captions), "seconds": round(time.time() - started, 1)}
         logger.info("querybank (%d training images, %d captions, beta %g): embedded and scored in %.0f s",

@@ -98,10 +98,10 @@ def _as_text_to_image(text_to_image, num_texts: int, num_images: int, device) ->
     return t.to(device)
 
 
-def _as_bias(bias, name: str, n: int, device: torch.device) -> torch.Tensor:
-    """A [n] float32 per-gallery-item score offset (0 when not given)."""
+def _as_bias(bias, name: str, n: int, device: torch.device) -> torch.Tensor | None:
+    """A [n] float32 per-gallery-item score offset, or None when not given (plain scores, nothing added)."""
     if bias is None:
-        return torch.zeros(n, dtype=torch.float32, device=device)
+        return None
     b = _to_tensor(bias).to(device=device, dtype=torch.float32)
     if b.shape != (n,):
         raise ValueError(f"{name} must have shape [{n}] (one offset per gallery item), got {tuple(b.shape)}")
@@ -202,11 +202,15 @@ def retrieval_ranks(
 
     i2t_parts, t2i_parts = [], []
     for start in range(0, images.shape[0], chunk_size):
-        block = images[start : start + chunk_size] @ texts.T + text_offsets
+        block = images[start : start + chunk_size] @ texts.T
+        if text_offsets is not None:
+            block += text_offsets
         i2t_parts.append(_i2t_block_ranks(block, start, t2i).cpu())
         del block
     for start in range(0, texts.shape[0], chunk_size):
-        block = texts[start : start + chunk_size] @ images.T + image_offsets
+        block = texts[start : start + chunk_size] @ images.T
+        if image_offsets is not None:
+            block += image_offsets
         t2i_parts.append(_t2i_block_ranks(block, t2i[start : start + chunk_size]).cpu())
         del block
     return torch.cat(i2t_parts), torch.cat(t2i_parts)
