@@ -145,17 +145,24 @@ class _PairLoss(nn.Module):
         return _Views(image_rows, text_rows, all_image, all_text, targets, same)
 
 
-def _multi_positive_nce(logits: torch.Tensor, targets: torch.Tensor, same: torch.Tensor | None) -> torch.Tensor:
-    """Mean over rows of KL(q_i || softmax(logits_i)), q_i uniform over the row's positives.
+def _multi_positive_nce(logits: torch.Tensor, targets: torch.Tensor, same: torch.Tensor | None,
+                        positives: str = "all") -> torch.Tensor:
+    """Mean over rows of a multi-positive InfoNCE term; ``positives`` says what a row must achieve.
 
-    With one positive per row this *is* cross-entropy (the entropy of a one-hot q is 0), so the
-    fast exact path is taken. With several, cross-entropy against q is bounded below by log|P(i)|
-    (the tied duplicates can never both get probability 1); subtracting that constant gives the
-    same gradients and a loss that is 0 at perfect retrieval, comparable across batches.
+    ``"all"``: KL(q_i || softmax(logits_i)), q_i uniform over the row's positives. With one
+    positive per row this *is* cross-entropy (the entropy of a one-hot q is 0), so the fast exact
+    path is taken. With several, cross-entropy against q is bounded below by log|P(i)| (the tied
+    duplicates can never both get probability 1); subtracting that constant gives the same
+    gradients and a loss that is 0 at perfect retrieval, comparable across batches.
+
+    ``"any"``: -log sum_{j in P(i)} p_ij, the probability mass on the positives together
+    (MIL-NCE). Already 0 at perfect retrieval; with one positive it is cross-entropy too.
     """
     if same is None:
         return F.cross_entropy(logits, targets)
     log_p = logits.log_softmax(dim=-1)
+    if positives == "any":
+        return -log_p.masked_fill(~same, float("-inf")).logsumexp(dim=-1).mean()
     n_pos = same.sum(dim=-1).to(log_p.dtype)
     mean_log_p_pos = log_p.masked_fill(~same, 0.0).sum(dim=-1) / n_pos
     return (-mean_log_p_pos - n_pos.log()).mean()
@@ -176,8 +183,24 @@ class ClipLoss(_PairLoss):
     is right, while keeping the normaliser the full row, so no candidate escapes the softmax.
     The ``- log|P(i)|`` is a constant (KL rather than cross-entropy): gradients are unchanged, and a
     duplicated image no longer puts a floor of log 2 under the loss.
+
+    ``positives="any"`` replaces each row's KL by MIL-NCE (Miech et al., 2020),
+    ``-log sum_{j in P(i)} p_ij``: the row must put its probability on *some* positive, not spread
+    it evenly over all of them. That is what image→text Recall@K counts (a hit when any of the
+    image's captions ranks high). Where a row's positives are copies of one item (a caption's image
+    repeated once per caption, as ``batch_by_image`` does) the two rules give the same loss, so in
+    that layout "any" changes only the image→text direction.
     ``logit_bias`` is ignored.
     """
+
+    def __init__(self, positives: str = "all", **kwargs) -> None:
+        super().__init__(**kwargs)
+        if positives not in ("all", "any"):
+            raise ValueError(f"ClipLoss positives must be 'all' (uniform target) or 'any' (MIL-NCE), got {positives!r}")
+        self.positives = positives
+
+    def extra_repr(self) -> str:
+        return f"positives={self.positives!r}, " + super().extra_repr()
 
     def forward(
         self,
@@ -195,8 +218,8 @@ class ClipLoss(_PairLoss):
             logits_per_text = logits_per_image.T
         # The id relation is symmetric, so text row i's positives are image row i's positives.
         return (
-            _multi_positive_nce(logits_per_image, v.targets, v.same)
-            + _multi_positive_nce(logits_per_text, v.targets, v.same)
+            _multi_positive_nce(logits_per_image, v.targets, v.same, self.positives)
+            + _multi_positive_nce(logits_per_text, v.targets, v.same, self.positives)
         ) / 2
 
 

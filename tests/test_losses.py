@@ -54,6 +54,18 @@ def np_clip(x, y, t, ids=None):
     return total / (2 * n)
 
 
+def np_clip_any(x, y, t, ids):
+    """Per row: -log of the softmax mass on the row's positives (MIL-NCE), both directions, halved."""
+    n = len(x)
+    pos = np_positives(ids, n)
+    total = 0.0
+    for sims in (t * x @ y.T, t * y @ x.T):
+        for i in range(n):
+            p = np.exp(np_log_softmax(sims[i]))
+            total += -math.log(sum(p[j] for j in range(n) if pos[i][j]))
+    return total / (2 * n)
+
+
 def np_ntxent(x, y, t, ids=None):
     n = len(x)
     z = np.concatenate([x, y])
@@ -148,6 +160,49 @@ def test_clip_perfect_alignment_near_zero_even_with_duplicates():
     as_negatives = ClipLoss()(x, x.clone(), scale(100.0)).item()
     assert with_ids < 1e-10
     assert as_negatives == pytest.approx(math.log(2) / 2, abs=1e-6)  # 2 of 4 rows stuck at log 2
+
+
+def test_clip_any_positive_is_mil_nce_and_equals_clip_with_one_positive_per_row():
+    x, y, t = unit_rows(5, 4, 2), unit_rows(5, 4, 3), 4.0
+    ids = [0, 0, 1, 2, 1]
+    any_loss = ClipLoss(positives="any")
+    got = any_loss(x, y, scale(t), image_ids=torch.tensor(ids)).item()
+    assert got == pytest.approx(np_clip_any(x.numpy(), y.numpy(), t, ids), abs=1e-10)
+    assert got != pytest.approx(np_clip(x.numpy(), y.numpy(), t, ids), abs=1e-3)
+    distinct = torch.tensor([4, 3, 2, 1, 0])
+    assert any_loss(x, y, scale(t), image_ids=distinct).item() == pytest.approx(
+        ClipLoss()(x, y, scale(t), image_ids=distinct).item(), abs=1e-12)
+
+
+def test_clip_any_positive_changes_only_image_to_text_when_images_are_repeated_per_caption():
+    # batch_by_image's layout: each image's embedding repeated once per caption. Text rows' positives
+    # are copies of one image, where "any" and "all" coincide; so the difference between the two
+    # losses is the image→text direction's difference alone.
+    images, y, t = unit_rows(3, 6, 8), unit_rows(6, 6, 9), 5.0
+    ids = [0, 0, 1, 1, 2, 2]
+    x = images[ids]
+    xn, yn = x.numpy(), y.numpy()
+    pos = np_positives(ids, 6)
+    def t2i_row_terms(rule):
+        terms = []
+        for i in range(6):
+            logp = np_log_softmax(t * yn[i] @ xn.T)
+            p_idx = [j for j in range(6) if pos[i][j]]
+            terms.append(-math.log(sum(np.exp(logp[j]) for j in p_idx)) if rule == "any"
+                         else -np.mean([logp[j] for j in p_idx]) - math.log(len(p_idx)))
+        return terms
+    assert t2i_row_terms("any") == pytest.approx(t2i_row_terms("all"), abs=1e-12)
+    got_any = ClipLoss(positives="any")(x, y, scale(t), image_ids=torch.tensor(ids)).item()
+    got_all = ClipLoss()(x, y, scale(t), image_ids=torch.tensor(ids)).item()
+    assert got_any == pytest.approx(np_clip_any(xn, yn, t, ids), abs=1e-10)
+    assert got_any < got_all  # -log(sum p) <= -mean(log p) - log n (Jensen), strictly unless tied
+
+
+def test_clip_positives_option_is_checked_and_reaches_clip_through_build_loss():
+    with pytest.raises(ValueError, match="'all'.*'any'"):
+        ClipLoss(positives="some")
+    combined = build_loss("clip+triplet", positives="any", margin=0.2)
+    assert combined.losses[0].positives == "any" and combined.losses[1].margin == 0.2
 
 
 # ---------------------------------------------------------------- NT-Xent
