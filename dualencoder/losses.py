@@ -145,6 +145,12 @@ class _PairLoss(nn.Module):
         return _Views(image_rows, text_rows, all_image, all_text, targets, same)
 
 
+def _check_positives(positives: str, loss: str) -> str:
+    if positives not in ("all", "any"):
+        raise ValueError(f"{loss} positives must be 'all' (each positive) or 'any' (the best positive), got {positives!r}")
+    return positives
+
+
 def _multi_positive_nce(logits: torch.Tensor, targets: torch.Tensor, same: torch.Tensor | None,
                         positives: str = "all") -> torch.Tensor:
     """Mean over rows of a multi-positive InfoNCE term; ``positives`` says what a row must achieve.
@@ -195,9 +201,7 @@ class ClipLoss(_PairLoss):
 
     def __init__(self, positives: str = "all", **kwargs) -> None:
         super().__init__(**kwargs)
-        if positives not in ("all", "any"):
-            raise ValueError(f"ClipLoss positives must be 'all' (uniform target) or 'any' (MIL-NCE), got {positives!r}")
-        self.positives = positives
+        self.positives = _check_positives(positives, "ClipLoss")
 
     def extra_repr(self) -> str:
         return f"positives={self.positives!r}, " + super().extra_repr()
@@ -269,22 +273,30 @@ class TripletLoss(_PairLoss):
 
     VSE++ (Faghri et al.) sums over the batch; we average over rows so the loss does not grow with
     the batch size or the number of processes and can be weighted against InfoNCE. Positives P(i)
-    (same image id) are never negatives. The hardest negative gives a strong signal late in
+    (same image id) are never negatives. ``positives="any"`` measures the violation from the row's
+    best positive, ``max_{p in P(i)} s_ip``, instead of its own pair's d_i: some positive, not each,
+    must beat the negatives by the margin (as in :class:`ClipLoss`, this changes nothing for rows
+    whose positives are copies of one item). The hardest negative gives a strong signal late in
     training but is noisy early, which is why it is usually added to InfoNCE (``"clip+triplet"``).
     ``logit_scale`` and ``logit_bias`` are ignored: the margin is in cosine units, and scaling the
     similarities would silently change it.
     """
 
-    def __init__(self, margin: float = 0.2, max_violation: bool = True, **kwargs) -> None:
+    def __init__(self, margin: float = 0.2, max_violation: bool = True, positives: str = "all", **kwargs) -> None:
         super().__init__(**kwargs)
         self.margin = margin
         self.max_violation = max_violation
+        self.positives = _check_positives(positives, "TripletLoss")
 
     def extra_repr(self) -> str:
-        return f"margin={self.margin}, max_violation={self.max_violation}, " + super().extra_repr()
+        return (f"margin={self.margin}, max_violation={self.max_violation}, positives={self.positives!r}, "
+                + super().extra_repr())
 
     def _hinge(self, sims: torch.Tensor, targets: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
-        positive_sim = sims.gather(1, targets[:, None])
+        if self.positives == "any":
+            positive_sim = sims.masked_fill(~same, float("-inf")).amax(dim=1, keepdim=True)
+        else:
+            positive_sim = sims.gather(1, targets[:, None])
         cost = (self.margin + sims - positive_sim).clamp(min=0).masked_fill(same, 0.0)
         return cost.amax(dim=1) if self.max_violation else cost.sum(dim=1)
 

@@ -97,6 +97,18 @@ def np_triplet(x, y, margin, max_violation, ids=None):
     return total / n
 
 
+def np_triplet_any(x, y, margin, ids):
+    """VSE++ measured from each row's best positive rather than its own pair."""
+    n = len(x)
+    pos = np_positives(ids, n)
+    total = 0.0
+    for a, b in ((x, y), (y, x)):
+        for i in range(n):
+            d = max(a[i] @ b[j] for j in range(n) if pos[i][j])
+            total += max([max(0.0, margin + a[i] @ b[j] - d) for j in range(n) if not pos[i][j]] or [0.0])
+    return total / n
+
+
 def np_siglip(x, y, t, bias, ids=None):
     n = len(x)
     pos = np_positives(ids, n)
@@ -198,11 +210,20 @@ def test_clip_any_positive_changes_only_image_to_text_when_images_are_repeated_p
     assert got_any < got_all  # -log(sum p) <= -mean(log p) - log n (Jensen), strictly unless tied
 
 
-def test_clip_positives_option_is_checked_and_reaches_clip_through_build_loss():
-    with pytest.raises(ValueError, match="'all'.*'any'"):
-        ClipLoss(positives="some")
+def test_triplet_any_positive_measures_from_the_best_positive():
+    x, y = unit_rows(6, 4, 10), unit_rows(6, 4, 11)
+    ids = [0, 0, 0, 1, 2, 2]
+    got = TripletLoss(margin=0.3, positives="any")(x, y, image_ids=torch.tensor(ids)).item()
+    assert got == pytest.approx(np_triplet_any(x.numpy(), y.numpy(), 0.3, ids), abs=1e-10)
+    assert got < np_triplet(x.numpy(), y.numpy(), 0.3, True, ids)  # the best positive violates least
+
+
+def test_positives_option_is_checked_and_reaches_both_terms_through_build_loss():
+    for loss in (ClipLoss, TripletLoss):
+        with pytest.raises(ValueError, match=f"{loss.__name__} positives.*'all'.*'any'"):
+            loss(positives="some")
     combined = build_loss("clip+triplet", positives="any", margin=0.2)
-    assert combined.losses[0].positives == "any" and combined.losses[1].margin == 0.2
+    assert [term.positives for term in combined.losses] == ["any", "any"] and combined.losses[1].margin == 0.2
 
 
 # ---------------------------------------------------------------- NT-Xent
