@@ -80,7 +80,8 @@ def build_model(model_args) -> DualEncoderModel:
     return model
 
 
-def join_backbones(model_args) -> DualEncoderModel:
+def loss_options(model_args) -> dict:
+    """``--loss_options`` read as the keyword arguments of ``build_loss(model_args.loss, ...)``."""
     loss_kwargs = yaml.safe_load(model_args.loss_options) or {}
     if not isinstance(loss_kwargs, dict):
         raise SystemExit(f"error: --loss_options must be a mapping, got {model_args.loss_options!r}")
@@ -90,6 +91,11 @@ def join_backbones(model_args) -> DualEncoderModel:
                          f"(YAML), e.g. '{{{str(glued[0]).replace(':', ': ', 1)}}}'")
     if "codebook" in model_args.loss:
         loss_kwargs.setdefault("embed_dim", model_args.projection_dim)
+    return loss_kwargs
+
+
+def join_backbones(model_args) -> DualEncoderModel:
+    loss_kwargs = loss_options(model_args)
     scale, bias = model_args.logit_scale_init_value, model_args.logit_bias_init_value
     if "siglip" in model_args.loss and bias is None:  # SigLIP's initialisation: scale 10, bias -10
         scale, bias = math.log(10.0), -10.0

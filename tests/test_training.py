@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 import run_contrastive
 from data_scripts import ImageTransform, to_image_view
 from dualencoder.evaluation.embed import embed_split
+from dualencoder.losses import build_loss
 from dualencoder.processing import build_processor
 from dualencoder.querybank import querybank_metrics
 from modeling_dualencoder import DualEncoderModel
@@ -82,9 +83,10 @@ def test_unknown_keys_are_errors_that_name_them(tmp_path, capsys):
     assert "--num_train_epoch" in capsys.readouterr().err
 
 
-def test_every_shipped_config_parses():
+def test_every_shipped_config_parses_and_builds_its_loss():
     for config in sorted((REPO / "configs").glob("*.yaml")):
-        parse_args(["--config", str(config)])
+        model_args, _, _ = parse_args(["--config", str(config)])
+        build_loss(model_args.loss, **run_contrastive.loss_options(model_args))  # unknown options raise
 
 
 def test_help_explains_the_options():
