@@ -41,29 +41,28 @@ def np_positives(ids, n):
     return [[ids[i] == ids[j] for j in range(n)] for i in range(n)]
 
 
-def np_clip(x, y, t, ids=None):
-    """Per row: KL(uniform over positives || softmax), averaged, both directions, halved."""
+def np_clip_row(logits_row, positives, rule="all"):
+    """One row's InfoNCE term: KL to uniform over the positives ("all") or -log of their mass ("any")."""
+    logp = np_log_softmax(logits_row)
+    if rule == "any":
+        return -math.log(sum(math.exp(logp[j]) for j in positives))
+    return -np.mean([logp[j] for j in positives]) - math.log(len(positives))
+
+
+def np_clip(x, y, t, ids=None, rule="all"):
+    """Per row np_clip_row, averaged, both directions, halved."""
     n = len(x)
     pos = np_positives(ids, n)
     total = 0.0
     for sims in (t * x @ y.T, t * y @ x.T):
         for i in range(n):
-            logp = np_log_softmax(sims[i])
-            p_idx = [j for j in range(n) if pos[i][j]]
-            total += -np.mean([logp[j] for j in p_idx]) - math.log(len(p_idx))
+            total += np_clip_row(sims[i], [j for j in range(n) if pos[i][j]], rule)
     return total / (2 * n)
 
 
 def np_clip_any(x, y, t, ids):
     """Per row: -log of the softmax mass on the row's positives (MIL-NCE), both directions, halved."""
-    n = len(x)
-    pos = np_positives(ids, n)
-    total = 0.0
-    for sims in (t * x @ y.T, t * y @ x.T):
-        for i in range(n):
-            p = np.exp(np_log_softmax(sims[i]))
-            total += -math.log(sum(p[j] for j in range(n) if pos[i][j]))
-    return total / (2 * n)
+    return np_clip(x, y, t, ids, rule="any")
 
 
 def np_ntxent(x, y, t, ids=None):
@@ -196,13 +195,7 @@ def test_clip_any_positive_changes_only_image_to_text_when_images_are_repeated_p
     xn, yn = x.numpy(), y.numpy()
     pos = np_positives(ids, 6)
     def t2i_row_terms(rule):
-        terms = []
-        for i in range(6):
-            logp = np_log_softmax(t * yn[i] @ xn.T)
-            p_idx = [j for j in range(6) if pos[i][j]]
-            terms.append(-math.log(sum(np.exp(logp[j]) for j in p_idx)) if rule == "any"
-                         else -np.mean([logp[j] for j in p_idx]) - math.log(len(p_idx)))
-        return terms
+        return [np_clip_row(t * yn[i] @ xn.T, [j for j in range(6) if pos[i][j]], rule) for i in range(6)]
     assert t2i_row_terms("any") == pytest.approx(t2i_row_terms("all"), abs=1e-12)
     got_any = ClipLoss(positives="any")(x, y, scale(t), image_ids=torch.tensor(ids)).item()
     got_all = ClipLoss()(x, y, scale(t), image_ids=torch.tensor(ids)).item()
