@@ -17,6 +17,7 @@ import math
 import os
 import sys
 import time
+from collections import Counter
 
 import torch
 import yaml
@@ -41,6 +42,7 @@ from dualencoder.training.feature_cache import CachedFeatureTransform, load_or_c
 from dualencoder.training.model_card import write_model_card
 from dualencoder.training.optim import cosine_with_warmup, make_optimizer
 from dualencoder.training.step import TrainingDiverged, TrainStep, compile_in_place  # noqa: F401  (TrainingDiverged: part of the API)
+from dualencoder.training.topics import image_topics
 from modeling_dualencoder import DualEncoderModel
 
 logger = logging.getLogger("run_contrastive")
@@ -156,11 +158,12 @@ def select_captions(pairs, per_image: int, seed: int, epoch: int):
     return sorted(chosen)
 
 
-def make_train_loader(pairs, transform, collator, data_args, train_args, seed, epoch):
-    """The epoch's DataLoader; batches depend only on (seed, epoch), so resume sees the same ones."""
+def make_train_loader(pairs, transform, collator, data_args, train_args, seed, epoch, topics=None):
+    """The epoch's DataLoader; batches depend only on (seed, epoch, topics), so resume sees the same ones."""
     rows = TransformedRows(pairs, transform, select_captions(pairs, data_args.captions_per_image, seed, epoch))
     if data_args.batch_by_image:
-        sampler = ImageGroupBatchSampler(rows.column("image_id"), train_args.per_device_train_batch_size, seed=seed)
+        sampler = ImageGroupBatchSampler(rows.column("image_id"), train_args.per_device_train_batch_size, seed=seed,
+                                         topics=topics, topic_share=data_args.topic_share)
     elif data_args.unique_image_batches:
         sampler = UniqueImageBatchSampler(rows.column("image_id"), train_args.per_device_train_batch_size, seed=seed)
     else:
@@ -171,6 +174,33 @@ def make_train_loader(pairs, transform, collator, data_args, train_args, seed, e
     generator = torch.Generator().manual_seed(seed * 1000 + epoch)
     return DataLoader(rows, batch_sampler=sampler, collate_fn=collator, num_workers=data_args.dataloader_num_workers,
                       pin_memory=torch.cuda.is_available(), generator=generator)
+
+
+def training_image_topics(model, train_pairs, caches: dict, text_prefix_depth: int, tokenizer, data_args, train_args,
+                          device) -> dict:
+    """image id -> topic for topic-aware batches, from the text tower as loaded (see dualencoder/training/topics.py).
+
+    The captions' pooled features come from the caches when there are any (the frozen tower's features, or the
+    top layers run over the cached prefix), else from the whole text tower.
+    """
+    if not data_args.batch_by_image:
+        raise SystemExit("error: --topic_batches draws whole images by topic: it needs --batch_by_image true")
+    started = time.time()
+    captions = list(train_pairs["caption"])
+    how = dict(batch_size=train_args.per_device_eval_batch_size, device=device)
+    if caches["text"] is not None:
+        features = caches["text"]
+    elif caches["text_hidden"] is not None:
+        features = pooled_from_text_prefix(model, caches["text_hidden"], captions, text_prefix_depth, **how)
+    else:
+        features = pooled_text_features(model, captions, tokenizer, max_length=data_args.max_length, desc="topic features",
+                                        show_progress=False, **how)
+    topics = image_topics(list(train_pairs["image_id"]), captions, features, data_args.topic_batches, seed=train_args.seed)
+    sizes = sorted(Counter(topics.values()).values())
+    logger.info("topic batches: %d images in %d topics (%d to %d images each; median %d), %.0f%% of each batch drawn "
+                "by topic; %.0f s", len(topics), data_args.topic_batches, sizes[0], sizes[-1], sizes[len(sizes) // 2],
+                100 * data_args.topic_share, time.time() - started)
+    return topics
 
 
 def is_better(metric: str, value: float, best) -> bool:
@@ -295,6 +325,10 @@ def main(argv=None) -> dict:
                 device=accelerator.device, desc="cache text prefix", show_progress=show, prefix_depth=text_prefix_depth,
                 dtype=getattr(torch, train_args.prefix_cache_dtype))
             forward_extras["text_hidden_depth"] = text_prefix_depth
+    topics = None
+    if data_args.topic_batches:
+        topics = training_image_topics(model, train_pairs, caches, text_prefix_depth, processor.tokenizer, data_args,
+                                       train_args, accelerator.device)
     cache_seconds = time.time() - cache_started
     if caches["vision"] is not None or caches["vision_hidden"] is not None:
         train_pairs = train_pairs.remove_columns("image")  # never decode images we do not need
@@ -330,7 +364,7 @@ def main(argv=None) -> dict:
                                head_lr=train_args.head_learning_rate, scale_lr=train_args.logit_scale_learning_rate,
                                weight_decay=train_args.weight_decay)
     steps_per_epoch = math.ceil(len(make_train_loader(train_pairs, train_rows_transform, collator, data_args, train_args,
-                                                      train_args.seed, 0))
+                                                      train_args.seed, 0, topics))
                                 / accelerator.num_processes / train_args.gradient_accumulation_steps)
     total_steps = steps_per_epoch * train_args.num_train_epochs
     if train_args.max_steps:
@@ -353,7 +387,10 @@ def main(argv=None) -> dict:
     if resume:
         state = load_checkpoint(accelerator, resume)
         logger.info("resumed from %s at epoch %d, step %d", resume, state["epoch"], state["global_step"])
-    elif train_args.eval_before_training and "validation" in eval_views:
+        topics = state.get("topics", topics)  # the run's own topics: its batches, whatever k-means gives here
+    if topics is not None:
+        state["topics"] = topics
+    if not resume and train_args.eval_before_training and "validation" in eval_views:
         before = evaluate("validation")
         state["before_training"] = before
         logger.info("validation before training:\n%s", format_metrics_table({"untrained": before}))
@@ -390,7 +427,7 @@ def main(argv=None) -> dict:
             if augmentation is not None:
                 augmentation.set_epoch(epoch)  # before the loader exists: its workers get a copy
         loader = accelerator.prepare(make_train_loader(train_pairs, train_rows_transform, collator, data_args, train_args,
-                                                       train_args.seed, epoch))
+                                                       train_args.seed, epoch, topics))
         if state["step_in_epoch"]:
             loader = accelerator.skip_first_batches(loader, state["step_in_epoch"] * train_args.gradient_accumulation_steps)
         train_mode(accelerator.unwrap_model(model), freeze_batchnorm=train_args.freeze_batchnorm)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from typing import Iterator, Sequence, Union
+from typing import Iterator, Mapping, Optional, Sequence, Union
 
 from datasets import Dataset
 from torch.utils.data import Sampler
@@ -104,28 +104,58 @@ class ImageGroupBatchSampler(Sampler[list[int]]):
     of an image sits in the same batch, ``image_ids`` tell the loss they are all positives of the
     image, and a model fed cached image features embeds each image once (not once per caption).
     Image order is drawn from ``Random(f"{seed}:{epoch}")``; call ``set_epoch`` each epoch.
+
+    Topic-aware batches (``topics``, ``topic_share``): in random batches of 128 of 6,000 images, few
+    negatives resemble the positive, yet Recall@1 is lost to exactly those (another dog in the snow).
+    With ``topics`` (image id -> topic, e.g. k-means clusters of caption embeddings,
+    :func:`dualencoder.training.topics.image_topics`), a ``topic_share`` of each batch's images comes
+    from a stream ordered by topic, so they share one or two topics; the rest are drawn at random, so
+    the batch still holds easy negatives (TAS-Balanced, Hofstaetter et al. 2021, builds its batches
+    from topic clusters the same way). Batch sizes, and each image's once-per-epoch, are as without.
     """
 
-    def __init__(self, image_ids: Union[Sequence[str], Dataset], images_per_batch: int, *, seed: int = 0):
+    def __init__(self, image_ids: Union[Sequence[str], Dataset], images_per_batch: int, *, seed: int = 0,
+                 topics: Optional[Mapping[str, int]] = None, topic_share: float = 0.5):
         if images_per_batch < 1:
             raise ValueError(f"images_per_batch must be positive, got {images_per_batch}")
+        if not 0.0 <= topic_share <= 1.0:
+            raise ValueError(f"topic_share is the share of each batch drawn by topic: between 0 and 1, got {topic_share}")
         if isinstance(image_ids, Dataset):
             image_ids = image_ids.with_format(None).select_columns(["image_id"]).to_dict()["image_id"]
         self.groups: dict[str, list[int]] = {}
         for index, image_id in enumerate(image_ids):
             self.groups.setdefault(image_id, []).append(index)
+        if topics is not None:
+            missing = [image_id for image_id in self.groups if image_id not in topics]
+            if missing:
+                raise ValueError(f"topics has no topic for {len(missing)} image(s), e.g. {missing[0]!r}")
         self.images_per_batch = images_per_batch
         self.seed = seed
+        self.topics, self.topic_share = topics, topic_share
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[list[int]]:
-        groups = list(self.groups.values())
-        random.Random(f"{self.seed}:{self.epoch}").shuffle(groups)
-        for start in range(0, len(groups), self.images_per_batch):
-            yield [index for group in groups[start:start + self.images_per_batch] for index in group]
+        rng = random.Random(f"{self.seed}:{self.epoch}")
+        images = list(self.groups)
+        rng.shuffle(images)
+        for batch in self._image_batches(images, rng):
+            yield [index for image_id in batch for index in self.groups[image_id]]
 
     def __len__(self) -> int:
         return -(-len(self.groups) // self.images_per_batch)
+
+    def _image_batches(self, images: list[str], rng: random.Random) -> list[list[str]]:
+        size = self.images_per_batch
+        sizes = [min(size, len(images) - start) for start in range(0, len(images), size)]
+        if self.topics is None or self.topic_share == 0.0:
+            return [images[start:start + size] for start in range(0, len(images), size)]
+        by_topic = [round(self.topic_share * n) for n in sizes]
+        pool, rest = images[:sum(by_topic)], iter(images[sum(by_topic):])
+        order = sorted(set(self.topics[i] for i in pool))
+        rng.shuffle(order)
+        rank = {topic: r for r, topic in enumerate(order)}
+        stream = iter(sorted(pool, key=lambda i: rank[self.topics[i]]))  # stable: shuffled within a topic
+        return [[next(stream) for _ in range(t)] + [next(rest) for _ in range(n - t)] for n, t in zip(sizes, by_topic)]

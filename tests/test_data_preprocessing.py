@@ -211,6 +211,53 @@ def test_image_group_batches_hold_whole_images_each_once_per_epoch():
     assert list(again) != batches
 
 
+def _same_topic_pair_rate(batches, ids, topics):
+    """Share of image pairs within a batch that have one topic."""
+    same = pairs = 0
+    for batch in batches:
+        images = sorted({ids[i] for i in batch})
+        for a in range(len(images)):
+            for b in range(a + 1, len(images)):
+                pairs += 1
+                same += topics[images[a]] == topics[images[b]]
+    return same / pairs
+
+
+def test_topic_batches_draw_look_alike_images_together_and_keep_every_image_once():
+    ids = _ids(120, 5)
+    topics = {f"img{i}": i % 8 for i in range(120)}  # 8 topics of 15 images
+    plain = ImageGroupBatchSampler(ids, images_per_batch=20, seed=3)
+    by_topic = ImageGroupBatchSampler(ids, images_per_batch=20, seed=3, topics=topics, topic_share=0.5)
+    for epoch in range(3):
+        plain.set_epoch(epoch)
+        by_topic.set_epoch(epoch)
+        batches = list(by_topic)
+        assert sorted(i for b in batches for i in b) == list(range(len(ids)))  # every caption once an epoch
+        assert [len(b) for b in batches] == [len(b) for b in plain] and len(batches) == len(by_topic)
+        for batch in batches:
+            assert len(batch) == 5 * len({ids[i] for i in batch})  # whole images
+        # random batches of 8 equal topics pair alike about 1 time in 8; half a batch by topic, twice as often
+        assert _same_topic_pair_rate(batches, ids, topics) > 1.5 * _same_topic_pair_rate(list(plain), ids, topics)
+    whole = ImageGroupBatchSampler(ids, images_per_batch=20, seed=3, topics=topics, topic_share=1.0)
+    for batch in whole:  # all by topic: 20 images from consecutive topics of 15 span at most 3 of them
+        assert len({topics[ids[i]] for i in batch}) <= 3
+    again = ImageGroupBatchSampler(ids, 20, seed=3, topics=topics, topic_share=0.5)
+    again.set_epoch(2)
+    assert list(again) == batches
+
+
+def test_topic_share_zero_is_the_plain_sampler_and_bad_topics_are_named():
+    ids = _ids(30, 5)
+    topics = {f"img{i}": i % 3 for i in range(30)}
+    plain = list(ImageGroupBatchSampler(ids, 7, seed=1))
+    assert list(ImageGroupBatchSampler(ids, 7, seed=1, topics=topics, topic_share=0.0)) == plain
+    assert list(ImageGroupBatchSampler(ids, 7, seed=1, topics=topics, topic_share=1.0)) != plain
+    with pytest.raises(ValueError, match="no topic for 1 image.*img29"):
+        ImageGroupBatchSampler(ids, 7, topics={f"img{i}": 0 for i in range(29)})
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        ImageGroupBatchSampler(ids, 7, topics=topics, topic_share=1.5)
+
+
 def test_sampler_collator_dataloader_end_to_end(tiny_synthetic, tokenizer):
     train = tiny_synthetic["train"]
     sampler = UniqueImageBatchSampler(train, batch_size=6, seed=0)

@@ -52,6 +52,8 @@ class DataArguments:
     flip_augment: bool = field(default=False, metadata={"help": "Mirror half the training images each epoch, never one whose captions say left or right. With cached vision features or prefix, the mirrored training images are cached too (twice the caching time)."})
     unique_image_batches: bool = field(default=True, metadata={"help": "Never put two captions of one image in a batch."})
     batch_by_image: bool = field(default=False, metadata={"help": "Batches of per_device_train_batch_size images, each with all its captions of the epoch (see captions_per_image) as positives of one another; cached image features are embedded once per image. Overrides unique_image_batches."})
+    topic_batches: int = field(default=0, metadata={"help": "batch_by_image only: cluster the training images into this many topics (k-means of their captions' pretrained text embeddings) and draw topic_share of each batch from one or two topics, so in-batch negatives include look-alikes (dualencoder/training/topics.py). 0: random batches."})
+    topic_share: float = field(default=0.5, metadata={"help": "With topic_batches: the share of each batch's images drawn by topic; the rest are random."})
     captions_per_image: int = field(default=0, metadata={"help": "Captions of each image used per epoch (0: all; 1: one, a different one each epoch)."})
     on_bad_image: str = field(default="error", metadata={"help": "A corrupt or missing image: error or skip (skips are counted and reported)."})
     max_train_images: Optional[int] = field(default=None, metadata={"help": "Use only the first N training images (quick runs)."})
