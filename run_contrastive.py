@@ -183,8 +183,6 @@ def training_image_topics(model, train_pairs, caches: dict, text_prefix_depth: i
     The captions' pooled features come from the caches when there are any (the frozen tower's features, or the
     top layers run over the cached prefix), else from the whole text tower.
     """
-    if not data_args.batch_by_image:
-        raise SystemExit("error: --topic_batches draws whole images by topic: it needs --batch_by_image true")
     started = time.time()
     captions = list(train_pairs["caption"])
     how = dict(batch_size=train_args.per_device_eval_batch_size, device=device)

@@ -209,7 +209,8 @@ def test_batches_by_image_take_every_caption_of_each_image_in_one_step(tiny_mode
     assert metrics["test"]["rsum"] > 0
 
 
-def test_topic_batches_cluster_the_training_images_once_and_keep_the_topics_for_resume(tiny_model_dir, tmp_path, caplog):
+def test_topic_batches_cluster_the_training_images_once_and_keep_the_topics_for_resume(tiny_model_dir, tmp_path, caplog,
+                                                                                       capsys):
     caplog.set_level("INFO")
     out = tmp_path / "out"
     metrics = run_contrastive.main(tiny_run_args(tiny_model_dir, out, "--batch_by_image", "true", "--captions_per_image", "0",
@@ -221,8 +222,9 @@ def test_topic_batches_cluster_the_training_images_once_and_keep_the_topics_for_
     train_ids = set(run_contrastive.load_data(parse_args(["--dataset", "synthetic", "--num_images", "30"])[1],
                                               seed=42)[0]["image_id"])
     assert set(state["topics"]) == train_ids and set(state["topics"].values()) == {0, 1, 2}
-    with pytest.raises(SystemExit, match="needs --batch_by_image true"):
-        run_contrastive.main(tiny_run_args(tiny_model_dir, tmp_path / "random", "--topic_batches", "3"))
+    with pytest.raises(SystemExit):  # at parse time, before any caching
+        parse_args(tiny_run_args(tiny_model_dir, tmp_path / "random", "--topic_batches", "3"))
+    assert "--topic_batches draws whole images by topic: it needs --batch_by_image true" in capsys.readouterr().err
 
 
 def test_flip_augment_caches_the_mirrored_prefix_of_the_training_images_only(tiny_model_dir, tmp_path, caplog):

@@ -144,4 +144,7 @@ def parse_args(argv: Optional[list[str]] = None):
     values.pop("config", None)
     if isinstance(values["loss_options"], dict):  # a mapping in the YAML file stays a mapping
         values["loss_options"] = yaml.safe_dump(values["loss_options"], default_flow_style=True).strip()
-    return tuple(cls(**{f.name: values[f.name] for f in fields(cls)}) for cls in ARGUMENT_CLASSES)
+    model_args, data_args, train_args = (cls(**{f.name: values[f.name] for f in fields(cls)}) for cls in ARGUMENT_CLASSES)
+    if data_args.topic_batches and not data_args.batch_by_image:  # before an hour of caching, not after
+        parser.error("--topic_batches draws whole images by topic: it needs --batch_by_image true")
+    return model_args, data_args, train_args
