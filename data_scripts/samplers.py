@@ -149,9 +149,9 @@ class ImageGroupBatchSampler(Sampler[list[int]]):
 
     def _image_batches(self, images: list[str], rng: random.Random) -> list[list[str]]:
         size = self.images_per_batch
-        sizes = [min(size, len(images) - start) for start in range(0, len(images), size)]
         if self.topics is None or self.topic_share == 0.0:
             return [images[start:start + size] for start in range(0, len(images), size)]
+        sizes = [min(size, len(images) - start) for start in range(0, len(images), size)]
         by_topic = [round(self.topic_share * n) for n in sizes]
         pool, rest = images[:sum(by_topic)], iter(images[sum(by_topic):])
         order = sorted(set(self.topics[i] for i in pool))
