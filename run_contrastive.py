@@ -37,7 +37,8 @@ from dualencoder.processing import build_processor
 from dualencoder.trainable import (format_parameter_report, frozen_prefix_depth, parameter_report, set_tower_trainable,
                                    tower_is_frozen, train_mode)
 from dualencoder.training.arguments import parse_args
-from dualencoder.training.checkpoints import load_checkpoint, resolve_resume, save_checkpoint, write_atomically
+from dualencoder.training.checkpoints import (load_checkpoint, read_loop_state, resolve_resume, save_checkpoint,
+                                              write_atomically)
 from dualencoder.training.feature_cache import CachedFeatureTransform, load_or_compute, tower_fingerprint
 from dualencoder.training.model_card import write_model_card
 from dualencoder.training.optim import cosine_with_warmup, make_optimizer
@@ -323,8 +324,11 @@ def main(argv=None) -> dict:
                 device=accelerator.device, desc="cache text prefix", show_progress=show, prefix_depth=text_prefix_depth,
                 dtype=getattr(torch, train_args.prefix_cache_dtype))
             forward_extras["text_hidden_depth"] = text_prefix_depth
-    topics = None
-    if data_args.topic_batches:
+    resume = resolve_resume(train_args.output_dir, train_args.resume_from_checkpoint)
+    # A resumed run keeps the topics its batches were drawn from (k-means need not repeat itself), so they are
+    # read from the checkpoint rather than computed again.
+    topics = read_loop_state(resume).get("topics") if resume else None
+    if data_args.topic_batches and topics is None:
         topics = training_image_topics(model, train_pairs, caches, text_prefix_depth, processor.tokenizer, data_args,
                                        train_args, accelerator.device)
     cache_seconds = time.time() - cache_started
@@ -381,11 +385,9 @@ def main(argv=None) -> dict:
 
     # --- resume
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_metric": None, "best_epoch": None, "history": []}
-    resume = resolve_resume(train_args.output_dir, train_args.resume_from_checkpoint)
     if resume:
         state = load_checkpoint(accelerator, resume)
         logger.info("resumed from %s at epoch %d, step %d", resume, state["epoch"], state["global_step"])
-        topics = state.get("topics", topics)  # the run's own topics: its batches, whatever k-means gives here
     if topics is not None:
         state["topics"] = topics
     if not resume and train_args.eval_before_training and "validation" in eval_views:

@@ -222,6 +222,14 @@ def test_topic_batches_cluster_the_training_images_once_and_keep_the_topics_for_
     train_ids = set(run_contrastive.load_data(parse_args(["--dataset", "synthetic", "--num_images", "30"])[1],
                                               seed=42)[0]["image_id"])
     assert set(state["topics"]) == train_ids and set(state["topics"].values()) == {0, 1, 2}
+    # Resumed (even with another --topic_batches), the run reads its topics from the checkpoint, clusters nothing.
+    caplog.clear()
+    run_contrastive.main(tiny_run_args(tiny_model_dir, out, "--batch_by_image", "true", "--captions_per_image", "0",
+                                       "--per_device_train_batch_size", "4", "--topic_batches", "2",
+                                       "--topic_share", "0.5", "--resume_from_checkpoint", list_checkpoints(str(out))[0]))
+    assert "resumed from" in caplog.text and "topic batches:" not in caplog.text
+    resumed = json.loads((Path(list_checkpoints(str(out))[-1]) / "trainer_state.json").read_text())
+    assert resumed["topics"] == state["topics"]
     with pytest.raises(SystemExit):  # at parse time, before any caching
         parse_args(tiny_run_args(tiny_model_dir, tmp_path / "random", "--topic_batches", "3"))
     assert "--topic_batches draws whole images by topic: it needs --batch_by_image true" in capsys.readouterr().err

@@ -83,7 +83,12 @@ def save_checkpoint(accelerator, output_dir: str, step: int, state: dict, keep: 
     return final_dir
 
 
-def load_checkpoint(accelerator, path: str) -> dict:
-    accelerator.load_state(path)
+def read_loop_state(path: str) -> dict:
+    """The loop state a checkpoint holds (epoch, step, best metric, topics...), without loading its tensors."""
     with open(os.path.join(path, STATE_FILE)) as handle:
         return json.load(handle)
+
+
+def load_checkpoint(accelerator, path: str) -> dict:
+    accelerator.load_state(path)
+    return read_loop_state(path)
