@@ -42,8 +42,9 @@ DEFAULT_DATA = os.path.join("..", "shared", "data", "flickr8k")
 MODELS = ("offline", "random", "tiny")
 
 
-def build_model(name: str, captions: list[str]):
-    """(model, image processor, tokenizer, what was built) for `--model`."""
+def build_model(name: str, captions: list[str], vision: str = "offline:efficientnet-lite0"):
+    """(model, image processor, tokenizer, what was built) for `--model`; `vision` is the offline
+    vision alias that `--model offline` pairs with MiniLM."""
     from transformers import BertConfig, VisionTextDualEncoderProcessor
 
     from benchmarks.throughput import minilm_like
@@ -56,9 +57,9 @@ def build_model(name: str, captions: list[str]):
         processor = VisionTextDualEncoderProcessor.from_pretrained(name)
         return model, processor.image_processor, processor.tokenizer, name
     if name == "offline" and offline_pair_available():
-        model = DualEncoderModel.from_vision_text_pretrained("offline:efficientnet-lite0", "offline:all-minilm-l6-v2")
+        model = DualEncoderModel.from_vision_text_pretrained(vision, "offline:all-minilm-l6-v2")
         processor = build_processor(model.config)
-        return model, processor.image_processor, processor.tokenizer, "offline pair (pretrained weights)"
+        return model, processor.image_processor, processor.tokenizer, f"offline pair (pretrained weights: {vision})"
     tokenizer = load_tokenizer(captions)
     if name == "tiny":
         text = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

@@ -100,6 +100,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="offline", choices=MODELS,
                         help="offline (random weights if its packages are missing), random or tiny")
+    parser.add_argument("--vision", default="offline:efficientnet-lite0",
+                        help="the offline EfficientNet-Lite of --model offline (offline:efficientnet-lite0/1/2)")
     parser.add_argument("--batch_size", type=int, default=128, help="images per batch (the recipe's step)")
     parser.add_argument("--image_size", type=int, default=288)
     parser.add_argument("--depth", type=int, default=8, help="frozen blocks in the prefix (the recipe's top:8 of 16)")
@@ -121,7 +123,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     set_threads(args.threads)
     device = pick_device()
-    model, _, _, described = build_model(args.model, [])
+    model, _, _, described = build_model(args.model, [], vision=args.vision)
     model.to(device)
     result = {**device_info(device), "command": command_line(argv), "torch_threads": torch.get_num_threads(),
               "model": described, "batch_size": args.batch_size, "image_size": args.image_size, "depth": args.depth,

