@@ -122,6 +122,9 @@ class DualEncoderConfig(PretrainedConfig):
         lora_towers (`list[str]`): which towers get adapters: any of `"vision"`, `"text"`.
         lora_vision_targets, lora_text_targets (`list[str]`, *optional*): module names to adapt;
             defaults come from `DEFAULT_LORA_TARGETS` by backbone family.
+        lora_vision_blocks, lora_text_blocks (`int`, *optional*): adapt only the last N blocks of
+            that tower (None: every block). The blocks below stay exactly pretrained, so their output
+            can still be cached once per input (the prefix cache), as with `vision_train: top:N`.
         vision_model_name_or_path, text_model_name_or_path (`str`, *optional*): where the
             backbones came from, recorded for the model card and for adapter-only checkpoints.
     """
@@ -160,6 +163,8 @@ class DualEncoderConfig(PretrainedConfig):
         lora_towers=("text",),
         lora_vision_targets=None,
         lora_text_targets=None,
+        lora_vision_blocks: Optional[int] = None,
+        lora_text_blocks: Optional[int] = None,
         vision_model_name_or_path: Optional[str] = None,
         text_model_name_or_path: Optional[str] = None,
         **kwargs,
@@ -197,6 +202,8 @@ class DualEncoderConfig(PretrainedConfig):
         self.lora_towers = list(lora_towers or [])
         self.lora_vision_targets = lora_vision_targets
         self.lora_text_targets = lora_text_targets
+        self.lora_vision_blocks = lora_vision_blocks
+        self.lora_text_blocks = lora_text_blocks
         self.vision_model_name_or_path = vision_model_name_or_path
         self.text_model_name_or_path = text_model_name_or_path
         super().__init__(**kwargs)
@@ -219,6 +226,10 @@ class DualEncoderConfig(PretrainedConfig):
         unknown = set(self.lora_towers) - {"vision", "text"}
         if unknown:
             raise ValueError(f"DualEncoderConfig.lora_towers has {sorted(unknown)}; use 'vision' and/or 'text'.")
+        for field in ("lora_vision_blocks", "lora_text_blocks"):
+            value = getattr(self, field)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"DualEncoderConfig.{field}={value!r}; expected a positive number of blocks or None (every block).")
 
     @property
     def vision_family(self) -> str:
@@ -380,7 +391,7 @@ def tower_blocks(tower: nn.Module) -> list[nn.Module]:
     Shared by freezing (`top:N` unfreezes the last N) and by the prefix split below, so "block k"
     means the same thing to both.
     """
-    base = tower.get_base_model() if hasattr(tower, "get_base_model") else tower
+    base = _without_peft_wrapper(tower)
     for path in ("blocks", "encoder.layer", "transformer.layer", "encoder.layers", "layers"):
         module = base
         for part in path.split("."):
@@ -423,15 +434,30 @@ def _first_occurrences(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return first.scatter_reduce(0, inverse, rows, reduce="amin"), inverse
 
 
+def _without_peft_wrapper(tower: nn.Module) -> nn.Module:
+    """The backbone inside a peft wrapper (its LoRA layers are in place inside it), else `tower` itself."""
+    return tower.get_base_model() if hasattr(tower, "get_base_model") else tower
+
+
 def _block_output(output) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-def _add_lora(tower: nn.Module, config: DualEncoderConfig, targets) -> nn.Module:
+def _add_lora(tower: nn.Module, config: DualEncoderConfig, targets, top_blocks: Optional[int] = None) -> nn.Module:
+    """Wrap `tower` with peft LoRA on the modules named `targets`, in its last `top_blocks` blocks only if set."""
     from peft import LoraConfig, get_peft_model
 
+    targets = list(targets)
+    if top_blocks is not None:
+        blocks = tower_blocks(tower)
+        if top_blocks > len(blocks):
+            raise ValueError(f"lora blocks: the tower has {len(blocks)} blocks; cannot adapt the last {top_blocks}.")
+        inside = {id(module) for block in blocks[-top_blocks:] for module in block.modules()}
+        # Full module names: peft adapts exactly these, so the blocks below stay pretrained.
+        targets = [name for name, module in tower.named_modules()
+                   if id(module) in inside and name.rsplit(".", 1)[-1] in targets]
     lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=list(targets), bias="none")
+                      target_modules=targets, bias="none")
     return get_peft_model(tower, lora)
 
 
@@ -501,9 +527,11 @@ class DualEncoderModel(DualEncoderPreTrainedModel):
     def _add_adapters(self):
         """Wrap the towers named in `config.lora_towers` with peft LoRA (their base weights freeze)."""
         if "vision" in self.config.lora_towers:
-            self.vision_model = _add_lora(self.vision_model, self.config, self.lora_targets("vision"))
+            self.vision_model = _add_lora(self.vision_model, self.config, self.lora_targets("vision"),
+                                          self.config.lora_vision_blocks)
         if "text" in self.config.lora_towers:
-            self.text_model = _add_lora(self.text_model, self.config, self.lora_targets("text"))
+            self.text_model = _add_lora(self.text_model, self.config, self.lora_targets("text"),
+                                        self.config.lora_text_blocks)
 
     def merge_adapters(self) -> "DualEncoderModel":
         """Fold LoRA into the base weights; the model then saves and loads without peft."""
@@ -625,9 +653,7 @@ class DualEncoderModel(DualEncoderPreTrainedModel):
         return self._vision_in_chunks(run, hidden)
 
     def _vision_split(self, depth: int):
-        tower = self.vision_model
-        if hasattr(tower, "get_base_model"):
-            raise ValueError("The vision tower has LoRA adapters in every block, so no prefix of it is frozen to cache.")
+        tower = _without_peft_wrapper(self.vision_model)
         kind = _split_kind(tower)
         blocks = tower_blocks(tower)
         if not 0 <= depth <= len(blocks):
@@ -678,9 +704,7 @@ class DualEncoderModel(DualEncoderPreTrainedModel):
         return hidden
 
     def _text_split(self, depth: int):
-        tower = self.text_model
-        if hasattr(tower, "get_base_model"):
-            raise ValueError("The text tower has LoRA adapters in every layer, so no prefix of it is frozen to cache.")
+        tower = _without_peft_wrapper(self.text_model)
         if not hasattr(tower, "embeddings"):
             raise ValueError(f"Splitting {type(tower).__name__} into a cached prefix and a trained suffix is not "
                              "supported (BERT-family encoders with `embeddings` are); use text_train full/frozen.")

@@ -121,6 +121,8 @@ def join_backbones(model_args) -> DualEncoderModel:
         lora_alpha=model_args.lora_alpha,
         lora_dropout=model_args.lora_dropout,
         lora_towers=model_args.lora_towers if model_args.lora_rank else [],
+        lora_vision_blocks=model_args.lora_vision_blocks,
+        lora_text_blocks=model_args.lora_text_blocks,
     )
 
 
@@ -268,12 +270,13 @@ def main(argv=None) -> dict:
             return load_or_compute(file, lambda: every_image_features(
                 views, encode=lambda pixels: encode(pixels.flip(-1)), desc="cache mirrored", **how))
 
-        def vision_cache_file(prefix: str, *extra):
+        def vision_cache_file(prefix: str, *extra, without_adapters=False):
             if not train_args.feature_cache_dir:
                 return None
             ids = sorted(i for view in every_image for i in view["image_id"])
             key = tower_fingerprint(model.vision_model, model.config.image_size, model.config.image_mean,
-                                    model.config.image_std, data_args.dataset, ids, *extra)
+                                    model.config.image_std, data_args.dataset, ids, *extra,
+                                    without_adapters=without_adapters)
             return os.path.join(os.path.expanduser(train_args.feature_cache_dir), f"{prefix}-{key}.pt")
 
         if tower_is_frozen(model, "vision"):
@@ -294,7 +297,7 @@ def main(argv=None) -> dict:
                 prefix_crop = RandomFeatureCrop(train_args.seed, scale=train_transform.crop_scale,
                                                 ratio=train_transform.crop_ratio)
             caches["vision_hidden"] = load_or_compute(
-                vision_cache_file("vision-prefix", prefix_depth, train_args.prefix_cache_dtype),
+                vision_cache_file("vision-prefix", prefix_depth, train_args.prefix_cache_dtype, without_adapters=True),
                 lambda: every_image_features(encode=lambda pixels: model.vision_prefix(pixels, prefix_depth),
                                              dtype=getattr(torch, train_args.prefix_cache_dtype),
                                              desc="cache vision prefix"))
@@ -307,7 +310,7 @@ def main(argv=None) -> dict:
             if mirrored_views:
                 caches["mirrored"] = mirrored_features(
                     vision_cache_file("vision-prefix-mirrored", prefix_depth, train_args.prefix_cache_dtype,
-                                      len(mirrored_views)),
+                                      len(mirrored_views), without_adapters=True),
                     lambda pixels: model.vision_prefix(pixels, prefix_depth), mirrored_views,
                     dtype=getattr(torch, train_args.prefix_cache_dtype))
         if tower_is_frozen(model, "text"):

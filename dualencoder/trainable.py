@@ -59,11 +59,12 @@ def frozen_prefix_depth(model: nn.Module, tower: str) -> int:
     """How many leading blocks of a tower (with everything before them) have nothing to train.
 
     Their output is fixed, so it can be computed once per input (the prefix cache). 0 when the
-    stem trains, when the whole tower is frozen (cache its pooled output instead), or when the tower
-    carries adapters (peft wraps it and puts trainable weights in every block).
+    stem trains, or when the whole tower is frozen (cache its pooled output instead). LoRA adapters
+    count as trained weights of the block they sit in: adapters in every block leave no prefix;
+    adapters in the last N blocks only (`lora_vision_blocks` / `lora_text_blocks`) leave the rest.
     """
     module = _tower(model, tower)
-    if hasattr(module, "get_base_model") or tower_is_frozen(model, tower):
+    if tower_is_frozen(model, tower):
         return 0
     blocks = tower_blocks(module)
     first_block_params = {id(p) for p in blocks[0].parameters()}

@@ -250,10 +250,6 @@ def test_frozen_prefix_depth_counts_the_leading_blocks_with_nothing_to_train(mod
     assert frozen_prefix_depth(model, "vision") == (blocks + depth if depth else 0)
 
 
-def test_a_tower_with_adapters_has_no_frozen_prefix():
-    model = DualEncoderModel(tiny_timm_config(lora_rank=2, lora_towers=["vision"]))
-    set_tower_trainable(model, "vision", "frozen")
-    assert frozen_prefix_depth(model, "vision") == 0
 @pytest.mark.parametrize("make_config", [tiny_vit_distilbert_config, tiny_timm_config], ids=["hf_vit", "timm_cnn"])
 def test_vision_prefix_then_suffix_equals_the_whole_tower_at_every_depth(make_config):
     model = DualEncoderModel(make_config()).eval()
@@ -334,14 +330,78 @@ def test_a_cached_text_prefix_trimmed_to_its_caption_gives_the_padded_result():
         torch.testing.assert_close(trimmed, model.encode_text(ids, mask)[:1])
 
 
-def test_text_prefix_of_a_tower_with_adapters_or_out_of_range_depth_is_a_clear_error():
+def test_text_prefix_of_an_out_of_range_depth_is_a_clear_error():
     model = DualEncoderModel(tiny_timm_config())
     ids = torch.zeros(1, 4, dtype=torch.long)
     with pytest.raises(ValueError, match="outside the text tower's 0..2 layers"):
         model.text_prefix(ids, None, 3)
-    lora = DualEncoderModel(tiny_timm_config(lora_rank=4, lora_towers=["text"]))
-    with pytest.raises(ValueError, match="LoRA adapters"):
-        lora.text_prefix(ids, None, 1)
+
+
+def _adapted_modules(tower) -> list:
+    return [module for module in tower.modules() if hasattr(module, "lora_A") and len(module.lora_A)]
+
+
+@pytest.mark.parametrize("tower", ["vision", "text"])
+def test_lora_in_the_top_blocks_only_leaves_the_blocks_below_pretrained_and_cacheable(tower):
+    model = DualEncoderModel(tiny_timm_config(lora_rank=2, lora_towers=[tower], **{f"lora_{tower}_blocks": 1}))
+    set_tower_trainable(model, tower, "frozen")
+    blocks = tower_blocks(getattr(model, f"{tower}_model"))
+    adapted = _adapted_modules(getattr(model, f"{tower}_model"))
+    in_top_block = {id(module) for module in blocks[-1].modules()}
+    assert adapted and all(id(module) in in_top_block for module in adapted)
+    assert frozen_prefix_depth(model, tower) == len(blocks) - 1
+    # Adapters wherever a target module is: the prefix ends at the first block that has one (test_efficientnet's
+    # block 0 is a plain conv with no LoRA target; the text tower's layer 0 has one).
+    every_block = DualEncoderModel(tiny_timm_config(lora_rank=2, lora_towers=[tower]))
+    set_tower_trainable(every_block, tower, "frozen")
+    blocks = tower_blocks(getattr(every_block, f"{tower}_model"))
+    adapted = {id(module) for module in _adapted_modules(getattr(every_block, f"{tower}_model"))}
+    first = next(i for i, block in enumerate(blocks) if adapted & {id(module) for module in block.modules()})
+    assert frozen_prefix_depth(every_block, tower) == first == (1 if tower == "vision" else 0)
+
+
+def _nonzero_adapters(model) -> None:
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+
+
+def test_prefix_then_suffix_runs_the_adapters_of_the_top_blocks_like_the_whole_tower():
+    config = tiny_timm_config(lora_rank=2, lora_towers=["vision", "text"], lora_vision_blocks=2, lora_text_blocks=1)
+    model = DualEncoderModel(config).eval()
+    _nonzero_adapters(model)
+    batch = tiny_batch(model.config, 3)
+    pixels, ids, mask = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
+    vision_depth = len(tower_blocks(model.vision_model)) - 2
+    with torch.no_grad():
+        whole_vision, whole_text = model.encode_vision(pixels), model.encode_text(ids, mask)
+        torch.testing.assert_close(model.vision_suffix(model.vision_prefix(pixels, vision_depth), vision_depth), whole_vision)
+        torch.testing.assert_close(model.text_suffix(model.text_prefix(ids, mask, 1), mask, 1), whole_text)
+        with model.vision_model.disable_adapter(), model.text_model.disable_adapter():  # the adapters do count
+            assert not torch.allclose(model.encode_vision(pixels), whole_vision)
+            assert not torch.allclose(model.encode_text(ids, mask), whole_text)
+
+
+def test_top_block_adapters_round_trip_through_save_and_merge(tmp_path):
+    model = DualEncoderModel(tiny_timm_config(lora_rank=2, lora_towers=["text"], lora_text_blocks=1)).eval()
+    _nonzero_adapters(model)
+    batch = tiny_batch(model.config, 2)
+    with torch.no_grad():
+        expected = model(**batch).text_embeds
+    model.save_pretrained(tmp_path / "unmerged")
+    loaded = DualEncoderModel.from_pretrained(tmp_path / "unmerged").eval()
+    assert loaded.config.lora_text_blocks == 1 and len(_adapted_modules(loaded.text_model)) == len(_adapted_modules(model.text_model))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).text_embeds, expected)
+        torch.testing.assert_close(model.merge_adapters()(**batch).text_embeds, expected)
+
+
+@pytest.mark.parametrize("field,value,message", [("lora_text_blocks", 0, "lora_text_blocks=0"),
+                                                 ("lora_text_blocks", 3, "cannot adapt the last 3")])
+def test_lora_blocks_outside_the_tower_name_the_problem(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        DualEncoderModel(tiny_timm_config(lora_rank=2, lora_towers=["text"], **{field: value}))
 
 
 def test_image_flip_average_embeds_the_mean_of_both_views_in_eval_mode_only():

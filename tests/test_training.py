@@ -199,6 +199,27 @@ def test_a_cached_text_prefix_trains_the_top_layers_exactly_like_running_the_who
     assert cached["test"] == pytest.approx(whole["test"], abs=1e-6)
 
 
+def test_adapters_in_the_top_text_layer_train_on_the_cached_prefix_like_the_whole_tower(tmp_path, caplog):
+    caplog.set_level("INFO")
+    text = tiny_text_config()
+    text.vocab_size, text.dropout, text.attention_dropout = 30522, 0.0, 0.0
+    model_dir = save_tiny_model_dir(tmp_path / "model", text_config=text.to_dict(), lora_rank=2, lora_towers=["text"],
+                                    lora_text_blocks=1)
+    frozen = ("--vision_train", "frozen", "--text_train", "frozen", "--lora_learning_rate", "1e-2", "--num_train_epochs", "1",
+              "--save_adapters", "false")
+    cached = run_contrastive.main(tiny_run_args(model_dir, tmp_path / "cached", *frozen, "--prefix_cache_dtype", "float32"))
+    assert "text layers below 1 are frozen" in caplog.text
+    whole = run_contrastive.main(tiny_run_args(model_dir, tmp_path / "whole", *frozen, "--cache_frozen_features", "false"))
+    # The exported model has its adapters merged: only the top layer's adapted weights may differ from the untrained.
+    cached_weights, whole_weights = (load_file(tmp_path / run / "model.safetensors") for run in ("cached", "whole"))
+    untrained = DualEncoderModel.from_pretrained(model_dir).merge_adapters().state_dict()
+    changed = {k for k in cached_weights if k.startswith("text_model") and not torch.equal(cached_weights[k], untrained[k])}
+    assert changed and all(".layer.1.attention." in k for k in changed), sorted(changed)
+    for key in cached_weights:
+        torch.testing.assert_close(cached_weights[key], whole_weights[key], atol=1e-4, rtol=1e-3, msg=key)
+    assert cached["test"] == pytest.approx(whole["test"], abs=1e-6)
+
+
 def test_batches_by_image_take_every_caption_of_each_image_in_one_step(tiny_model_dir, tmp_path):
     metrics = run_contrastive.main(tiny_run_args(tiny_model_dir, tmp_path / "out", "--vision_train", "top:1",
                                                  "--freeze_batchnorm", "true", "--batch_by_image", "true",
@@ -332,6 +353,19 @@ def test_cached_features_are_reused_only_for_the_same_weights_and_settings(tmp_p
     with torch.no_grad():
         layer.weight.add_(1.0)
     assert tower_fingerprint(layer, 224) != key
+
+
+def test_a_prefix_cache_key_leaves_out_adapters_so_a_run_with_top_block_lora_reuses_the_plain_prefix():
+    from dualencoder.training.feature_cache import tower_fingerprint
+    from tests.tiny import tiny_timm_config
+
+    torch.manual_seed(0)
+    plain = DualEncoderModel(tiny_timm_config())
+    torch.manual_seed(0)  # the same backbone weights (drawn before the adapters), plus adapters
+    adapted = DualEncoderModel(tiny_timm_config(lora_rank=2, lora_towers=["vision"], lora_vision_blocks=1))
+    assert (tower_fingerprint(adapted.vision_model, 224, without_adapters=True)
+            == tower_fingerprint(plain.vision_model, 224, without_adapters=True))
+    assert tower_fingerprint(adapted.vision_model, 224) != tower_fingerprint(plain.vision_model, 224)
 
 
 def test_a_nan_loss_stops_the_run_naming_the_step_and_saves_nothing(tiny_model_dir, tmp_path, monkeypatch):

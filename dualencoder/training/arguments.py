@@ -36,6 +36,8 @@ class ModelArguments:
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
     lora_towers: list[str] = field(default_factory=lambda: ["text"], metadata={"help": "Towers that get LoRA adapters: vision and/or text."})
+    lora_vision_blocks: Optional[int] = field(default=None, metadata={"help": "Adapters in the vision tower's last N blocks only (default: every block). The blocks below stay pretrained, so with vision_train frozen their output is cached once (the prefix cache), as for vision_train top:N."})
+    lora_text_blocks: Optional[int] = field(default=None, metadata={"help": "Adapters in the text tower's last N layers only (default: every layer); with text_train frozen the layers below are cached once, as for text_train top:N."})
     image_flip_average: Optional[bool] = field(default=None, metadata={"help": "Embed each image, in evaluation and inference, as the mean of its own and its mirror image's features (test-time augmentation at twice the vision cost; saved in the model config). Default: the model's own setting (off for new models)."})
     vision_chunk_size: Optional[int] = field(default=None, metadata={"help": "Run the vision tower on chunks of this many images (same result, saved in the model config): on a CPU, chunks of 32 train EfficientNet's top 2.5x faster than batches of 128 (doc/FLICKR8K_RECIPE.md). Default: the model's own setting (off for new models)."})
     vision_train: str = field(default="full", metadata={"help": "What trains in the vision backbone besides adapters: full, frozen or top:N (last N blocks)."})

@@ -21,17 +21,29 @@ import torch
 logger = logging.getLogger(__name__)
 
 
-def tower_fingerprint(module: torch.nn.Module, *extra) -> str:
+def tower_fingerprint(module: torch.nn.Module, *extra, without_adapters: bool = False) -> str:
     """A short hash of a tower's weights (and any extra settings, e.g. the input size).
 
     Cached features are only valid for exactly these weights and preprocessing; the hash makes
-    a stale cache impossible to pick up.
+    a stale cache impossible to pick up. `without_adapters` hashes the pretrained weights under
+    their plain names, leaving out LoRA adapters: right for a prefix cache, whose frozen blocks
+    hold no adapters (see `frozen_prefix_depth`), so a run with adapters in the top blocks reuses
+    the prefix that a run without them cached.
     """
     digest = hashlib.sha1(repr(extra).encode())
-    for name, tensor in sorted(module.state_dict().items()):
+    for name, tensor in sorted(_named_weights(module, without_adapters)):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def _named_weights(module: torch.nn.Module, without_adapters: bool):
+    for name, tensor in module.state_dict().items():
+        if without_adapters:
+            if "lora_" in name:
+                continue
+            name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+        yield name, tensor
 
 
 def load_or_compute(path: str, compute) -> dict:

@@ -1,0 +1,42 @@
+#!/usr/bin/env python
+"""How many Flickr8k captions a text `max_length` truncates (the text-length lever of doc/FLICKR8K_RECIPE.md).
+
+Counts tokens as the text tower's tokenizer makes them (special tokens included, as `max_length`
+counts them) over every caption of every split, and prints the share cut at each candidate length.
+A length that truncates nothing cannot change what the model learns; a shorter one only saves time.
+
+    python doc/experiments/caption_lengths.py --data ../shared/data/flickr8k
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
+
+
+def main():
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from data_scripts import load_image_caption_dataset
+    from modeling_dualencoder import resolve_offline
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="../shared/data/flickr8k", help="a Flickr8k directory")
+    parser.add_argument("--text_model", default="offline:all-minilm-l6-v2", help="whose tokenizer counts the tokens")
+    parser.add_argument("--lengths", default="16,20,24,32,40", help="candidate max_length values")
+    args = parser.parse_args()
+    source = resolve_offline(args.text_model)["path"] if args.text_model.startswith("offline:") else args.text_model
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    splits = load_image_caption_dataset(args.data, view="pairs", verify_images=False)
+    for split, pairs in splits.items():
+        lengths = np.array([len(ids) for ids in tokenizer(list(pairs["caption"]))["input_ids"]])
+        print(f"{split}: {len(lengths)} captions, tokens mean {lengths.mean():.1f}, median {np.median(lengths):.0f}, "
+              f"99th percentile {np.percentile(lengths, 99):.0f}, max {lengths.max()}")
+        for limit in (int(x) for x in args.lengths.split(",")):
+            print(f"  max_length {limit}: {int((lengths > limit).sum())} truncated ({100 * (lengths > limit).mean():.2f}%)")
+
+
+if __name__ == "__main__":
+    main()
