@@ -385,6 +385,11 @@ def _pool(outputs, attention_mask, pooling: str) -> torch.Tensor:
     return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
 
 
+def _without_peft_wrapper(tower: nn.Module) -> nn.Module:
+    """The backbone inside a peft wrapper (its LoRA layers are in place inside it), else `tower` itself."""
+    return tower.get_base_model() if hasattr(tower, "get_base_model") else tower
+
+
 def tower_blocks(tower: nn.Module) -> list[nn.Module]:
     """The tower's repeated blocks in order: timm `blocks` (stages flattened), HF `encoder.layer`.
 
@@ -434,28 +439,26 @@ def _first_occurrences(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return first.scatter_reduce(0, inverse, rows, reduce="amin"), inverse
 
 
-def _without_peft_wrapper(tower: nn.Module) -> nn.Module:
-    """The backbone inside a peft wrapper (its LoRA layers are in place inside it), else `tower` itself."""
-    return tower.get_base_model() if hasattr(tower, "get_base_model") else tower
-
-
 def _block_output(output) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-def _add_lora(tower: nn.Module, config: DualEncoderConfig, targets, top_blocks: Optional[int] = None) -> nn.Module:
-    """Wrap `tower` with peft LoRA on the modules named `targets`, in its last `top_blocks` blocks only if set."""
+def _add_lora(tower: nn.Module, config: DualEncoderConfig, targets, name: str) -> nn.Module:
+    """Wrap the `name` tower with peft LoRA on the modules named `targets`, in its last
+    `config.lora_<name>_blocks` blocks only when that is set."""
     from peft import LoraConfig, get_peft_model
 
     targets = list(targets)
+    top_blocks = getattr(config, f"lora_{name}_blocks")
     if top_blocks is not None:
         blocks = tower_blocks(tower)
         if top_blocks > len(blocks):
-            raise ValueError(f"lora blocks: the tower has {len(blocks)} blocks; cannot adapt the last {top_blocks}.")
+            raise ValueError(f"DualEncoderConfig.lora_{name}_blocks={top_blocks}: the {name} tower has {len(blocks)} "
+                             f"blocks; cannot adapt the last {top_blocks}.")
         inside = {id(module) for block in blocks[-top_blocks:] for module in block.modules()}
         # Full module names: peft adapts exactly these, so the blocks below stay pretrained.
-        targets = [name for name, module in tower.named_modules()
-                   if id(module) in inside and name.rsplit(".", 1)[-1] in targets]
+        targets = [module_name for module_name, module in tower.named_modules()
+                   if id(module) in inside and module_name.rsplit(".", 1)[-1] in targets]
     lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=targets, bias="none")
     return get_peft_model(tower, lora)
@@ -527,11 +530,9 @@ class DualEncoderModel(DualEncoderPreTrainedModel):
     def _add_adapters(self):
         """Wrap the towers named in `config.lora_towers` with peft LoRA (their base weights freeze)."""
         if "vision" in self.config.lora_towers:
-            self.vision_model = _add_lora(self.vision_model, self.config, self.lora_targets("vision"),
-                                          self.config.lora_vision_blocks)
+            self.vision_model = _add_lora(self.vision_model, self.config, self.lora_targets("vision"), "vision")
         if "text" in self.config.lora_towers:
-            self.text_model = _add_lora(self.text_model, self.config, self.lora_targets("text"),
-                                        self.config.lora_text_blocks)
+            self.text_model = _add_lora(self.text_model, self.config, self.lora_targets("text"), "text")
 
     def merge_adapters(self) -> "DualEncoderModel":
         """Fold LoRA into the base weights; the model then saves and loads without peft."""

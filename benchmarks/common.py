@@ -232,12 +232,12 @@ def load_tokenizer(texts: Iterable[str] = ()):
     The fallback (a BERT tokenizer over the lower-cased words of `texts` plus BERT's special
     tokens) costs about what a real one does per caption, which is all a speed benchmark needs.
     """
-    from transformers import AutoTokenizer, BertTokenizerFast
+    from transformers import BertTokenizerFast
 
     if offline_pair_available():
-        from modeling_dualencoder import resolve_offline
+        from dualencoder.processing import load_tokenizer
 
-        return AutoTokenizer.from_pretrained(resolve_offline("offline:all-minilm-l6-v2")["path"])
+        return load_tokenizer("offline:all-minilm-l6-v2")
     words = sorted({word for text in texts for word in text.lower().split()})
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as handle:
         handle.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words) + "\n")

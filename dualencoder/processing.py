@@ -49,6 +49,11 @@ def tokenizer_from_config(config: DualEncoderConfig) -> PreTrainedTokenizerBase:
     source = config.text_model_name_or_path
     if source is None:
         raise ValueError("config.text_model_name_or_path is not set: pass a tokenizer to build_processor().")
+    return load_tokenizer(source)
+
+
+def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
+    """A text backbone's tokenizer from an HF id/path or an offline alias (`offline:all-minilm-l6-v2`)."""
     if source.startswith("offline:"):
         source = resolve_offline(source)["path"]
     return AutoTokenizer.from_pretrained(source)

@@ -12,14 +12,15 @@ import pytest
 import torch
 from PIL import Image
 from threadpoolctl import threadpool_limits
-from transformers import AutoTokenizer, DistilBertConfig, DistilBertModel, ViTImageProcessor
+from transformers import DistilBertConfig, DistilBertModel, ViTImageProcessor
 from transformers import VisionTextDualEncoderProcessor
 
 from dualencoder.evaluation import evaluate_model, figures, report
 from dualencoder.evaluation.embed import EmbeddedSplit
 from dualencoder.metrics import retrieval_metrics
+from dualencoder.processing import load_tokenizer
 from dualencoder.querybank import querybank_metrics
-from modeling_dualencoder import DualEncoderModel, resolve_offline
+from modeling_dualencoder import DualEncoderModel
 from tests.tiny import tiny_vit_distilbert_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,7 +33,7 @@ DATA = ["--dataset", "synthetic", "--num_images", "24", "--synthetic_image_size"
 
 def minilm_tokenizer():
     """The MiniLM tokenizer shipped in the offline package (BERT uncased vocabulary, 30522 tokens)."""
-    return AutoTokenizer.from_pretrained(resolve_offline("offline:all-minilm-l6-v2")["path"])
+    return load_tokenizer("offline:all-minilm-l6-v2")
 
 
 def tiny_text_config():

@@ -136,13 +136,18 @@ def test_unknown_backbone_family_without_targets_is_a_clear_error():
         DualEncoderModel(config)
 
 
+def _nonzero_adapters(model, std: float = 0.5) -> None:
+    """LoRA B starts at zero, so a fresh adapter changes nothing: give the adapters something to do."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=std)
+
+
 def test_merged_adapters_give_the_same_embeddings_and_load_without_peft(tmp_path):
     torch.manual_seed(0)
     model = DualEncoderModel(tiny_vit_distilbert_config(lora_rank=4, lora_towers=["vision", "text"])).eval()
-    with torch.no_grad():  # LoRA B starts at zero: give the adapters something to merge
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=0.5)
+    _nonzero_adapters(model)
     batch = tiny_batch(model.config, 3)
     with torch.no_grad():
         unmerged = model(**batch)
@@ -162,10 +167,7 @@ def test_merged_adapters_give_the_same_embeddings_and_load_without_peft(tmp_path
 def test_unmerged_lora_checkpoint_round_trips(tmp_path):
     torch.manual_seed(0)
     model = DualEncoderModel(tiny_vit_distilbert_config(lora_rank=4, lora_towers=["text"])).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_()
+    _nonzero_adapters(model, std=1.0)
     batch = tiny_batch(model.config, 2)
     model.save_pretrained(tmp_path)
     loaded = DualEncoderModel.from_pretrained(tmp_path).eval()
@@ -358,13 +360,6 @@ def test_lora_in_the_top_blocks_only_leaves_the_blocks_below_pretrained_and_cach
     adapted = {id(module) for module in _adapted_modules(getattr(every_block, f"{tower}_model"))}
     first = next(i for i, block in enumerate(blocks) if adapted & {id(module) for module in block.modules()})
     assert frozen_prefix_depth(every_block, tower) == first == (1 if tower == "vision" else 0)
-
-
-def _nonzero_adapters(model) -> None:
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)
 
 
 def test_prefix_then_suffix_runs_the_adapters_of_the_top_blocks_like_the_whole_tower():

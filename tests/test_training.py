@@ -20,7 +20,7 @@ from dualencoder.querybank import querybank_metrics
 from modeling_dualencoder import DualEncoderModel
 from dualencoder.training.arguments import parse_args
 from dualencoder.training.checkpoints import list_checkpoints, resolve_resume
-from tests.tiny import save_tiny_model_dir, tiny_text_config
+from tests.tiny import save_tiny_model_dir, tiny_text_config, tiny_timm_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -357,7 +357,6 @@ def test_cached_features_are_reused_only_for_the_same_weights_and_settings(tmp_p
 
 def test_a_prefix_cache_key_leaves_out_adapters_so_a_run_with_top_block_lora_reuses_the_plain_prefix():
     from dualencoder.training.feature_cache import tower_fingerprint
-    from tests.tiny import tiny_timm_config
 
     torch.manual_seed(0)
     plain = DualEncoderModel(tiny_timm_config())

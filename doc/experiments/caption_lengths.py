@@ -17,18 +17,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 
 def main():
     import numpy as np
-    from transformers import AutoTokenizer
 
     from data_scripts import load_image_caption_dataset
-    from modeling_dualencoder import resolve_offline
+    from dualencoder.processing import load_tokenizer
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="../shared/data/flickr8k", help="a Flickr8k directory")
     parser.add_argument("--text_model", default="offline:all-minilm-l6-v2", help="whose tokenizer counts the tokens")
     parser.add_argument("--lengths", default="16,20,24,32,40", help="candidate max_length values")
     args = parser.parse_args()
-    source = resolve_offline(args.text_model)["path"] if args.text_model.startswith("offline:") else args.text_model
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer = load_tokenizer(args.text_model)
     splits = load_image_caption_dataset(args.data, view="pairs", verify_images=False)
     for split, pairs in splits.items():
         lengths = np.array([len(ids) for ids in tokenizer(list(pairs["caption"]))["input_ids"]])
