@@ -31,6 +31,7 @@ from data_scripts import (ContrastiveCollator, ImageGroupBatchSampler, ImageTran
                           to_image_view)
 from dualencoder.evaluation.embed import (EmbeddedSplit, embed_split, pooled_from_prefix, pooled_from_text_prefix, pooled_image_features,
                                           pooled_text_features, split_captions)
+from dualencoder.head_init import cca_initialise_heads, cca_options
 from dualencoder.metrics import format_metrics_table
 from dualencoder.querybank import querybank_metrics
 from dualencoder.processing import build_processor
@@ -83,18 +84,32 @@ def build_model(model_args) -> DualEncoderModel:
     return model
 
 
+def option_mapping(option: str, text: str) -> dict:
+    """A YAML/JSON mapping option (`--loss_options`, `--head_init_options`) read as a dict, with errors naming it."""
+    mapping = yaml.safe_load(text) or {}
+    if not isinstance(mapping, dict):
+        raise SystemExit(f"error: {option} must be a mapping, got {text!r}")
+    glued = [key for key, value in mapping.items() if value is None and ":" in str(key)]
+    if glued:  # YAML reads {margin:0.2} as the key 'margin:0.2' with no value
+        raise SystemExit(f"error: {option} {text!r}: {glued[0]!r} needs a space after ':' "
+                         f"(YAML), e.g. '{{{str(glued[0]).replace(':', ': ', 1)}}}'")
+    return mapping
+
+
 def loss_options(model_args) -> dict:
     """``--loss_options`` read as the keyword arguments of ``build_loss(model_args.loss, ...)``."""
-    loss_kwargs = yaml.safe_load(model_args.loss_options) or {}
-    if not isinstance(loss_kwargs, dict):
-        raise SystemExit(f"error: --loss_options must be a mapping, got {model_args.loss_options!r}")
-    glued = [key for key, value in loss_kwargs.items() if value is None and ":" in str(key)]
-    if glued:  # YAML reads {margin:0.2} as the key 'margin:0.2' with no value
-        raise SystemExit(f"error: --loss_options {model_args.loss_options!r}: {glued[0]!r} needs a space after ':' "
-                         f"(YAML), e.g. '{{{str(glued[0]).replace(':', ': ', 1)}}}'")
+    loss_kwargs = option_mapping("--loss_options", model_args.loss_options)
     if "codebook" in model_args.loss:
         loss_kwargs.setdefault("embed_dim", model_args.projection_dim)
     return loss_kwargs
+
+
+def head_init_options(model_args) -> dict:
+    """``--head_init_options`` over the defaults of ``--head_init`` (checked before any caching)."""
+    try:
+        return cca_options(option_mapping("--head_init_options", model_args.head_init_options))
+    except ValueError as error:
+        raise SystemExit(f"error: --{error}") from None
 
 
 def join_backbones(model_args) -> DualEncoderModel:
@@ -179,29 +194,26 @@ def make_train_loader(pairs, transform, collator, data_args, train_args, seed, e
                       pin_memory=torch.cuda.is_available(), generator=generator)
 
 
-def training_image_topics(model, train_pairs, caches: dict, text_prefix_depth: int, tokenizer, data_args, train_args,
-                          device) -> dict:
-    """image id -> topic for topic-aware batches, from the text tower as loaded (see dualencoder/training/topics.py).
-
-    The captions' pooled features come from the caches when there are any (the frozen tower's features, or the
-    top layers run over the cached prefix), else from the whole text tower.
-    """
+def training_image_topics(train_pairs, text_features: dict, data_args, seed: int) -> dict:
+    """image id -> topic for topic-aware batches, from the captions' pooled features under the text tower as loaded
+    (see dualencoder/training/topics.py)."""
     started = time.time()
-    captions = list(train_pairs["caption"])
-    how = dict(batch_size=train_args.per_device_eval_batch_size, device=device)
-    if caches["text"] is not None:
-        features = caches["text"]
-    elif caches["text_hidden"] is not None:
-        features = pooled_from_text_prefix(model, caches["text_hidden"], captions, text_prefix_depth, **how)
-    else:
-        features = pooled_text_features(model, captions, tokenizer, max_length=data_args.max_length, desc="topic features",
-                                        show_progress=False, **how)
-    topics = image_topics(list(train_pairs["image_id"]), captions, features, data_args.topic_batches, seed=train_args.seed)
+    topics = image_topics(list(train_pairs["image_id"]), list(train_pairs["caption"]), text_features,
+                          data_args.topic_batches, seed=seed)
     sizes = sorted(Counter(topics.values()).values())
     logger.info("topic batches: %d images in %d topics (%d to %d images each; median %d), %.0f%% of each batch drawn "
-                "by topic; %.0f s", len(topics), data_args.topic_batches, sizes[0], sizes[-1], sizes[len(sizes) // 2],
-                100 * data_args.topic_share, time.time() - started)
+                "by topic; k-means %.0f s", len(topics), data_args.topic_batches, sizes[0], sizes[-1],
+                sizes[len(sizes) // 2], 100 * data_args.topic_share, time.time() - started)
     return topics
+
+
+def initialise_heads_from_cca(model, train_pairs, image_features: dict, text_features: dict, options: dict) -> None:
+    """--head_init cca: fit CCA on every training (image, caption) pair's pooled features and start the heads there."""
+    started = time.time()
+    images = torch.stack([image_features[i] for i in train_pairs["image_id"]]).float()
+    texts = torch.stack([text_features[c] for c in train_pairs["caption"]]).float()
+    fitted = cca_initialise_heads(model, images, texts, options)
+    logger.info("head_init cca: %s; %.0f s", ", ".join(f"{k} {v}" for k, v in fitted.items()), time.time() - started)
 
 
 def is_better(metric: str, value: float, best) -> bool:
@@ -230,6 +242,8 @@ def main(argv=None) -> dict:
 
     # --- model, processor, data
     model = build_model(model_args)
+    if model_args.head_init == "cca":
+        head_init_options(model_args)  # a bad option fails now, not after the caches
     processor = build_processor(model.config)
     logger.info("parameters:\n%s", format_parameter_report(parameter_report(model)))
     train_pairs, eval_views = load_data(data_args, train_args.seed)
@@ -327,38 +341,54 @@ def main(argv=None) -> dict:
                 device=accelerator.device, desc="cache text prefix", show_progress=show, prefix_depth=text_prefix_depth,
                 dtype=getattr(torch, train_args.prefix_cache_dtype))
             forward_extras["text_hidden_depth"] = text_prefix_depth
+    def pooled_images(view) -> dict:
+        """image id -> pooled vision features of an image view with the model as it is now: from the caches where there
+        are any (the trained top of the tower rerun over the cached prefix), else from the whole tower."""
+        if caches["vision_hidden"] is not None:
+            return pooled_from_prefix(accelerator.unwrap_model(model), caches["vision_hidden"], view["image_id"],
+                                      prefix_depth, batch_size=train_args.per_device_eval_batch_size,
+                                      device=accelerator.device, mirrored=caches["mirrored"])
+        if caches["vision"] is not None:
+            return caches["vision"]
+        return pooled_image_features(accelerator.unwrap_model(model), view, eval_transform,
+                                     batch_size=train_args.per_device_eval_batch_size, device=accelerator.device,
+                                     show_progress=show)
+
+    def pooled_texts(captions: list) -> dict:
+        """caption -> pooled text features with the model as it is now (from the caches where there are any)."""
+        if caches["text_hidden"] is not None:
+            return pooled_from_text_prefix(accelerator.unwrap_model(model), caches["text_hidden"], captions,
+                                           text_prefix_depth, batch_size=train_args.per_device_eval_batch_size,
+                                           device=accelerator.device)
+        if caches["text"] is not None and all(caption in caches["text"] for caption in captions):
+            return caches["text"]
+        return pooled_text_features(accelerator.unwrap_model(model), captions, processor.tokenizer,
+                                    max_length=data_args.max_length, batch_size=train_args.per_device_eval_batch_size,
+                                    device=accelerator.device, show_progress=show)
+
+    def embed(view, captions=None) -> EmbeddedSplit:
+        """Embed an image view (an evaluation split, or the training images as the querybank) with the model as it is
+        now; `captions` are its captions flattened in view order, when already known."""
+        captions = split_captions(view)[1] if captions is None else captions
+        return embed_split(accelerator.unwrap_model(model), view, None, processor.tokenizer,
+                           batch_size=train_args.per_device_eval_batch_size, device=accelerator.device,
+                           vision_cache=pooled_images(view), text_cache=pooled_texts(captions), show_progress=show)
+
     resume = resolve_resume(train_args.output_dir, train_args.resume_from_checkpoint)
     # A resumed run keeps the topics its batches were drawn from (k-means need not repeat itself), so they are
     # read from the checkpoint rather than computed again.
     topics = read_loop_state(resume).get("topics") if resume else None
     if data_args.topic_batches and topics is None:
-        topics = training_image_topics(model, train_pairs, caches, text_prefix_depth, processor.tokenizer, data_args,
-                                       train_args, accelerator.device)
+        topics = training_image_topics(train_pairs, pooled_texts(list(train_pairs["caption"])), data_args,
+                                       train_args.seed)
+    if model_args.head_init == "cca" and not resume:  # a resumed run's heads come from its checkpoint
+        initialise_heads_from_cca(model, train_pairs, pooled_images(to_image_view(train_pairs)),
+                                  pooled_texts(list(train_pairs["caption"])), head_init_options(model_args))
     cache_seconds = time.time() - cache_started
     if caches["vision"] is not None or caches["vision_hidden"] is not None:
         train_pairs = train_pairs.remove_columns("image")  # never decode images we do not need
     train_rows_transform = CachedFeatureTransform(train_transform, caches["vision"], caches["text"], caches["vision_hidden"],
                                                   mirror, caches["mirrored"], caches["text_hidden"], prefix_crop)
-
-    def embed(view, captions=None) -> EmbeddedSplit:
-        """Embed an image view (an evaluation split, or the training images as the querybank) with the model as it is
-        now; `captions` are its captions flattened in view order, when already known."""
-        unwrapped = accelerator.unwrap_model(model)
-        captions = split_captions(view)[1] if captions is None else captions
-        vision_cache = caches["vision"]
-        if caches["vision_hidden"] is not None:  # the trained top of the tower changes: rerun it from the prefix
-            vision_cache = pooled_from_prefix(unwrapped, caches["vision_hidden"], view["image_id"],
-                                              prefix_depth, batch_size=train_args.per_device_eval_batch_size,
-                                              device=accelerator.device, mirrored=caches["mirrored"])
-        text_cache = None
-        if caches["text_hidden"] is not None:  # likewise the trained upper text layers
-            text_cache = pooled_from_text_prefix(unwrapped, caches["text_hidden"], captions,
-                                                 text_prefix_depth, batch_size=train_args.per_device_eval_batch_size,
-                                                 device=accelerator.device)
-        return embed_split(unwrapped, view, eval_transform, processor.tokenizer,
-                           max_length=data_args.max_length, batch_size=train_args.per_device_eval_batch_size,
-                           device=accelerator.device, vision_cache=vision_cache, text_cache=text_cache,
-                           show_progress=show)
 
     def evaluate(split: str) -> dict:
         return embed(eval_views[split], eval_captions[split]).metrics()

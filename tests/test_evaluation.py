@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 from threadpoolctl import threadpool_limits
-from transformers import DistilBertConfig, DistilBertModel, ViTImageProcessor
+from transformers import DistilBertConfig, ViTImageProcessor
 from transformers import VisionTextDualEncoderProcessor
 
 from dualencoder.evaluation import evaluate_model, figures, report
@@ -21,7 +21,7 @@ from dualencoder.metrics import retrieval_metrics
 from dualencoder.processing import load_tokenizer
 from dualencoder.querybank import querybank_metrics
 from modeling_dualencoder import DualEncoderModel
-from tests.tiny import tiny_vit_distilbert_config
+from tests.tiny import save_tiny_text_backbone, tiny_vit_distilbert_config
 
 REPO = Path(__file__).resolve().parents[1]
 METRIC_KEYS = {"i2t_r1", "i2t_r5", "i2t_r10", "i2t_medr", "i2t_meanr",
@@ -57,15 +57,6 @@ def make_tiny_model_dir(path, seed: int = 0) -> Path:
     return path
 
 
-def make_tiny_text_backbone(path) -> Path:
-    """A tiny random DistilBERT saved with a tokenizer: a text backbone for the zero-shot path."""
-    path = Path(path)
-    torch.manual_seed(1)
-    DistilBertModel(tiny_text_config()).save_pretrained(path)
-    minilm_tokenizer().save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module", autouse=True)
 def offline_and_private_cache(tmp_path_factory):
     # One BLAS/OpenMP thread: on a shared, busy machine t-SNE's OpenMP threads otherwise spin-wait
@@ -83,7 +74,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def zero_shot_args(tmp_path_factory):
-    text = make_tiny_text_backbone(tmp_path_factory.mktemp("tiny-text"))
+    text = save_tiny_text_backbone(tmp_path_factory.mktemp("tiny-text"))
     return ["--vision_model", "timm:test_efficientnet", "--text_model", str(text)]
 
 

@@ -20,7 +20,7 @@ from dualencoder.querybank import querybank_metrics
 from modeling_dualencoder import DualEncoderModel
 from dualencoder.training.arguments import parse_args
 from dualencoder.training.checkpoints import list_checkpoints, resolve_resume
-from tests.tiny import save_tiny_model_dir, tiny_text_config, tiny_timm_config
+from tests.tiny import save_tiny_model_dir, save_tiny_text_backbone, tiny_text_config, tiny_timm_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -254,6 +254,66 @@ def test_topic_batches_cluster_the_training_images_once_and_keep_the_topics_for_
     with pytest.raises(SystemExit):  # at parse time, before any caching
         parse_args(tiny_run_args(tiny_model_dir, tmp_path / "random", "--topic_batches", "3"))
     assert "--topic_batches draws whole images by topic: it needs --batch_by_image true" in capsys.readouterr().err
+
+
+def test_cca_head_init_starts_training_at_the_linear_cca_map_of_the_towers_as_loaded(tmp_path, caplog):
+    from accelerate.utils import set_seed
+
+    from dualencoder.baselines.cca import fit_cca, project
+    from dualencoder.evaluation.embed import pooled_image_features, pooled_text_features, split_captions
+
+    caplog.set_level("INFO")
+    text_dir = save_tiny_text_backbone(tmp_path / "text")
+    # Every learning rate 0 and BatchNorm statistics frozen: the exported model is the model as initialised.
+    args = ["--config", str(REPO / "configs" / "tiny_test.yaml"), "--vision_model", "timm:test_efficientnet",
+            "--text_model", text_dir, "--image_size", "32", "--projection_head", "mlp", "--projection_dim", "16",
+            "--projection_hidden_dim", "32", "--head_init", "cca", "--head_init_options", "{ridge: 1.0, dims: 8, power: 1.0}",
+            "--learning_rate", "0", "--head_learning_rate", "0", "--logit_scale_learning_rate", "0",
+            "--freeze_batchnorm", "true", "--num_train_epochs", "1", "--feature_cache_dir", "",
+            "--output_dir", str(tmp_path / "out")]
+    run_contrastive.main(args)
+    assert "head_init cca: ridge 1.0, dims 8, power 1.0, pairs " in caplog.text
+    model = DualEncoderModel.from_pretrained(tmp_path / "out").eval()
+    # The CCA the heads must hold, fitted here on the same towers' pooled features of every training pair.
+    model_args, data_args, train_args = parse_args(args)
+    train, views = run_contrastive.load_data(data_args, train_args.seed)
+    transform = ImageTransform(build_processor(model.config).image_processor, train=False)
+    tokenizer = build_processor(model.config).tokenizer
+    how = dict(batch_size=16, device="cpu", show_progress=False)
+
+    def pooled(view, captions):
+        images = pooled_image_features(model, view, transform, **how)
+        texts = pooled_text_features(model, captions, tokenizer, max_length=data_args.max_length, **how)
+        return images, texts
+
+    train_images, train_texts = pooled(to_image_view(train), list(train["caption"]))
+    fit = fit_cca(torch.stack([train_images[i] for i in train["image_id"]]),
+                  torch.stack([train_texts[c] for c in train["caption"]]), 1.0)
+    ids, captions, _ = split_captions(views["test"])
+    test_images, test_texts = pooled(views["test"], captions)
+    x, y = torch.stack([test_images[i] for i in ids]), torch.stack([test_texts[c] for c in captions])
+    expected_images, expected_texts = project(fit, x, y, 8, 1.0)
+    with torch.no_grad():
+        torch.testing.assert_close(model.get_image_features(vision_pooled=x)[:, :8], expected_images, atol=1e-4, rtol=1e-3)
+        torch.testing.assert_close(model.get_text_features(text_pooled=y)[:, :8], expected_texts, atol=1e-4, rtol=1e-3)
+    # The same towers with random heads: the CCA map is what the initialisation changed.
+    set_seed(train_args.seed)
+    assert not torch.allclose(run_contrastive.build_model(model_args).get_image_features(vision_pooled=x)[:, :8],
+                              expected_images, atol=1e-2)
+
+
+def test_cca_head_init_options_are_checked_before_any_work(tiny_model_dir, tmp_path, capsys):
+    linear = tiny_run_args(tiny_model_dir, tmp_path / "a", "--model_name_or_path", "", "--head_init", "cca",
+                           "--projection_head", "linear")
+    with pytest.raises(SystemExit):
+        parse_args(linear)
+    assert "--head_init cca needs --projection_head mlp" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(tiny_run_args(tiny_model_dir, tmp_path / "b", "--head_init", "cca", "--projection_head", "mlp"))
+    assert "a model from --model_name_or_path keeps its trained ones" in capsys.readouterr().err
+    model_args = parse_args(["--head_init", "cca", "--projection_head", "mlp", "--head_init_options", "{dim: 64}"])[0]
+    with pytest.raises(SystemExit, match="unknown key.*dim.*expected ridge, dims, power"):
+        run_contrastive.head_init_options(model_args)
 
 
 def test_flip_augment_caches_the_mirrored_prefix_of_the_training_images_only(tiny_model_dir, tmp_path, caplog):

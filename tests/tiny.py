@@ -1,7 +1,7 @@
 """Tiny random-init configs and batches, shared by the tests so each runs in well under a second."""
 
 import torch
-from transformers import BertConfig, DistilBertConfig, ViTConfig
+from transformers import BertConfig, DistilBertConfig, DistilBertModel, ViTConfig
 
 from modeling_dualencoder import DualEncoderConfig
 
@@ -61,4 +61,17 @@ def save_tiny_model_dir(path, **overrides) -> str:
     fields.update(overrides)
     torch.manual_seed(0)
     DualEncoderModel(tiny_timm_config(**fields)).save_pretrained(path)
+    return str(path)
+
+
+def save_tiny_text_backbone(path) -> str:
+    """A tiny random DistilBERT with MiniLM's vocabulary, saved with MiniLM's tokenizer (offline): a text
+    backbone that `--text_model <path>` joins like any HF checkpoint."""
+    from dualencoder.processing import load_tokenizer
+
+    text = tiny_text_config()
+    text.vocab_size = 30522  # MiniLM's (BERT uncased) vocabulary
+    torch.manual_seed(1)
+    DistilBertModel(text).save_pretrained(path)
+    load_tokenizer("offline:all-minilm-l6-v2").save_pretrained(path)
     return str(path)

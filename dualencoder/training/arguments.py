@@ -32,6 +32,8 @@ class ModelArguments:
     logit_bias_init_value: Optional[float] = field(default=None, metadata={"help": "Learn a logit bias starting here (SigLIP: -10)."})
     loss: str = field(default="clip", metadata={"help": "Loss: clip, ntxent, triplet, siglip, or a sum such as clip+triplet."})
     loss_options: str = field(default="{}", metadata={"help": "Options of the loss as a YAML/JSON mapping, e.g. '{margin: 0.1, triplet_weight: 0.5}' for clip+triplet (see dualencoder/losses.py)."})
+    head_init: str = field(default="random", metadata={"help": "How the projection heads start: random, or cca (mlp heads only): exactly the linear CCA map of the training pairs' pooled features from the towers as loaded, the linear-cca baseline's map (dualencoder/head_init.py), so training starts from that floor instead of from chance. Costs one pass of each tower's trained top over the training split.", "choices": ["random", "cca"]})
+    head_init_options: str = field(default="{}", metadata={"help": "head_init cca only, a YAML/JSON mapping: ridge (relative, default 10), dims (CCA directions kept, default 256; at most projection_hidden_dim/2), power (weight of each direction: its canonical correlation to this power, default 0)."})
     lora_rank: int = field(default=0, metadata={"help": "LoRA rank (0: no adapters)."})
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
@@ -144,9 +146,16 @@ def parse_args(argv: Optional[list[str]] = None):
     namespace = parser.parse_args(argv)  # argparse names unknown options itself
     values = vars(namespace)
     values.pop("config", None)
-    if isinstance(values["loss_options"], dict):  # a mapping in the YAML file stays a mapping
-        values["loss_options"] = yaml.safe_dump(values["loss_options"], default_flow_style=True).strip()
+    for name in ("loss_options", "head_init_options"):
+        if isinstance(values[name], dict):  # a mapping in the YAML file stays a mapping
+            values[name] = yaml.safe_dump(values[name], default_flow_style=True).strip()
     model_args, data_args, train_args = (cls(**{f.name: values[f.name] for f in fields(cls)}) for cls in ARGUMENT_CLASSES)
+    if model_args.head_init == "cca" and model_args.projection_head != "mlp":
+        parser.error("--head_init cca needs --projection_head mlp: the MLP's first-layer bias centres the features "
+                     "(dualencoder/head_init.py)")
+    if model_args.head_init != "random" and model_args.model_name_or_path:
+        parser.error(f"--head_init {model_args.head_init} starts new heads; a model from --model_name_or_path keeps its "
+                     f"trained ones (leave --head_init random)")
     if data_args.topic_batches and not data_args.batch_by_image:  # before an hour of caching, not after
         parser.error("--topic_batches draws whole images by topic: it needs --batch_by_image true")
     return model_args, data_args, train_args
