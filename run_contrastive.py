@@ -242,8 +242,7 @@ def main(argv=None) -> dict:
 
     # --- model, processor, data
     model = build_model(model_args)
-    if model_args.head_init == "cca":
-        head_init_options(model_args)  # a bad option fails now, not after the caches
+    cca_init = head_init_options(model_args) if model_args.head_init == "cca" else None  # a bad option fails now
     processor = build_processor(model.config)
     logger.info("parameters:\n%s", format_parameter_report(parameter_report(model)))
     train_pairs, eval_views = load_data(data_args, train_args.seed)
@@ -378,12 +377,15 @@ def main(argv=None) -> dict:
     # A resumed run keeps the topics its batches were drawn from (k-means need not repeat itself), so they are
     # read from the checkpoint rather than computed again.
     topics = read_loop_state(resume).get("topics") if resume else None
-    if data_args.topic_batches and topics is None:
-        topics = training_image_topics(train_pairs, pooled_texts(list(train_pairs["caption"])), data_args,
-                                       train_args.seed)
-    if model_args.head_init == "cca" and not resume:  # a resumed run's heads come from its checkpoint
-        initialise_heads_from_cca(model, train_pairs, pooled_images(to_image_view(train_pairs)),
-                                  pooled_texts(list(train_pairs["caption"])), head_init_options(model_args))
+    need_topics = data_args.topic_batches and topics is None
+    need_cca = cca_init is not None and not resume  # a resumed run's heads come from its checkpoint
+    # Both start from the training captions' pooled features under the text tower as loaded: computed once.
+    train_text_features = pooled_texts(list(train_pairs["caption"])) if need_topics or need_cca else None
+    if need_topics:
+        topics = training_image_topics(train_pairs, train_text_features, data_args, train_args.seed)
+    if need_cca:
+        initialise_heads_from_cca(model, train_pairs, pooled_images(to_image_view(train_pairs)), train_text_features,
+                                  cca_init)
     cache_seconds = time.time() - cache_started
     if caches["vision"] is not None or caches["vision_hidden"] is not None:
         train_pairs = train_pairs.remove_columns("image")  # never decode images we do not need

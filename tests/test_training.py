@@ -20,7 +20,7 @@ from dualencoder.querybank import querybank_metrics
 from modeling_dualencoder import DualEncoderModel
 from dualencoder.training.arguments import parse_args
 from dualencoder.training.checkpoints import list_checkpoints, resolve_resume
-from tests.tiny import save_tiny_model_dir, save_tiny_text_backbone, tiny_text_config, tiny_timm_config
+from tests.tiny import MINILM_VOCAB, save_tiny_model_dir, save_tiny_text_backbone, tiny_text_config, tiny_timm_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -184,7 +184,7 @@ def test_a_cached_vision_prefix_trains_the_top_blocks_exactly_like_running_the_w
 def test_a_cached_text_prefix_trains_the_top_layers_exactly_like_running_the_whole_tower(tmp_path, caplog):
     caplog.set_level("INFO")
     text = tiny_text_config()
-    text.vocab_size, text.dropout, text.attention_dropout = 30522, 0.0, 0.0  # dropout would draw other masks
+    text.vocab_size, text.dropout, text.attention_dropout = MINILM_VOCAB, 0.0, 0.0  # dropout would draw other masks
     model_dir = save_tiny_model_dir(tmp_path / "model", text_config=text.to_dict())
     top = ("--vision_train", "frozen", "--text_train", "top:1", "--learning_rate", "1e-3", "--num_train_epochs", "1")
     cached = run_contrastive.main(tiny_run_args(model_dir, tmp_path / "cached", *top, "--prefix_cache_dtype", "float32"))
@@ -202,7 +202,7 @@ def test_a_cached_text_prefix_trains_the_top_layers_exactly_like_running_the_who
 def test_adapters_in_the_top_text_layer_train_on_the_cached_prefix_like_the_whole_tower(tmp_path, caplog):
     caplog.set_level("INFO")
     text = tiny_text_config()
-    text.vocab_size, text.dropout, text.attention_dropout = 30522, 0.0, 0.0
+    text.vocab_size, text.dropout, text.attention_dropout = MINILM_VOCAB, 0.0, 0.0
     model_dir = save_tiny_model_dir(tmp_path / "model", text_config=text.to_dict(), lora_rank=2, lora_towers=["text"],
                                     lora_text_blocks=1)
     frozen = ("--vision_train", "frozen", "--text_train", "frozen", "--lora_learning_rate", "1e-2", "--num_train_epochs", "1",

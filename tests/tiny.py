@@ -6,6 +6,7 @@ from transformers import BertConfig, DistilBertConfig, DistilBertModel, ViTConfi
 from modeling_dualencoder import DualEncoderConfig
 
 VOCAB = 100
+MINILM_VOCAB = 30522  # the offline MiniLM tokenizer's (BERT uncased) vocabulary
 
 
 def tiny_text_config():
@@ -56,7 +57,7 @@ def save_tiny_model_dir(path, **overrides) -> str:
     from modeling_dualencoder import DualEncoderModel
 
     text = tiny_text_config()
-    text.vocab_size = 30522  # MiniLM's (BERT uncased) vocabulary
+    text.vocab_size = MINILM_VOCAB
     fields = dict(text_config=text.to_dict(), text_model_name_or_path="offline:all-minilm-l6-v2")
     fields.update(overrides)
     torch.manual_seed(0)
@@ -70,7 +71,7 @@ def save_tiny_text_backbone(path) -> str:
     from dualencoder.processing import load_tokenizer
 
     text = tiny_text_config()
-    text.vocab_size = 30522  # MiniLM's (BERT uncased) vocabulary
+    text.vocab_size = MINILM_VOCAB
     torch.manual_seed(1)
     DistilBertModel(text).save_pretrained(path)
     load_tokenizer("offline:all-minilm-l6-v2").save_pretrained(path)
