@@ -41,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from benchmarks.attention_kernels import BACKENDS, sdpa_backend  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     add_threads_argument,
     command_line,
@@ -67,8 +68,11 @@ from benchmarks.common import (  # noqa: E402
 PAIRS = ("vit-distilbert", "vit-bert", "offline")
 MODES = ("full", "lora", "frozen-vision-cache")
 PRECISIONS = ("fp32", "bf16")
-# on: the whole model; blocks: each transformer layer; blocks-graphs: each layer as a CUDA graph
-COMPILE = ("off", "on", "blocks", "blocks-graphs")
+# SCOPE[-MODE]: scope `on` (the whole model) or `blocks` (each transformer layer); MODE picks torch.compile's mode
+COMPILE_MODES = {"": None, "graphs": "reduce-overhead", "autotune": "max-autotune-no-cudagraphs",
+                 "autotune-graphs": "max-autotune"}
+COMPILE = ("off",) + tuple(f"{scope}-{mode}" if mode else scope for scope in ("on", "blocks") for mode in COMPILE_MODES)
+ATTENTION = ("auto",) + tuple(BACKENDS)  # auto: PyTorch picks the SDPA kernel (cuDNN first on Hopper)
 LAYOUTS = ("off", "on")
 SIZES = ("base", "small", "tiny")
 LORA = dict(lora_rank=16, lora_towers=["vision", "text"])
@@ -189,8 +193,8 @@ def run_ours(spec: dict) -> dict:
         accelerator.backward(model(**batch, return_loss=True).loss)
     flops = counter.get_total_flops()
     optimizer.zero_grad(set_to_none=True)
-    scope, _, graphs = spec["compile"].partition("-")
-    compile_in_place(model, {"on": "model"}.get(scope, scope), mode="reduce-overhead" if graphs else None)
+    scope, _, mode = spec["compile"].partition("-")
+    compile_in_place(model, {"on": "model"}.get(scope, scope), mode=COMPILE_MODES[mode])
     if spec.get("channels_last") == "on":
         model.to(memory_format=torch.channels_last)
         batch = {k: v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 else v for k, v in batch.items()}
@@ -199,14 +203,16 @@ def run_ours(spec: dict) -> dict:
 
     reset_peak_memory(device)
     clock = StepClock(device)
-    for index in range(total):
-        clock.start()
-        step(batch)
-        clock.stop(keep=index >= spec["warmup"])
-    step.check()
-    row = summarise(spec, device, clock, flops, params, weights)
-    if spec.get("profile"):
-        row["profile"] = profile_steps(step, batch, device)
+    # the kernel choice is made when a graph is traced, so the context spans warm-up (compiling) too
+    with sdpa_backend(spec.get("attention", "auto")):
+        for index in range(total):
+            clock.start()
+            step(batch)
+            clock.stop(keep=index >= spec["warmup"])
+        step.check()
+        row = summarise(spec, device, clock, flops, params, weights)
+        if spec.get("profile"):
+            row["profile"] = profile_steps(step, batch, device)
     return row
 
 
@@ -341,17 +347,18 @@ def plan(args) -> list[dict]:
     precisions = parse_choices(args.precision, PRECISIONS)
     compiles = parse_choices(args.compile, COMPILE)
     layouts = parse_choices(args.channels_last, LAYOUTS)
+    attentions = parse_choices(args.attention, ATTENTION)
     common = dict(profile=args.profile, size=args.size, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
                   image_size=args.image_size, seq_len=args.seq_len, threads=args.threads)
     specs = [dict(impl="ours", pair=pair, mode=mode, precision=precision, compile=compiled, channels_last=layout,
-                  **common)
+                  attention=attention, **common)
              for pair in pairs for mode in modes for precision in precisions for compiled in compiles
-             for layout in layouts]
+             for layout in layouts for attention in attentions]
     if args.baseline or args.pair == "all":
         for precision in precisions:
-            for compiled in [c for c in compiles if c in ("off", "on")]:  # the Trainer compiles whole models only
+            for compiled in [c for c in compiles if c in ("off", "on")]:  # the Trainer compiles whole models, no graphs
                 ours = dict(impl="ours", pair="vit-bert", mode="full", precision=precision, compile=compiled,
-                            channels_last="off", **common)
+                            channels_last="off", attention="auto", **common)
                 if ours not in specs:
                     specs.append(ours)
                 specs.append(dict(ours, impl="hf-trainer"))
@@ -369,6 +376,7 @@ def ratios(rows: list[dict]) -> list[dict]:
         for ours in rows:
             if ours["impl"] == "ours" and "error" not in ours and all(ours.get(k) == theirs.get(k) for k in key):
                 out.append({"precision": ours["precision"], "ours_compile": ours["compile"],
+                            "ours_attention": ours.get("attention", "auto"),
                             "hf_compile": theirs["compile"], "ours_samples_per_s": ours["samples_per_s"],
                             "hf_samples_per_s": theirs["samples_per_s"],
                             "ratio": round(ours["samples_per_s"] / theirs["samples_per_s"], 3)})
@@ -376,13 +384,13 @@ def ratios(rows: list[dict]) -> list[dict]:
 
 
 def print_tables(rows: list[dict], ratio_rows: list[dict], batch_size: int) -> None:
-    headers = ["pair", "size", "mode", "precision", "compile", "channels last", "loop", "weights", "step ms",
+    headers = ["pair", "size", "mode", "precision", "compile", "channels last", "attention", "loop", "weights", "step ms",
                "samples/s", "wall samples/s", "GFLOP/sample", "TFLOP/s", "MFU %", "GPU peak MiB", "host RSS MiB"]
     table = []
     for row in rows:
         size = "-" if row["pair"] == "offline" else row["size"]
         head = [row["pair"], size, row["mode"], row["precision"], row["compile"], row.get("channels_last", "off"),
-                "HF Trainer" if row["impl"] == "hf-trainer" else "ours"]
+                row.get("attention", "auto"), "HF Trainer" if row["impl"] == "hf-trainer" else "ours"]
         if "error" in row:
             table.append(head + [row.get("weights", "–"), f"error: {row['error']}"] + [""] * 7)
             continue
@@ -391,16 +399,17 @@ def print_tables(rows: list[dict], ratio_rows: list[dict], batch_size: int) -> N
                              fmt(row.get("wall_samples_per_s")), f"{row['flops_per_sample'] / 1e9:.3g}",
                              f"{row['achieved_tflops']:.3g}", fmt(mfu),
                              fmt(row["gpu_peak_mib"], 0), fmt(row["host_rss_peak_mib"], 0)])
-    print("\n" + markdown_table(headers, table, right_from=8))
+    print("\n" + markdown_table(headers, table, right_from=9))
     print(f"\nFLOPs: torch.utils.flop_counter.FlopCounterMode over one forward+backward at batch {batch_size} "
           "(matmul/conv/attention; element-wise and optimiser work not counted), divided by the batch.")
     if ratio_rows:
-        print("\n" + markdown_table(["precision", "ours compile", "HF compile", "ours samples/s", "HF Trainer samples/s",
-                                     "ours / HF"],
+        print("\n" + markdown_table(["precision", "ours compile", "ours attention", "HF compile", "ours samples/s",
+                                     "HF Trainer samples/s", "ours / HF"],
                                     [[r["precision"], r.get("ours_compile", r.get("compile")),
+                                      r.get("ours_attention", "auto"),
                                       r.get("hf_compile", r.get("compile")), fmt(r["ours_samples_per_s"]),
                                       fmt(r["hf_samples_per_s"]), f"{r['ratio']:.2f}x"] for r in ratio_rows],
-                                    right_from=3))
+                                    right_from=4))
 
 
 def parse_args(argv=None):
@@ -409,8 +418,12 @@ def parse_args(argv=None):
     parser.add_argument("--mode", default="full", help=f"comma list of {', '.join(MODES)}, or 'all'")
     parser.add_argument("--precision", default="bf16", help="comma list of fp32, bf16, or 'all'")
     parser.add_argument("--compile", default="off",
-                        help="torch.compile: off, on (the whole model), blocks (each transformer layer), blocks-graphs "
-                             "(each layer, CUDA graphs), or 'all'")
+                        help="torch.compile: off, or a scope (on: the whole model; blocks: each transformer layer) with an "
+                             "optional mode suffix (-graphs: CUDA graphs; -autotune: max-autotune GEMM templates and "
+                             "epilogue fusion; -autotune-graphs: both), e.g. blocks-graphs; comma list or 'all'")
+    parser.add_argument("--attention", default="auto",
+                        help=f"SDPA kernel for our rows: comma list of {', '.join(ATTENTION)}, or 'all' (auto: PyTorch's "
+                             "choice; benchmarks/attention_kernels.py times each kernel alone)")
     parser.add_argument("--profile", action="store_true",
                         help="after timing, profile 3 more steps of our loop and print the top kernels by time")
     parser.add_argument("--channels_last", default="off",
@@ -443,7 +456,7 @@ def main(argv=None) -> dict:
         return row
     rows = []
     for spec in plan(args):
-        label = " ".join(f"{k}={spec[k]}" for k in ("impl", "pair", "size", "mode", "precision", "compile"))
+        label = " ".join(f"{k}={spec[k]}" for k in ("impl", "pair", "size", "mode", "precision", "compile", "attention"))
         print(f"--- {label}", flush=True)
         if args.in_process:
             reset_accelerate_state()

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from benchmarks import common, data_loading, eval_speed, throughput, vision_chunks
+from benchmarks import attention_kernels, common, data_loading, eval_speed, throughput, vision_chunks
 
 
 @pytest.fixture(autouse=True)
@@ -147,3 +147,36 @@ def test_vision_chunks_times_each_chunk_size_against_the_whole_batch(tmp_path):
     for row in result["rows"]:
         assert len(row["prefix_s"]) == len(row["suffix_train_s"]) == 2
         assert row["prefix_median_s"] > 0 and row["suffix_train_median_s"] > 0
+
+
+def test_attention_kernels_times_each_backend_and_records_the_ones_this_device_lacks(tmp_path):
+    out = tmp_path / "attention.json"
+    result = attention_kernels.main(["--backend", "auto,math,cudnn", "--shape", "distilbert-32", "--batch_size", "2",
+                                     "--warmup", "0", "--repeats", "2", "--check", "--out", str(out)])
+    assert json.loads(out.read_text()) == result
+    rows = {row["backend"]: row for row in result["rows"]}
+    for name in ("auto", "math"):
+        row = rows[name]
+        assert row["forward_ms"] > 0 and row["forward_backward_ms"] > 0 and row["forward_backward_tflops"] > 0
+        assert row["rel_error"] < 1e-2  # bf16 against a float64 reference
+    assert "error" in rows["cudnn"] and "forward_ms" not in rows["cudnn"]  # cuDNN attention needs CUDA
+
+
+def test_attention_flops_count_the_backward_as_two_and_a_half_forwards():
+    forward = attention_kernels.attention_flops(2, 12, 197, 64, backward=False)
+    assert forward == 4 * 2 * 12 * 197 * 197 * 64
+    assert attention_kernels.attention_flops(2, 12, 197, 64, backward=True) == 3.5 * forward
+
+
+def test_throughput_rows_carry_the_attention_kernel_and_compile_mode_asked_for(tmp_path):
+    args = throughput.parse_args(["--compile", "blocks-autotune-graphs,off", "--attention", "auto,math", "--baseline"])
+    specs = throughput.plan(args)
+    ours = [(s["compile"], s["attention"]) for s in specs if s["impl"] == "ours" and s["pair"] == "vit-distilbert"]
+    assert ours == [("blocks-autotune-graphs", "auto"), ("blocks-autotune-graphs", "math"), ("off", "auto"),
+                    ("off", "math")]
+    assert [s["attention"] for s in specs if s["impl"] == "hf-trainer"] == ["auto"]  # the Trainer as users run it
+    assert throughput.COMPILE_MODES["graphs"] == "reduce-overhead"
+    result = throughput.main(TINY + ["--pair", "vit-distilbert", "--attention", "math", "--out", str(tmp_path / "a.json")])
+    (row,) = result["rows"]
+    _check_row(row)
+    assert row["attention"] == "math"
