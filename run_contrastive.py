@@ -346,7 +346,7 @@ def main(argv=None) -> dict:
         if caches["vision_hidden"] is not None:
             return pooled_from_prefix(accelerator.unwrap_model(model), caches["vision_hidden"], view["image_id"],
                                       prefix_depth, batch_size=train_args.per_device_eval_batch_size,
-                                      device=accelerator.device, mirrored=caches["mirrored"])
+                                      device=accelerator.device, mirrored=caches["mirrored"], show_progress=show)
         if caches["vision"] is not None:
             return caches["vision"]
         return pooled_image_features(accelerator.unwrap_model(model), view, eval_transform,
@@ -358,7 +358,7 @@ def main(argv=None) -> dict:
         if caches["text_hidden"] is not None:
             return pooled_from_text_prefix(accelerator.unwrap_model(model), caches["text_hidden"], captions,
                                            text_prefix_depth, batch_size=train_args.per_device_eval_batch_size,
-                                           device=accelerator.device)
+                                           device=accelerator.device, show_progress=show)
         if caches["text"] is not None and all(caption in caches["text"] for caption in captions):
             return caches["text"]
         return pooled_text_features(accelerator.unwrap_model(model), captions, processor.tokenizer,

@@ -426,6 +426,21 @@ def test_pooled_from_prefix_averages_the_mirrored_prefix_like_encode_vision():
         pooled_from_prefix(model, plain, ids, depth, batch_size=2, device="cpu")
 
 
+def test_pooled_from_prefix_shows_a_progress_bar_per_view_when_asked(capsys):
+    model = DualEncoderModel(tiny_timm_config(image_flip_average=True)).eval()
+    pixels = tiny_batch(model.config, 3)["pixel_values"]
+    ids, depth = ["a", "b", "c"], 2
+    with torch.no_grad():
+        plain = dict(zip(ids, model.vision_prefix(pixels, depth)))
+        mirrored = dict(zip(ids, model.vision_prefix(pixels.flip(-1), depth)))
+        pooled_from_prefix(model, plain, ids, depth, batch_size=2, device="cpu", mirrored=mirrored)
+        assert "cached prefix" not in capsys.readouterr().err  # quiet by default (tests, notebooks' inner loops)
+        pooled_from_prefix(model, plain, ids, depth, batch_size=2, device="cpu", mirrored=mirrored,
+                           desc="validation images", show_progress=True)
+    err = capsys.readouterr().err
+    assert "validation images:" in err and "validation images (mirrored):" in err and "0/2" in err  # 3 images, batches of 2
+
+
 def test_forward_from_a_cached_vision_prefix_matches_pixels_and_trains_only_the_suffix():
     model = DualEncoderModel(tiny_timm_config()).eval()
     batch = tiny_batch(model.config, 4)

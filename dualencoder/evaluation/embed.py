@@ -62,7 +62,8 @@ def pooled_image_features(model, images_view, image_transform, *, batch_size: in
 
 @torch.no_grad()
 def pooled_from_prefix(model, hidden: dict, image_ids: list, depth: int, *, batch_size: int, device,
-                       mirrored: Optional[dict] = None) -> dict:
+                       mirrored: Optional[dict] = None, desc: str = "embed images from the cached prefix",
+                       show_progress: bool = False) -> dict:
     """image id -> pooled vision features, running only `vision_suffix` over cached prefix outputs.
 
     With `config.image_flip_average` the features are, as in `encode_vision`, the mean over the
@@ -71,15 +72,15 @@ def pooled_from_prefix(model, hidden: dict, image_ids: list, depth: int, *, batc
     was_training = model.training
     model.eval()
 
-    def suffix(views: dict) -> torch.Tensor:
+    def suffix(views: dict, label: str) -> torch.Tensor:
         return _project(lambda vision_hidden: model.vision_suffix(vision_hidden.float(), depth), "vision_hidden",
-                        [views[i] for i in image_ids], batch_size, device)
+                        [views[i] for i in image_ids], batch_size, device, desc=label, show_progress=show_progress)
 
-    pooled = suffix(hidden)
+    if model.config.image_flip_average and mirrored is None:
+        raise ValueError("config.image_flip_average needs the mirrored images' prefix (mirrored=...)")
+    pooled = suffix(hidden, desc)
     if model.config.image_flip_average:
-        if mirrored is None:
-            raise ValueError("config.image_flip_average needs the mirrored images' prefix (mirrored=...)")
-        pooled = (pooled + suffix(mirrored)) / 2
+        pooled = (pooled + suffix(mirrored, f"{desc} (mirrored)")) / 2
     model.train(was_training)
     return dict(zip(image_ids, pooled))
 
@@ -113,13 +114,14 @@ def pooled_text_features(model, captions: list[str], tokenizer, *, max_length: i
 
 
 @torch.no_grad()
-def pooled_from_text_prefix(model, hidden: dict, captions: list[str], depth: int, *, batch_size: int, device) -> dict:
+def pooled_from_text_prefix(model, hidden: dict, captions: list[str], depth: int, *, batch_size: int, device,
+                            desc: str = "embed captions from the cached prefix", show_progress: bool = False) -> dict:
     """caption -> pooled text features, running only `text_suffix` over cached token states."""
     was_training = model.training
     model.eval()
     unique = sorted(set(captions), key=lambda caption: len(hidden[caption]))  # similar lengths pad little
     pooled = {}
-    for start in range(0, len(unique), batch_size):
+    for start in tqdm(range(0, len(unique), batch_size), desc=desc, disable=not show_progress, leave=False):
         chunk = unique[start:start + batch_size]
         states, mask = pad_token_states([hidden[c] for c in chunk])
         pooled.update(zip(chunk, model.text_suffix(states.to(device), mask.to(device), depth).float().cpu()))
@@ -157,8 +159,10 @@ def embed_split(model, images_view, image_transform, tokenizer, *, max_length: i
     return EmbeddedSplit(image_embeds, text_embeds, text_to_image, image_ids, captions)
 
 
-def _project(get_features, argument: str, pooled: list, batch_size: int, device) -> torch.Tensor:
-    """Run a projection head over pooled features in batches; float32 on CPU."""
+def _project(get_features, argument: str, pooled: list, batch_size: int, device, desc: Optional[str] = None,
+             show_progress: bool = False) -> torch.Tensor:
+    """Run `get_features` (a projection head, or a tower's top) over cached features in batches; float32 on CPU."""
+    starts = tqdm(range(0, len(pooled), batch_size), desc=desc, disable=not show_progress, leave=False)
     chunks = [get_features(**{argument: torch.stack(pooled[start:start + batch_size]).to(device)}).float().cpu()
-              for start in range(0, len(pooled), batch_size)]
+              for start in starts]
     return torch.cat(chunks)
