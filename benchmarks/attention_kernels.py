@@ -56,6 +56,7 @@ def sdpa_backend(name: str):
 
 
 def attention_flops(batch: int, heads: int, length: int, dim: int, backward: bool) -> float:
+    """Matmul FLOPs of one attention call (forward, or forward + backward), as the docstring above counts them."""
     forward = 4.0 * batch * heads * length * length * dim
     return forward * (3.5 if backward else 1.0)
 
@@ -71,6 +72,7 @@ def time_kernel(run, device: torch.device, warmup: int, repeats: int) -> list[fl
 
 
 def measure(shape: str, backend: str, args, device: torch.device) -> dict:
+    """One row: the backend's forward and forward + backward times at `shape`, or the error it raised there."""
     heads, length, dim = SHAPES[shape]
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     generator = torch.Generator().manual_seed(0)
