@@ -155,7 +155,7 @@ def parse_args(argv: Optional[list[str]] = None):
                      "(dualencoder/head_init.py)")
     if model_args.head_init != "random" and model_args.model_name_or_path:
         parser.error(f"--head_init {model_args.head_init} starts new heads; a model from --model_name_or_path keeps its "
-                     f"trained ones (leave --head_init random)")
+                     f"trained ones (pass --head_init random, which also overrides a config file's head_init)")
     if data_args.topic_batches and not data_args.batch_by_image:  # before an hour of caching, not after
         parser.error("--topic_batches draws whole images by topic: it needs --batch_by_image true")
     return model_args, data_args, train_args
