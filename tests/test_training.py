@@ -311,6 +311,12 @@ def test_cca_head_init_options_are_checked_before_any_work(tiny_model_dir, tmp_p
     with pytest.raises(SystemExit):
         parse_args(tiny_run_args(tiny_model_dir, tmp_path / "b", "--head_init", "cca", "--projection_head", "mlp"))
     assert "a model from --model_name_or_path keeps its trained ones" in capsys.readouterr().err
+    # the shipped Flickr8k config sets head_init: cca; fine-tuning a saved model with it takes --head_init random
+    shipped = ["--config", str(REPO / "configs" / "flickr8k_offline.yaml"), "--model_name_or_path", str(tiny_model_dir)]
+    with pytest.raises(SystemExit):
+        parse_args(shipped)
+    assert "pass --head_init random" in capsys.readouterr().err
+    assert parse_args(shipped + ["--head_init", "random"])[0].head_init == "random"
     model_args = parse_args(["--head_init", "cca", "--projection_head", "mlp", "--head_init_options", "{dim: 64}"])[0]
     with pytest.raises(SystemExit, match="unknown key.*dim.*expected ridge, dims, power"):
         run_contrastive.head_init_options(model_args)
