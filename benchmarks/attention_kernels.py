@@ -26,8 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
-    StepClock,
     add_threads_argument,
+    clock_calls,
     command_line,
     device_info,
     fmt,
@@ -63,12 +63,7 @@ def attention_flops(batch: int, heads: int, length: int, dim: int, backward: boo
 
 def time_kernel(run, device: torch.device, warmup: int, repeats: int) -> list[float]:
     """Seconds of each of `repeats` calls of `run()` after `warmup` untimed ones (device clock)."""
-    clock = StepClock(device)
-    for index in range(warmup + repeats):
-        clock.start()
-        run()
-        clock.stop(keep=index >= warmup)
-    return clock.seconds()
+    return clock_calls(run, device, warmup, repeats).seconds()
 
 
 def measure(shape: str, backend: str, args, device: torch.device) -> dict:

@@ -161,6 +161,19 @@ class StepClock:
         return last - first
 
 
+def clock_calls(run, device: torch.device, warmup: int, repeats: int) -> StepClock:
+    """Calls `run()` `warmup + repeats` times on a StepClock that keeps only the last `repeats`.
+
+    Returns the clock, not its seconds, so a caller can read both `seconds()` and `wall_seconds()`.
+    """
+    clock = StepClock(device)
+    for index in range(warmup + repeats):
+        clock.start()
+        run()
+        clock.stop(keep=index >= warmup)
+    return clock
+
+
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 

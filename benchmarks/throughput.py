@@ -44,6 +44,7 @@ import torch  # noqa: E402
 from benchmarks.attention_kernels import BACKENDS, sdpa_backend  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     add_threads_argument,
+    clock_calls,
     command_line,
     count_flops,
     device_info,
@@ -198,17 +199,12 @@ def run_ours(spec: dict) -> dict:
     if spec.get("channels_last") == "on":
         model.to(memory_format=torch.channels_last)
         batch = {k: v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 else v for k, v in batch.items()}
-    total = spec["warmup"] + spec["steps"]
     step = TrainStep(accelerator, model, optimizer, scheduler, max_grad_norm=1.0)  # checked once, after timing
 
     reset_peak_memory(device)
-    clock = StepClock(device)
     # the kernel choice is made when a graph is traced, so the context spans warm-up (compiling) too
     with sdpa_backend(spec.get("attention", "auto")):
-        for index in range(total):
-            clock.start()
-            step(batch)
-            clock.stop(keep=index >= spec["warmup"])
+        clock = clock_calls(lambda: step(batch), device, spec["warmup"], spec["steps"])
         step.check()
         row = summarise(spec, device, clock, flops, params, weights)
         if spec.get("profile"):
