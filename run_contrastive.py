@@ -27,8 +27,8 @@ from torch.utils.data import BatchSampler, DataLoader
 from tqdm.auto import tqdm
 
 from data_scripts import (ContrastiveCollator, ImageGroupBatchSampler, ImageTransform, RandomFeatureCrop, RandomMirror,
-                          TransformedRows, UniqueImageBatchSampler, images_with_sided_captions, load_image_caption_dataset,
-                          to_image_view)
+                          TransformedRows, UniqueImageBatchSampler, build_pixel_store, images_with_sided_captions,
+                          load_image_caption_dataset, to_image_view, undecoded_images)
 from dualencoder.evaluation.embed import (EmbeddedSplit, embed_split, pooled_from_prefix, pooled_from_text_prefix, pooled_image_features,
                                           pooled_text_features, split_captions)
 from dualencoder.head_init import cca_initialise_heads, cca_options
@@ -247,8 +247,17 @@ def main(argv=None) -> dict:
     logger.info("parameters:\n%s", format_parameter_report(parameter_report(model)))
     train_pairs, eval_views = load_data(data_args, train_args.seed)
     eval_captions = {split: split_captions(view)[1] for split, view in eval_views.items()}  # flattened, in view order
-    train_transform = ImageTransform(processor.image_processor, train=True, augment=data_args.augment)
-    eval_transform = ImageTransform(processor.image_processor, train=False)
+    pixel_store = None
+    if data_args.pixel_store_size:
+        with accelerator.main_process_first():  # one process builds; the others find it finished
+            pixel_store = build_pixel_store([train_pairs, *eval_views.values()], data_args.pixel_store_size,
+                                            train_args.feature_cache_dir or train_args.output_dir, show_progress=show)
+        logger.info("pixel store: %s", pixel_store)
+        train_pairs = undecoded_images(train_pairs)  # the transforms read the store, by file path
+        eval_views = {split: undecoded_images(view) for split, view in eval_views.items()}
+    train_transform = ImageTransform(processor.image_processor, train=True, augment=data_args.augment,
+                                     pixel_store=pixel_store)
+    eval_transform = ImageTransform(processor.image_processor, train=False, pixel_store=pixel_store)
     collator = ContrastiveCollator(processor.tokenizer, max_length=data_args.max_length)
     model.to(accelerator.device)
     if train_args.channels_last:  # convolutions then run in NHWC (caching included), whatever the input's layout

@@ -7,6 +7,10 @@ captions) through a DataLoader with N worker processes and pinned memory (when C
 for each N asked for. Compare the steady images/s with throughput.py's samples/s: below it, the
 GPU waits for data and more workers (or the frozen-feature cache) are needed.
 
+`--pixel_store 0,256` also times the pipeline reading pre-resized uint8 pixels from the pixel store
+(data_scripts/pixel_store.py, run_contrastive.py --pixel_store_size) instead of decoding the JPEGs;
+0 is decoding the files. The store's one-off build time is reported beside it.
+
     python benchmarks/data_loading.py --data ../shared/data/flickr8k --num_images 2048 --workers 0,2,4,8,12 \
         --out benchmarks/results/data_loading_h100.json
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -87,7 +92,7 @@ def warm_page_cache(rows) -> None:
                 handle.read()
 
 
-def measure(rows, transform, collator, workers: int, args, pin: bool) -> dict:
+def measure(rows, transform, collator, workers: int, args, pin: bool, store_size: int = 0) -> dict:
     """One pass over `rows`: time to the first batch (worker start-up) and overall/steady images/s."""
     loader = DataLoader(rows.with_transform(transform), batch_size=args.batch_size, shuffle=False, num_workers=workers,
                         pin_memory=pin, collate_fn=collator, prefetch_factor=args.prefetch_factor if workers else None)
@@ -99,7 +104,7 @@ def measure(rows, transform, collator, workers: int, args, pin: bool) -> dict:
             first, first_images = time.perf_counter() - started, images
     total = time.perf_counter() - started
     steady = (images - first_images) / (total - first) if images > first_images else None
-    return {"workers": workers, "pin_memory": pin, "images": images, "batches": len(loader),
+    return {"pixel_store": store_size, "workers": workers, "pin_memory": pin, "images": images, "batches": len(loader),
             "seconds": round(total, 3), "first_batch_s": round(first, 3),
             "images_per_s": round(images / total, 1), "steady_images_per_s": None if steady is None else round(steady, 1)}
 
@@ -118,13 +123,16 @@ def parse_args(argv=None):
     parser.add_argument("--prefetch_factor", type=int, default=2)
     parser.add_argument("--pin_memory", default="auto", choices=("auto", "on", "off"), help="auto: on when CUDA is there")
     parser.add_argument("--synthetic_image_size", type=int, default=224)
+    parser.add_argument("--pixel_store", default="0",
+                        help="comma list of pixel store sizes (shorter side, px) to time; 0: decode the image files")
+    parser.add_argument("--store_dir", default=None, help="where pixel stores are built (default: a temporary folder)")
     add_threads_argument(parser)
     parser.add_argument("--out", default="benchmarks/results/data_loading.json")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> dict:
-    from data_scripts import ContrastiveCollator, ImageTransform
+    from data_scripts import ContrastiveCollator, ImageTransform, build_pixel_store, undecoded_images
 
     args = parse_args(argv)
     set_threads(args.threads)
@@ -134,25 +142,39 @@ def main(argv=None) -> dict:
     rows = load_rows(args)
     load_seconds = time.perf_counter() - started
     warm_page_cache(rows)
-    transform = ImageTransform(image_processor(args.image_size), train=not args.eval_transform)
     collator = ContrastiveCollator(load_tokenizer(rows["caption"]), max_length=args.max_length)
-    results = []
-    for workers in parse_ints(args.workers):
-        print(f"--- {workers} workers", flush=True)
-        results.append(measure(rows, transform, collator, workers, args, pin))
-        print(f"    {results[-1]['images_per_s']} images/s", flush=True)
+    results, store_builds = [], {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for store_size in parse_ints(args.pixel_store):
+            store, timed_rows = None, rows
+            if store_size:
+                built = time.perf_counter()
+                store = build_pixel_store([rows], store_size, args.store_dir or scratch)
+                store_builds[store_size] = round(time.perf_counter() - built, 2)
+                timed_rows = undecoded_images(rows)  # else datasets decodes each JPEG before the transform sees it
+                print(f"--- pixel store at {store_size} px: {store_builds[store_size]} s to build ({store.file})")
+            transform = ImageTransform(image_processor(args.image_size), train=not args.eval_transform,
+                                       pixel_store=store)
+            for workers in parse_ints(args.workers):
+                print(f"--- pixel store {store_size or 'off'}, {workers} workers", flush=True)
+                results.append(measure(timed_rows, transform, collator, workers, args, pin, store_size))
+                print(f"    {results[-1]['images_per_s']} images/s", flush=True)
 
-    headers = ["workers", "pin memory", "images", "batches", "seconds", "first batch s", "images/s", "steady images/s"]
-    print("\n" + markdown_table(headers, [[r["workers"], "on" if r["pin_memory"] else "off", r["images"], r["batches"],
+    headers = ["pixel store", "workers", "pin memory", "images", "batches", "seconds", "first batch s", "images/s",
+               "steady images/s"]
+    print("\n" + markdown_table(headers, [[f"{r['pixel_store']} px" if r["pixel_store"] else "off", r["workers"],
+                                           "on" if r["pin_memory"] else "off", r["images"], r["batches"],
                                            fmt(r["seconds"], 2), fmt(r["first_batch_s"], 2), fmt(r["images_per_s"]),
                                            fmt(r["steady_images_per_s"])] for r in results]))
+    for size, seconds in store_builds.items():
+        print(f"pixel store at {size} px: built in {seconds} s ({len(rows)} rows)")
     print(f"\ndata: {args.data} ({args.split}), {len(rows)} images, batch {args.batch_size}, "
           f"{'eval' if args.eval_transform else 'train'} transform to {args.image_size}px; loading the rows took "
           f"{load_seconds:.1f} s (not counted). 'steady' leaves out the first batch (worker start-up).")
     result = {**device_info(device), "command": command_line(argv), "data": args.data, "split": args.split,
               "num_images": len(rows), "batch_size": args.batch_size, "image_size": args.image_size,
               "transform": "eval" if args.eval_transform else "train", "load_seconds": round(load_seconds, 2),
-              "torch_threads": torch.get_num_threads(), "rows": results}
+              "torch_threads": torch.get_num_threads(), "pixel_store_build_seconds": store_builds, "rows": results}
     write_json(args.out, result)
     return result
 

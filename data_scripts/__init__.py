@@ -15,6 +15,7 @@ from .feature_crop import RandomFeatureCrop
 from .flickr8k import default_flickr8k_dir, load_flickr8k
 from .loading import load_image_caption_dataset
 from .mirror import RandomMirror, images_with_sided_captions
+from .pixel_store import PixelStore, build_pixel_store, undecoded_images
 from .preprocessing import ImageSpec, ImageTransform, apply_image_transforms, make_image_transform
 from .rows import TransformedRows
 from .report import DatasetFormatError, LoadReport, Problem
@@ -32,11 +33,13 @@ __all__ = [
     "PAIR_FEATURES",
     "Problem",
     "ImageGroupBatchSampler",
+    "PixelStore",
     "RandomFeatureCrop",
     "RandomMirror",
     "TransformedRows",
     "UniqueImageBatchSampler",
     "apply_image_transforms",
+    "build_pixel_store",
     "build_synthetic_dataset",
     "convert_view",
     "default_flickr8k_dir",
@@ -47,4 +50,5 @@ __all__ = [
     "make_image_transform",
     "to_image_view",
     "to_pair_view",
+    "undecoded_images",
 ]

@@ -110,11 +110,15 @@ class ImageTransform:
     Use with ``dataset.with_transform(ImageTransform(image_processor, train=True))``. Other
     columns pass through unchanged; a batch without ``image`` (e.g. cached features) is
     returned as is. ``train=True`` enables the random resized crop unless ``augment=False``.
+    With a ``pixel_store`` (``data_scripts.pixel_store``), an image read from a file takes its
+    pre-resized pixels from the store instead of decoding the file.
     """
 
     def __init__(self, image_processor: Any, train: bool = False, augment: bool = True,
-                 crop_scale: tuple[float, float] = CROP_SCALE, crop_ratio: tuple[float, float] = CROP_RATIO):
+                 crop_scale: tuple[float, float] = CROP_SCALE, crop_ratio: tuple[float, float] = CROP_RATIO,
+                 pixel_store: Any = None):
         self.spec = ImageSpec.from_processor(image_processor)
+        self.pixel_store = pixel_store
         self.train = train
         self.augment = train and augment
         self.crop_scale = crop_scale
@@ -135,7 +139,8 @@ class ImageTransform:
 
     def pixels(self, image: Any) -> torch.Tensor:
         """One image (PIL, or a datasets ``{"bytes", "path"}`` dict) -> float tensor ``[3, H, W]``."""
-        image = to_rgb(_as_pil(image))
+        stored = self.pixel_store.image(image) if self.pixel_store is not None else None
+        image = stored if stored is not None else to_rgb(_as_pil(image))
         image = self._geometry(image)
         tensor = F.pil_to_tensor(image).float() * self.spec.rescale_factor
         if self.spec.mean is not None:
@@ -150,7 +155,8 @@ class ImageTransform:
         return out
 
     def __repr__(self) -> str:
-        return f"ImageTransform(train={self.train}, augment={self.augment}, spec={self.spec})"
+        store = f", pixel_store={self.pixel_store}" if self.pixel_store is not None else ""
+        return f"ImageTransform(train={self.train}, augment={self.augment}, spec={self.spec}{store})"
 
 
 def make_image_transform(image_processor: Any, train: bool = False, augment: bool = True) -> ImageTransform:

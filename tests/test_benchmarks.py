@@ -85,6 +85,18 @@ def test_data_loading(tmp_path):
         assert row["images_per_s"] > 0 and row["steady_images_per_s"] > 0 and row["seconds"] > 0
 
 
+def test_data_loading_times_decoding_the_files_and_reading_the_pixel_store(tmp_path):
+    from tests.test_data_flickr8k import make_official
+
+    root = make_official(tmp_path / "flickr")
+    result = data_loading.main(["--data", str(root), "--num_images", "8", "--batch_size", "4", "--workers", "0",
+                                "--image_size", "16", "--pixel_store", "0,32", "--store_dir", str(tmp_path / "store"),
+                                "--out", str(tmp_path / "data.json")])
+    assert [(row["pixel_store"], row["workers"]) for row in result["rows"]] == [(0, 0), (32, 0)]
+    assert all(row["images"] == 8 and row["images_per_s"] > 0 for row in result["rows"])
+    assert list(result["pixel_store_build_seconds"]) == [32] and len(list((tmp_path / "store").glob("*.arrow"))) == 1
+
+
 def test_eval_speed(tmp_path):
     out = tmp_path / "eval.json"
     result = eval_speed.main(["--data", "synthetic", "--model", "tiny", "--max_images", "6", "--batch_size", "4",

@@ -63,6 +63,7 @@ class DataArguments:
     max_train_images: Optional[int] = field(default=None, metadata={"help": "Use only the first N training images (quick runs)."})
     max_eval_images: Optional[int] = field(default=None, metadata={"help": "Use only the first N validation/test images."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
+    pixel_store_size: int = field(default=0, metadata={"help": "Decode every image file once, shrink it so its shorter side is this many pixels (never enlarged) and keep the uint8 pixels in one memory-mapped Arrow file, so training and evaluation read pixels instead of decoding JPEGs (data_scripts/pixel_store.py). Kept in feature_cache_dir (else output_dir) and reused while the files and size are unchanged. Use at least the model's input size. 0: off."})
 
 
 @dataclass
