@@ -97,6 +97,17 @@ def test_data_loading_times_decoding_the_files_and_reading_the_pixel_store(tmp_p
     assert list(result["pixel_store_build_seconds"]) == [32] and len(list((tmp_path / "store").glob("*.arrow"))) == 1
 
 
+def test_eval_speed_can_read_the_images_from_a_pixel_store_built_first(tmp_path):
+    from tests.test_data_flickr8k import make_official
+
+    root = make_official(tmp_path / "flickr")
+    args = ["--data", str(root), "--model", "tiny", "--batch_size", "4", "--index_images", "0", "--dim", "16"]
+    plain = eval_speed.main([*args, "--out", str(tmp_path / "plain.json")])["flickr"]
+    stored = eval_speed.main([*args, "--pixel_store_size", "64", "--out", str(tmp_path / "stored.json")])["flickr"]
+    assert stored["seconds"]["pixel store build"] > 0 and "pixel store build" not in plain["seconds"]
+    assert stored["rsum"] == plain["rsum"]  # images smaller than 64 px are stored as decoded
+
+
 def test_eval_speed(tmp_path):
     out = tmp_path / "eval.json"
     result = eval_speed.main(["--data", "synthetic", "--model", "tiny", "--max_images", "6", "--batch_size", "4",
@@ -105,8 +116,10 @@ def test_eval_speed(tmp_path):
     assert json.loads(out.read_text()) == result
     flickr, index = result["flickr"], result["index"]
     assert flickr["images"] == 6 and flickr["captions"] == 30
-    for stage in ("load", "build model", "embed", "rank", "get_image_features", "get_text_features"):
+    for stage in ("load", "build model", "embed", "rank", *eval_speed.TIMED_METHODS):
         assert flickr["seconds"][stage] > 0, stage
+    towers_and_heads = sum(flickr["seconds"][method] for method in eval_speed.TIMED_METHODS)
+    assert towers_and_heads < flickr["seconds"]["embed"]  # each is timed once, inside the embedding
     assert index["images"] == 300 and index["captions"] == 600
     assert index["seconds"]["generate"] > 0 and index["seconds"]["rank"] > 0
 
