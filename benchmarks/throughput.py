@@ -21,7 +21,7 @@ each measured in a fresh process:
 A step is forward + backward + gradient clipping + optimiser and scheduler step on a batch already
 on the device (both loops fetch and copy the next batch outside the timed region; see
 data_loading.py for the input pipeline). Step time is the median over the measured steps after
-warm-up, with the device synchronised around each step. FLOPs of one step are counted exactly with
+warm-up, each step timed by CUDA events (common.StepClock; the host never waits inside the loop). FLOPs of one step are counted exactly with
 torch.utils.flop_counter.FlopCounterMode (forward + backward); MFU = achieved FLOP/s / the device's
 dense peak (GPU only).
 
