@@ -415,7 +415,11 @@ def main(argv=None) -> dict:
     total_steps = steps_per_epoch * train_args.num_train_epochs
     if train_args.max_steps:
         total_steps = min(total_steps, train_args.max_steps)
-    scheduler = cosine_with_warmup(optimizer, int(train_args.warmup_ratio * total_steps), total_steps)
+    # Accelerate steps a prepared scheduler once per process at each optimiser step (split_batches=False):
+    # the schedule is laid out in process-steps, or N processes would finish it after 1/N of the training
+    processes = accelerator.num_processes
+    scheduler = cosine_with_warmup(optimizer, int(train_args.warmup_ratio * total_steps) * processes,
+                                   total_steps * processes)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if train_args.torch_compile:  # in place: parameter names, checkpoints and save_pretrained stay as they are
         compiled = compile_in_place(accelerator.unwrap_model(model), train_args.torch_compile_scope,

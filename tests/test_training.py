@@ -517,3 +517,10 @@ def test_two_cpu_processes_split_the_batches_and_save_both_rng_states(tiny_model
     assert metrics["global_step"] == 2 * -(-batches_per_epoch // 2)
     last = Path(list_checkpoints(str(out))[-1])
     assert (last / "random_states_0.pkl").exists() and (last / "random_states_1.pkl").exists()
+    # the cosine schedule spans the whole run under 2 processes too (Accelerate steps it once per process)
+    history = json.loads((out / "log_history.json").read_text())
+    lrs = {row["step"]: row["lr"] for row in history if "lr" in row}
+    assert len(lrs) == metrics["global_step"]
+    assert all(lr > 0 for step, lr in lrs.items() if step < metrics["global_step"])
+    peak = max(lrs.values())
+    assert 0.3 * peak < lrs[metrics["global_step"] // 2] < 0.7 * peak  # about half-way down the cosine at mid-run
