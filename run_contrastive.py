@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from collections import Counter
@@ -27,8 +28,8 @@ from torch.utils.data import BatchSampler, DataLoader
 from tqdm.auto import tqdm
 
 from data_scripts import (ContrastiveCollator, ImageGroupBatchSampler, ImageTransform, RandomFeatureCrop, RandomMirror,
-                          TransformedRows, UniqueImageBatchSampler, build_pixel_store, images_with_sided_captions,
-                          load_image_caption_dataset, to_image_view, undecoded_images)
+                          TransformedRows, UniqueImageBatchSampler, build_pixel_store, images_fingerprint,
+                          images_with_sided_captions, load_image_caption_dataset, to_image_view, undecoded_images)
 from dualencoder.evaluation.embed import (EmbeddedSplit, embed_split, pooled_from_prefix, pooled_from_text_prefix, pooled_image_features,
                                           pooled_text_features, split_captions)
 from dualencoder.head_init import cca_initialise_heads, cca_options
@@ -38,8 +39,8 @@ from dualencoder.processing import build_processor
 from dualencoder.trainable import (format_parameter_report, frozen_prefix_depth, parameter_report, set_tower_trainable,
                                    tower_is_frozen, train_mode)
 from dualencoder.training.arguments import parse_args
-from dualencoder.training.checkpoints import (load_checkpoint, read_loop_state, resolve_resume, save_checkpoint,
-                                              write_atomically)
+from dualencoder.training.checkpoints import (earlier_checkpoints, load_checkpoint, read_loop_state, resolve_resume,
+                                              save_checkpoint, write_atomically)
 from dualencoder.training.feature_cache import CachedFeatureTransform, load_or_compute, tower_fingerprint
 from dualencoder.training.model_card import write_model_card
 from dualencoder.training.optim import cosine_with_warmup, make_optimizer
@@ -237,6 +238,12 @@ def main(argv=None) -> dict:
     if not accelerator.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)
     set_seed(train_args.seed)
+    stale = earlier_checkpoints(train_args.output_dir, train_args.resume_from_checkpoint, train_args.overwrite_output_dir)
+    if stale and accelerator.is_main_process:
+        logger.info("overwrite_output_dir: deleting %d checkpoints of an earlier run in %s", len(stale), train_args.output_dir)
+        for path in stale:
+            shutil.rmtree(path)
+    accelerator.wait_for_everyone()
     os.makedirs(train_args.output_dir, exist_ok=True)
     show = accelerator.is_local_main_process
 
@@ -253,6 +260,10 @@ def main(argv=None) -> dict:
             pixel_store = build_pixel_store([train_pairs, *eval_views.values()], data_args.pixel_store_size,
                                             train_args.feature_cache_dir or train_args.output_dir, show_progress=show)
         logger.info("pixel store: %s", pixel_store)
+        if data_args.pixel_store_size < model.config.image_size:
+            logger.warning("pixel_store_size %d is below the model's input size %s: stored images are enlarged again "
+                           "on the way in, blurrier than decoding the files.", data_args.pixel_store_size,
+                           model.config.image_size)
         train_pairs = undecoded_images(train_pairs)  # the transforms read the store, by file path
         eval_views = {split: undecoded_images(view) for split, view in eval_views.items()}
     train_transform = ImageTransform(processor.image_processor, train=True, augment=data_args.augment,
@@ -292,13 +303,16 @@ def main(argv=None) -> dict:
             return load_or_compute(file, lambda: every_image_features(
                 views, encode=lambda pixels: encode(pixels.flip(-1)), desc="cache mirrored", **how))
 
+        images_key = []  # the images' files (path, size, mtime) or bytes, hashed once: a changed file is a new cache
+
         def vision_cache_file(prefix: str, *extra, without_adapters=False):
             if not train_args.feature_cache_dir:
                 return None
             ids = sorted(i for view in every_image for i in view["image_id"])
+            images_key[:] = images_key or [images_fingerprint(every_image)]
             key = tower_fingerprint(model.vision_model, model.config.image_size, model.config.image_mean,
-                                    model.config.image_std, data_args.dataset, ids, *extra,
-                                    without_adapters=without_adapters)
+                                    model.config.image_std, data_args.dataset, ids, images_key[0],
+                                    data_args.pixel_store_size, *extra, without_adapters=without_adapters)
             return os.path.join(os.path.expanduser(train_args.feature_cache_dir), f"{prefix}-{key}.pt")
 
         if tower_is_frozen(model, "vision"):

@@ -13,6 +13,7 @@ contract in doc/ARCHITECTURE.md) and turns them into tensors given the backbones
 from .collator import ContrastiveCollator, image_ids_to_tensor
 from .feature_crop import RandomFeatureCrop
 from .flickr8k import default_flickr8k_dir, load_flickr8k
+from .images import images_fingerprint
 from .loading import load_image_caption_dataset
 from .mirror import RandomMirror, images_with_sided_captions
 from .pixel_store import PixelStore, build_pixel_store, undecoded_images
@@ -44,6 +45,7 @@ __all__ = [
     "convert_view",
     "default_flickr8k_dir",
     "image_ids_to_tensor",
+    "images_fingerprint",
     "images_with_sided_captions",
     "load_flickr8k",
     "load_image_caption_dataset",

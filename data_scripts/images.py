@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from .report import Problem
@@ -77,6 +77,47 @@ def check_images(
         pool.shutdown(wait=True, cancel_futures=True)
     duplicates = [tuple(ids) for ids in by_hash.values() if len(ids) > 1]
     return bad, duplicates
+
+
+def images_fingerprint(datasets) -> str:
+    """A hash of the images of the `image` columns as they are now, without decoding any.
+
+    A file counts by its path, byte size and modification time; an image held as bytes by a hash of
+    its bytes. Caches built from pixels (the frozen-tower features, the pixel store) put it in their
+    key, so replacing an image file, or regenerating a synthetic set at another size, is never
+    answered with stale pixels.
+    """
+    from datasets import Image as ImageFeature
+
+    digest = hashlib.blake2b(digest_size=8)
+    for dataset in datasets:
+        for value in dataset.cast_column("image", ImageFeature(decode=False))["image"]:
+            if value.get("bytes"):
+                digest.update(hashlib.blake2b(value["bytes"], digest_size=16).digest())
+            elif value.get("path"):
+                digest.update(file_signature(value["path"]))
+    return digest.hexdigest()
+
+
+def file_signature(path: str) -> bytes:
+    """What identifies a file's current content without reading it: path, byte size, modification time."""
+    stat = os.stat(path)
+    return f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode()
+
+
+def open_upright(source, shorter_side: Optional[int] = None) -> Image.Image:
+    """`Image.open(source)` turned upright by its EXIF orientation tag, as datasets' decoder does.
+
+    Phone photos are often stored sideways with a tag saying how to turn them; every path that
+    decodes an image file here applies it, so pixels never depend on which path read the file.
+    `shorter_side`: a JPEG more than twice that size decodes at 1/2, 1/4 or 1/8 scale (DCT scaling,
+    still at least `shorter_side`), for callers that shrink it anyway.
+    """
+    image = Image.open(source)
+    if shorter_side and image.format == "JPEG" and min(image.size) > 2 * shorter_side:
+        scale = shorter_side / min(image.size)
+        image.draft("RGB", (max(1, int(image.width * scale)), max(1, int(image.height * scale))))
+    return ImageOps.exif_transpose(image) if image.getexif().get(0x0112, 1) != 1 else image
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

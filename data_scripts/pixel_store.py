@@ -32,9 +32,9 @@ from datasets import Image as ImageFeature
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .images import to_rgb
+from .images import file_signature, open_upright, to_rgb
 
-STORE_VERSION = 1
+STORE_VERSION = 2  # 2: EXIF orientation applied, longer side truncated
 BATCH_ROWS = 64  # images per Arrow record batch
 SCHEMA = pa.schema([("path", pa.string()), ("height", pa.int32()), ("width", pa.int32()), ("pixels", pa.binary())])
 _RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "lanczos": Image.LANCZOS}
@@ -61,25 +61,31 @@ def undecoded_images(dataset: Dataset) -> Dataset:
 
 
 def shrink(path: str, size: int, resample: str = "bicubic") -> np.ndarray:
-    """One image file -> uint8 RGB array `[H, W, 3]` whose shorter side is `size` (or less, if the file is smaller)."""
-    with Image.open(path) as image:
-        width, height = image.size
-        scale = size / min(width, height)
-        target = (max(1, round(width * scale)), max(1, round(height * scale))) if scale < 1 else (width, height)
-        if image.format == "JPEG" and scale < 0.5:  # decode at 1/2, 1/4 or 1/8 scale, still at least `target`
-            image.draft("RGB", target)
-        image = to_rgb(image)
-        if image.size != target:
-            image = image.resize(target, _RESAMPLE[resample])
-        return np.asarray(image, dtype=np.uint8)
+    """One image file -> uint8 RGB array `[H, W, 3]` whose shorter side is `size` (or less, if the file is smaller).
+
+    Upright by its EXIF orientation, as datasets decodes it. The longer side is truncated, not rounded,
+    as torchvision's `Resize(size)` does, so a store at the model's input size crops where decoding would.
+    """
+    try:
+        with open_upright(path, shorter_side=size) as opened:
+            image = to_rgb(opened)
+            width, height = image.size
+            scale = size / min(width, height)
+            if scale < 1:
+                target = (size, max(1, int(height * scale))) if width <= height else (max(1, int(width * scale)), size)
+                image = image.resize(target, _RESAMPLE[resample])
+            return np.asarray(image, dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise OSError(f"{path}: cannot decode it for the pixel store ({type(exc).__name__}: {exc}). Replace or delete "
+                      "the file (with on_bad_image: skip the data loader leaves out files it cannot decode), then "
+                      "run again.") from exc
 
 
 def store_key(paths: list[str], size: int, resample: str) -> str:
     """A hash of what the store holds: the files (path, byte size, mtime), the size and the filter."""
     digest = hashlib.blake2b(json.dumps([STORE_VERSION, size, resample]).encode(), digest_size=8)
     for path in sorted(paths):
-        stat = os.stat(path)
-        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        digest.update(file_signature(path))
     return digest.hexdigest()
 
 

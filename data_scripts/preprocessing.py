@@ -27,7 +27,7 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
-from .images import to_rgb
+from .images import open_upright, to_rgb
 
 # The random resized crop's ranges: share of the image's area, and width/height ratio. Also those of
 # the crop of cached feature maps (feature_crop.RandomFeatureCrop), the same augmentation there.
@@ -178,7 +178,7 @@ def _as_pil(image: Any) -> Image.Image:
         return image
     if isinstance(image, dict):  # an undecoded datasets.Image value
         if image.get("bytes"):
-            return Image.open(io.BytesIO(image["bytes"]))
+            return open_upright(io.BytesIO(image["bytes"]))
         if image.get("path"):
-            return Image.open(image["path"])
+            return open_upright(image["path"])
     raise TypeError(f"expected a PIL image or a {{'bytes', 'path'}} dict, got {type(image).__name__}")

@@ -137,3 +137,50 @@ def test_training_with_the_store_reads_it_and_trains_exactly_as_decoding_the_fil
     a, b = load_file(tmp_path / "plain" / "model.safetensors"), load_file(tmp_path / "stored" / "model.safetensors")
     for key in a:
         torch.testing.assert_close(a[key], b[key])
+
+
+def test_images_turned_by_their_exif_tag_are_stored_upright_as_datasets_decodes_them(flickr, tmp_path):
+    path = image_path(flickr, 2)
+    y, x = np.mgrid[0:30, 0:40]
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to view"
+    Image.fromarray(np.stack([x * 6, y * 8, x * 0], -1).astype(np.uint8)).save(path, format="JPEG", exif=exif)
+    splits = load_image_caption_dataset(str(flickr))
+    decoded = [row["image"] for row in splits["train"] if row["image_id"] == _name(2)][0]
+    assert decoded.size == (30, 40)  # datasets turns it upright
+    store = build_pixel_store(splits.values(), 64, tmp_path / "store", show_progress=False)
+    assert store.image({"path": path}).size == (30, 40)
+    assert np.array_equal(np.asarray(store.image({"path": path})), np.asarray(decoded.convert("RGB")))
+    transform = ImageTransform(vit_processor(16), train=False)  # the undecoded path turns it too
+    assert torch.equal(transform.pixels({"path": path, "bytes": None}), transform.pixels(decoded))
+
+
+def test_a_file_the_store_cannot_decode_is_named_with_what_to_do(flickr, tmp_path):
+    splits = load_image_caption_dataset(str(flickr))
+    path = image_path(flickr, 4)
+    with open(path, "wb") as handle:  # damaged after the data set was loaded and checked
+        handle.write(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with pytest.raises(OSError, match=_name(4) + ".*cannot decode it for the pixel store.*on_bad_image: skip"):
+        build_pixel_store(splits.values(), 15, tmp_path / "store", show_progress=False)
+    assert not list((tmp_path / "store").glob("*"))  # no partial store left behind
+
+
+def test_cached_vision_features_are_rebuilt_when_an_image_file_changes_or_the_store_is_switched_on(flickr, tmp_path):
+    import run_contrastive
+    from tests.test_training import tiny_run_args
+    from tests.tiny import save_tiny_model_dir
+
+    model_dir = save_tiny_model_dir(tmp_path / "model")
+    cache = tmp_path / "cache"
+
+    def run(name, *extra):
+        run_contrastive.main(tiny_run_args(model_dir, tmp_path / name, "--dataset", str(flickr), "--num_train_epochs",
+                                           "1", "--vision_train", "frozen", "--feature_cache_dir", str(cache), *extra))
+        return {path.name for path in cache.glob("vision-*.pt")}
+
+    first = run("a")
+    assert len(first) == 1 and run("b") == first  # same files, same settings: reused
+    Image.new("RGB", (40, 30), "red").save(image_path(flickr, 7), format="JPEG")
+    changed = run("c")
+    assert len(changed) == 2  # a replaced image file is never answered with its old features
+    assert len(run("d", "--pixel_store_size", "20")) == 3  # nor are pixels from a 20 px store

@@ -524,3 +524,26 @@ def test_two_cpu_processes_split_the_batches_and_save_both_rng_states(tiny_model
     assert all(lr > 0 for step, lr in lrs.items() if step < metrics["global_step"])
     peak = max(lrs.values())
     assert 0.3 * peak < lrs[metrics["global_step"] // 2] < 0.7 * peak  # about half-way down the cosine at mid-run
+
+
+def test_a_new_run_in_an_output_dir_with_checkpoints_is_refused_unless_asked_to_resume_or_overwrite(tiny_model_dir,
+                                                                                                   tmp_path):
+    out = tmp_path / "out"
+    args = tiny_run_args(tiny_model_dir, out, "--num_train_epochs", "1", "--eval_before_training", "false")
+    run_contrastive.main(args)
+    earlier = list_checkpoints(str(out))
+    assert earlier
+    with pytest.raises(SystemExit) as refused:
+        run_contrastive.main(args)
+    message = str(refused.value)
+    assert str(out) in message and "--resume_from_checkpoint latest" in message and "--overwrite_output_dir" in message
+    assert list_checkpoints(str(out)) == earlier  # nothing was touched
+    run_contrastive.main([*args, "--overwrite_output_dir", "true"])  # starts over: same steps, new files
+    assert [os.path.basename(p) for p in list_checkpoints(str(out))] == [os.path.basename(p) for p in earlier]
+
+
+def test_an_unknown_metric_for_best_model_is_refused_before_any_work(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--metric_for_best_model", "i2t_R1"])
+    assert "'i2t_R1' is not a validation metric" in capsys.readouterr().err
+    assert parse_args(["--metric_for_best_model", "t2i_medr"])[2].metric_for_best_model == "t2i_medr"

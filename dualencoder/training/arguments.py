@@ -15,6 +15,8 @@ from typing import Optional
 import yaml
 from transformers import HfArgumentParser
 
+from dualencoder.metrics import STANDARD_KS
+
 
 @dataclass
 class ModelArguments:
@@ -93,6 +95,7 @@ class TrainArguments:
     checkpointing_steps: int = field(default=0, metadata={"help": "Save a resumable checkpoint every N steps (0: at epoch ends only)."})
     save_total_limit: int = field(default=2, metadata={"help": "Keep this many checkpoints (oldest removed)."})
     resume_from_checkpoint: Optional[str] = field(default=None, metadata={"help": "latest, or a checkpoint directory, to continue a run exactly."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Delete the checkpoints an earlier run left in output_dir and start over. Without it, a new run (no resume_from_checkpoint) in an output_dir holding checkpoints is an error: its checkpoints would mix with the old run's, and 'latest' would pick the old one."})
     metric_for_best_model: str = field(default="rsum", metadata={"help": "Validation metric that picks the best model (higher is better for recalls/rsum, lower for *_medr/*_meanr)."})
     eval_before_training: bool = field(default=True, metadata={"help": "Evaluate the untrained (zero-shot) model first."})
     querybank_beta: Optional[float] = field(default=None, metadata={"help": "Also report validation and test retrieval with querybank normalisation (QB-Norm: each gallery item's score is offset by how strongly the training split's embeddings match it, an inverted softmax at this inverse temperature; dualencoder/querybank.py), beside the plain cosine metrics. Costs one embedding pass over the training split at the end. Unset: off."})
@@ -108,6 +111,10 @@ class TrainArguments:
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainArguments)
+# the keys of dualencoder.metrics.retrieval_metrics at its standard K, which validation reports
+BEST_MODEL_METRICS = tuple(f"{direction}_{name}" for direction in ("i2t", "t2i")
+                           for name in (*(f"r{k}" for k in STANDARD_KS), "medr", "meanr")) + ("rsum",)
+
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                               "configs", "default.yaml")
 
@@ -157,6 +164,9 @@ def parse_args(argv: Optional[list[str]] = None):
     if model_args.head_init != "random" and model_args.model_name_or_path:
         parser.error(f"--head_init {model_args.head_init} starts new heads; a model from --model_name_or_path keeps its "
                      f"trained ones (pass --head_init random, which also overrides a config file's head_init)")
+    if train_args.metric_for_best_model not in BEST_MODEL_METRICS:  # before the first epoch, not after it
+        parser.error(f"--metric_for_best_model {train_args.metric_for_best_model!r} is not a validation metric; "
+                     f"choose one of {', '.join(BEST_MODEL_METRICS)}")
     if data_args.topic_batches and not data_args.batch_by_image:  # before an hour of caching, not after
         parser.error("--topic_batches draws whole images by topic: it needs --batch_by_image true")
     return model_args, data_args, train_args

@@ -30,6 +30,24 @@ def list_checkpoints(output_dir: str) -> list[str]:
     return [path for _, path in sorted(found)]
 
 
+def earlier_checkpoints(output_dir: str, resume: Optional[str], overwrite: bool) -> list[str]:
+    """The checkpoints of an earlier run in `output_dir` that a new run must delete first (`overwrite`).
+
+    A new run (no `resume`) in a folder holding checkpoints is refused: checkpoint rotation deletes the
+    lowest step numbers, which would be the new run's own, and `--resume_from_checkpoint latest` after a
+    crash would continue the old run.
+    """
+    existing = list_checkpoints(output_dir) if os.path.isdir(output_dir) else []
+    if not existing or resume:
+        return []
+    if overwrite:
+        return existing
+    names = ", ".join(os.path.basename(path) for path in existing)
+    raise SystemExit(f"error: {output_dir} already holds checkpoints of an earlier run ({names}). Continue that run "
+                     "with --resume_from_checkpoint latest, start over with --overwrite_output_dir true (deletes "
+                     "them), or pass another --output_dir.")
+
+
 def resolve_resume(output_dir: str, resume: Optional[str]) -> Optional[str]:
     """`latest` -> the newest complete checkpoint (or None to start fresh), a path -> itself, checked."""
     if not resume:
