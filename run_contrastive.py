@@ -39,8 +39,8 @@ from dualencoder.processing import build_processor
 from dualencoder.trainable import (format_parameter_report, frozen_prefix_depth, parameter_report, set_tower_trainable,
                                    tower_is_frozen, train_mode)
 from dualencoder.training.arguments import parse_args
-from dualencoder.training.checkpoints import (earlier_checkpoints, load_checkpoint, read_loop_state, resolve_resume,
-                                              save_checkpoint, write_atomically)
+from dualencoder.training.checkpoints import (earlier_checkpoints, load_checkpoint, move_into, read_loop_state,
+                                              recover_swap, resolve_resume, save_checkpoint, write_atomically)
 from dualencoder.training.feature_cache import CachedFeatureTransform, load_or_compute, tower_fingerprint
 from dualencoder.training.model_card import write_model_card
 from dualencoder.training.optim import cosine_with_warmup, make_optimizer
@@ -341,12 +341,13 @@ def main(argv=None) -> dict:
             # mirrored prefix: of the training images to augment, of the evaluation images to average over
             # (and of the training images when they are the querybank: its queries are embedded like the test's)
             bank_mirrored = model.config.image_flip_average and train_args.querybank_beta is not None
-            mirrored_views = ([train_images] if mirror is not None or bank_mirrored else []) + (
-                list(eval_views.values()) if model.config.image_flip_average else [])
+            mirrored_splits = (["train"] if mirror is not None or bank_mirrored else []) + (
+                list(eval_views) if model.config.image_flip_average else [])
+            mirrored_views = [train_images if split == "train" else eval_views[split] for split in mirrored_splits]
             if mirrored_views:
-                caches["mirrored"] = mirrored_features(
+                caches["mirrored"] = mirrored_features(  # keyed by which splits it holds
                     vision_cache_file("vision-prefix-mirrored", prefix_depth, train_args.prefix_cache_dtype,
-                                      len(mirrored_views), without_adapters=True),
+                                      mirrored_splits, without_adapters=True),
                     lambda pixels: model.vision_prefix(pixels, prefix_depth), mirrored_views,
                     dtype=getattr(torch, train_args.prefix_cache_dtype))
         if tower_is_frozen(model, "text"):
@@ -474,6 +475,8 @@ def main(argv=None) -> dict:
     # --- train
     metric = train_args.metric_for_best_model
     best_dir = os.path.join(train_args.output_dir, "best")
+    if accelerator.is_main_process:
+        recover_swap(best_dir)  # a crash mid-swap must not lose the best model so far
     earlier_seconds = state.get("train_seconds", 0.0)  # training time of the runs this one resumes
     started = time.time()
 
@@ -574,19 +577,23 @@ def export(model, processor, metrics: dict, args: tuple, state: dict) -> None:
     """Save the final model (merged, so it loads without peft), processor, metrics, logs and card."""
     model_args, data_args, train_args = args
     out = train_args.output_dir
+    staging = os.path.join(out, ".export.tmp")  # written whole, then moved in: a crash never leaves half a model
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
     if model.config.lora_rank and train_args.save_adapters:
-        model.save_adapters(os.path.join(out, "adapters"))
+        model.save_adapters(os.path.join(staging, "adapters"))
     model.merge_adapters()
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    with open(os.path.join(out, "metrics.json"), "w") as handle:
+    model.save_pretrained(staging)
+    processor.save_pretrained(staging)
+    with open(os.path.join(staging, "metrics.json"), "w") as handle:
         json.dump(metrics, handle, indent=2)
-    with open(os.path.join(out, "log_history.json"), "w") as handle:
+    with open(os.path.join(staging, "log_history.json"), "w") as handle:
         json.dump(state["history"], handle, indent=2)
-    write_model_card(out, model_config=model.config, args=args, metrics={
+    write_model_card(staging, model_config=model.config, args=args, location=out, metrics={
         k: v for k, v in (("untrained (validation)", metrics.get("before_training")),
                           ("best (validation)", metrics.get("validation")), ("test", metrics.get("test")),
                           ("test, querybank-normalised", metrics.get("test_querybank"))) if v})
+    move_into(staging, out, last="metrics.json")
     tables = {name: metrics[key] for name, key in (("untrained (val)", "before_training"), ("trained (val)", "validation"),
                                                    ("trained (test)", "test"),
                                                    ("test, no flip average", "test_without_flip_average"),

@@ -19,7 +19,7 @@ from dualencoder.processing import build_processor
 from dualencoder.querybank import querybank_metrics
 from modeling_dualencoder import DualEncoderModel
 from dualencoder.training.arguments import parse_args
-from dualencoder.training.checkpoints import list_checkpoints, resolve_resume
+from dualencoder.training.checkpoints import list_checkpoints, move_into, recover_swap, resolve_resume, write_atomically
 from tests.tiny import MINILM_VOCAB, save_tiny_model_dir, save_tiny_text_backbone, tiny_text_config, tiny_timm_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,6 +106,8 @@ def test_tiny_run_trains_evaluates_and_exports_a_loadable_model(tiny_model_dir, 
     assert saved["global_step"] == metrics["global_step"] > 0
     assert (out / "README.md").read_text().count("| trained") == 0  # card table rows are named below
     assert "| test |" in (out / "README.md").read_text()
+    assert f'from_pretrained("{out}"' in (out / "README.md").read_text()  # the usage names where the model is
+    assert not (out / ".export.tmp").exists()  # the staging folder the export is written to, then moved in
     history = json.loads((out / "log_history.json").read_text())
     assert any("loss" in r for r in history) and any("rsum" in r for r in history)
     from transformers import AutoProcessor
@@ -452,6 +454,34 @@ def test_resume_latest_ignores_a_half_written_checkpoint(tmp_path):
     assert resolve_resume(str(tmp_path / "nothing-here"), "latest") is None
     with pytest.raises(SystemExit, match="not a complete checkpoint"):
         resolve_resume(str(tmp_path), str(tmp_path / "checkpoint-8"))
+
+
+def test_an_export_moves_in_whole_with_metrics_json_last(tmp_path):
+    staging, out = tmp_path / "out" / ".export.tmp", tmp_path / "out"
+    (staging / "adapters").mkdir(parents=True)
+    for name in ("model.safetensors", "metrics.json", "README.md", "adapters/adapter.bin"):
+        (staging / name).write_text("new")
+    (out / "adapters").joinpath("stale.bin").parent.mkdir(exist_ok=True)
+    (out / "adapters" / "stale.bin").write_text("old")  # an earlier export's adapters are replaced, not merged
+    moved = []
+    real_replace = os.replace
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "replace", lambda a, b: moved.append(os.path.basename(b)) or real_replace(a, b))
+        move_into(str(staging), str(out), last="metrics.json")
+    assert moved[-1] == "metrics.json" and len(moved) == 4
+    assert sorted(os.listdir(out)) == ["README.md", "adapters", "metrics.json", "model.safetensors"]
+    assert os.listdir(out / "adapters") == ["adapter.bin"]
+
+
+def test_a_swap_cut_in_half_by_a_crash_gets_its_previous_version_back(tmp_path):
+    best = tmp_path / "best"
+    (tmp_path / "best.old").mkdir()  # killed between renaming best -> best.old and best.tmp -> best
+    (tmp_path / "best.old" / "model.safetensors").write_text("epoch 2")
+    recover_swap(str(best))
+    assert (best / "model.safetensors").read_text() == "epoch 2" and not (tmp_path / "best.old").exists()
+    recover_swap(str(best))  # nothing to recover: a no-op
+    write_atomically(str(best), lambda d: (Path(d) / "model.safetensors").write_text("epoch 3"))
+    assert (best / "model.safetensors").read_text() == "epoch 3" and sorted(os.listdir(tmp_path)) == ["best"]
 
 
 # Run in a child process: run_contrastive.main(argv), SIGKILLed by itself the moment checkpoint-<step> is

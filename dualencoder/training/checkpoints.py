@@ -62,10 +62,33 @@ def resolve_resume(output_dir: str, resume: Optional[str]) -> Optional[str]:
 
 def _swap_in(tmp_dir: str, final_dir: str) -> None:
     old_dir = final_dir + ".old"
+    recover_swap(final_dir)
     if os.path.exists(final_dir):
         os.replace(final_dir, old_dir)
-    os.replace(tmp_dir, final_dir)
+    os.replace(tmp_dir, final_dir)  # a crash between the two renames leaves only `.old`: recover_swap puts it back
     shutil.rmtree(old_dir, ignore_errors=True)
+
+
+def recover_swap(final_dir: str) -> None:
+    """Undo a swap that a crash cut in half: `final_dir` gone, its previous version at `final_dir.old`."""
+    old_dir = final_dir + ".old"
+    if not os.path.exists(final_dir) and os.path.isdir(old_dir):
+        os.replace(old_dir, final_dir)
+
+
+def move_into(staging: str, out: str, last: str) -> None:
+    """Move everything `staging` holds into `out` (replacing what is there), `last` after all the rest.
+
+    Each file moves by one rename, and `last` (e.g. metrics.json) goes in only when the rest is in
+    place, so its presence says the export is complete. `staging` is removed.
+    """
+    names = sorted(os.listdir(staging), key=lambda name: name == last)
+    for name in names:
+        target = os.path.join(out, name)
+        if os.path.isdir(target) and not os.path.islink(target):
+            shutil.rmtree(target)
+        os.replace(os.path.join(staging, name), target)
+    os.rmdir(staging)
 
 
 def write_atomically(final_dir: str, write: Callable[[str], None]) -> None:

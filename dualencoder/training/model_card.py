@@ -17,8 +17,11 @@ a different scoring rule from the plain rows, which discounts "hub" items close 
 """
 
 
-def write_model_card(output_dir: str, *, model_config, args: tuple, metrics: dict) -> str:
-    """Write `output_dir/README.md` with Hub metadata, the recipe, the metrics table and usage."""
+def write_model_card(output_dir: str, *, model_config, args: tuple, metrics: dict, location: str = None) -> str:
+    """Write `output_dir/README.md` with Hub metadata, the recipe, the metrics table and usage.
+
+    `location` is where the model will be loaded from, if not `output_dir` (which may be a staging folder).
+    """
     model_args, data_args, train_args = args
     options = {k: v for a in args for k, v in dataclasses.asdict(a).items()}
     tables = {name: values for name, values in metrics.items() if isinstance(values, dict) and "rsum" in values}
@@ -55,8 +58,8 @@ captions; ties count against the model.
 import torch
 from transformers import AutoModel, AutoProcessor
 
-model = AutoModel.from_pretrained("{train_args.hub_model_id or os.path.abspath(output_dir)}", trust_remote_code=True).eval()
-processor = AutoProcessor.from_pretrained("{train_args.hub_model_id or os.path.abspath(output_dir)}")
+model = AutoModel.from_pretrained("{train_args.hub_model_id or os.path.abspath(location or output_dir)}", trust_remote_code=True).eval()
+processor = AutoProcessor.from_pretrained("{train_args.hub_model_id or os.path.abspath(location or output_dir)}")
 inputs = processor(text=["a dog runs on the grass"], images=[image], return_tensors="pt", padding=True)
 with torch.no_grad():
     out = model(pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
