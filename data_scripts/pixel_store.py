@@ -104,6 +104,7 @@ def build_pixel_store(datasets: Iterable[Dataset], size: int, directory: str, *,
     file = os.path.join(directory, f"pixels-{size}px-{store_key(paths, size, resample)}.arrow")
     if not os.path.exists(file):
         os.makedirs(directory, exist_ok=True)
+        remove_dead_partials(file)
         partial = f"{file}.partial-{os.getpid()}"
         threads = num_threads or min(8, (os.cpu_count() or 1) * 2)  # PIL releases the GIL while decoding
         try:
@@ -125,6 +126,21 @@ def build_pixel_store(datasets: Iterable[Dataset], size: int, directory: str, *,
             if os.path.exists(partial):
                 os.remove(partial)
     return PixelStore(file)
+
+
+def remove_dead_partials(file: str) -> None:
+    """Delete `file.partial-<pid>` files whose writer process is gone (killed mid-build: SIGKILL skips `finally`)."""
+    directory, name = os.path.split(file)
+    for other in os.listdir(directory):
+        prefix, _, pid = other.partition(".partial-")
+        if prefix != name or not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)  # signal 0 only asks whether the process exists
+        except ProcessLookupError:
+            os.remove(os.path.join(directory, other))
+        except PermissionError:  # alive, another user's
+            pass
 
 
 class PixelStore:

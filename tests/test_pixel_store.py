@@ -184,3 +184,19 @@ def test_cached_vision_features_are_rebuilt_when_an_image_file_changes_or_the_st
     changed = run("c")
     assert len(changed) == 2  # a replaced image file is never answered with its old features
     assert len(run("d", "--pixel_store_size", "20")) == 3  # nor are pixels from a 20 px store
+
+
+def test_a_partial_store_left_by_a_killed_build_is_removed_by_the_next_build(flickr, tmp_path):
+    import subprocess
+    import sys
+
+    splits = load_image_caption_dataset(str(flickr))
+    store = build_pixel_store(splits.values(), 15, tmp_path / "store", show_progress=False)
+    os.remove(store.file)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = f"{store.file}.partial-{int(dead.stdout)}"  # that process has exited
+    unknown = f"{store.file}.partial-{os.getpid()}-other"  # not a pid: left alone
+    for path in (stale, unknown):
+        open(path, "wb").close()
+    build_pixel_store(splits.values(), 15, tmp_path / "store", show_progress=False)
+    assert os.path.exists(store.file) and not os.path.exists(stale) and os.path.exists(unknown)
