@@ -156,6 +156,13 @@ def test_nothing_to_evaluate_is_an_error():
         evaluate_model.main(DATA)
 
 
+def test_a_model_dir_without_a_saved_model_is_named_before_any_data_is_loaded(tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluate_model, "load_split", lambda **_: pytest.fail("data loaded before the model was checked"))
+    (tmp_path / "best").mkdir()
+    with pytest.raises(SystemExit, match=f"--model_dir {tmp_path}: no config.json there.*{tmp_path / 'best'}"):
+        evaluate_model.main(["--model_dir", str(tmp_path)])
+
+
 def test_data_options_come_from_the_model_card(tmp_path):
     (tmp_path / "README.md").write_text(
         "# card\n\n## Training options\n\n```yaml\ndataset: synthetic\nmax_length: 16\nnum_images: 60\n"
@@ -167,6 +174,18 @@ def test_data_options_come_from_the_model_card(tmp_path):
     other = evaluate_model.data_options(str(tmp_path), dataset="some/hub-set")
     assert other["num_images"] == evaluate_model.DEFAULT_NUM_IMAGES and other["max_length"] == 16
     assert evaluate_model.data_options(None)["num_images"] == evaluate_model.DEFAULT_NUM_IMAGES
+    (tmp_path / "best").mkdir()  # a run's best model has no card of its own: the run's is read
+    assert evaluate_model.data_options(str(tmp_path / "best"))["num_images"] == 60
+
+
+def test_a_synthetic_split_whose_num_images_is_unknown_is_evaluated_with_a_warning(tmp_path, caplog):
+    caplog.set_level("WARNING")
+    assert evaluate_model.data_options("someone/hub-model")["num_images"] == evaluate_model.DEFAULT_NUM_IMAGES
+    assert "someone/hub-model records no num_images" in caplog.text and "--num_images" in caplog.text
+    caplog.clear()
+    evaluate_model.data_options("someone/hub-model", num_images=400)  # given: nothing to warn about
+    evaluate_model.data_options("someone/hub-model", dataset=str(tmp_path))  # not the synthetic set
+    assert caplog.text == ""
 
 
 def test_help_lists_the_options(capsys):

@@ -46,6 +46,12 @@ def test_yaml_config_is_read_and_the_command_line_overrides_it(tmp_path):
     assert data_args.dataset == "synthetic"
 
 
+def test_a_config_file_given_as_config_equals_file_is_read_too():
+    spaced = parse_args(["--config", str(REPO / "configs" / "flickr8k_offline.yaml")])
+    joined = parse_args([f"--config={REPO / 'configs' / 'flickr8k_offline.yaml'}"])
+    assert joined == spaced and joined[2].output_dir == "outputs/flickr8k_offline"
+
+
 def test_without_a_config_file_the_embedded_default_job_runs():
     import yaml
 

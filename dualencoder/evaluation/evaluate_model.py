@@ -56,6 +56,20 @@ def load_model(name_or_path: str, device: Optional[str] = None):
     return model, processor
 
 
+def load_trained_config(model_dir: str) -> DualEncoderConfig:
+    """The config of a saved model (a local directory or a Hub id), with an error that says what is wrong."""
+    local = Path(model_dir)
+    if local.exists() and not (local / "config.json").is_file():
+        hint = (f" (a run's exported model is its output_dir, or {local / 'best'})" if (local / "best").is_dir()
+                else " (a run writes it at the end: is the run finished?)")
+        raise SystemExit(f"--model_dir {model_dir}: no config.json there, so it holds no saved model{hint}")
+    try:
+        return DualEncoderConfig.from_pretrained(model_dir)
+    except OSError as exc:
+        raise SystemExit(f"--model_dir {model_dir}: not a local model directory, and loading it as a Hub id failed "
+                         f"({exc.__class__.__name__}: {str(exc).splitlines()[0]})") from exc
+
+
 def zero_shot_backbones(config=None, vision_model: Optional[str] = None, text_model: Optional[str] = None):
     """Backbones of the zero-shot baseline: the given ones, else the trained config's, else the offline pair."""
     vision = vision_model or getattr(config, "vision_model_name_or_path", None) or OFFLINE_VISION
@@ -81,9 +95,17 @@ def load_zero_shot(vision_model: str = OFFLINE_VISION, text_model: str = OFFLINE
 
 # ------------------------------------------------------------------------------------------- data
 def training_options(model_dir: Optional[str]) -> dict:
-    """The "Training options" the model card of a local run directory records ({} when there are none)."""
-    card = Path(model_dir) / "README.md" if model_dir else None
-    if card is None or not card.is_file():
+    """The "Training options" the model card of a local run directory records ({} when there are none).
+
+    A run's `best/` folder (and its `checkpoint-<step>` folders) have no card of their own: the run's
+    card, one folder up, is read for them.
+    """
+    if not model_dir:
+        return {}
+    card = Path(model_dir) / "README.md"
+    if not card.is_file() and re.fullmatch(r"best|checkpoint-\d+", Path(model_dir).name):
+        card = Path(model_dir).parent / "README.md"
+    if not card.is_file():
         return {}
     match = re.search(r"## Training options\s*```yaml\n(.*?)```", card.read_text(encoding="utf-8"), re.S)
     if not match:
@@ -117,6 +139,11 @@ def data_options(model_dir: Optional[str] = None, /, *, dataset: str = "syntheti
             return card[name]
         return default
 
+    if dataset == "synthetic" and num_images is None and not (same_data and "num_images" in card):
+        logger.warning("%s records no num_images for the synthetic set (no local model card from its run), so "
+                       "%d is assumed. The split boundaries move with num_images: if the model was trained with "
+                       "another value, this split may hold its training images. Pass --num_images as in training.",
+                       model_dir or "this evaluation", DEFAULT_NUM_IMAGES)
     return {
         "dataset": dataset,
         "split": split,
@@ -230,6 +257,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     if args.querybank_split is not None and args.querybank_split == args.split:
         raise SystemExit(f"--querybank_split {args.querybank_split} is the evaluated split: the querybank must be "
                          "other queries (e.g. --querybank_split train), or the test queries would score themselves")
+    trained_config = load_trained_config(args.model_dir) if args.model_dir else None  # a bad path fails first
     options = data_options(args.model_dir, **vars(args))
     view = load_split(**options)
     bank_view = None
@@ -240,9 +268,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     show = not args.quiet
     # (key, row name, loader): one model in memory at a time
     runs = []
-    trained_config = None
     if args.model_dir:
-        trained_config = DualEncoderConfig.from_pretrained(args.model_dir)
         runs.append(("model", args.model_dir, lambda: load_model(args.model_dir, args.device)))
     if args.zero_shot:
         vision, text = zero_shot_backbones(trained_config, args.vision_model, args.text_model)

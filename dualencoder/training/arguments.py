@@ -7,6 +7,7 @@ that names them; `--help` lists every option with its help text.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from dataclasses import dataclass, field, fields
@@ -145,10 +146,10 @@ def parse_args(argv: Optional[list[str]] = None):
     parser.add_argument("--config", default=DEFAULT_CONFIG,
                         help="YAML file of options; command-line options override it (default: configs/default.yaml, "
                              "the embedded default job, so a bare `accelerate launch run_contrastive.py` runs it).")
-    config_path = DEFAULT_CONFIG if os.path.isfile(DEFAULT_CONFIG) else None
-    if "--config" in argv:
-        at = argv.index("--config")
-        config_path = argv[at + 1] if at + 1 < len(argv) else None
+    # the config file's values are the parser's defaults, so read --config first (either form: --config F, --config=F)
+    first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    first.add_argument("--config", default=DEFAULT_CONFIG if os.path.isfile(DEFAULT_CONFIG) else None)
+    config_path = first.parse_known_args(argv)[0].config
     if config_path:
         parser.set_defaults(**read_config_file(config_path))
     namespace = parser.parse_args(argv)  # argparse names unknown options itself
