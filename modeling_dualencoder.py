@@ -281,8 +281,12 @@ def clip_loss(image_embeds, text_embeds, logit_scale, logit_bias=None, image_ids
     """Symmetric InfoNCE: mean of cross-entropy over rows (image->text) and columns (text->image).
 
     The fallback loss of this self-contained file; training uses `dualencoder.losses`, which adds
-    multi-positive targets and global negatives.
+    multi-positive targets and global negatives. A batch with two captions of one image needs those
+    multi-positive targets (here the other caption would count as a negative), so it is refused.
     """
+    if image_ids is not None and torch.unique(image_ids).numel() < image_ids.numel():
+        raise ImportError(_TOOLKIT_LOSS_HINT.format(what="a batch with several captions of one image (image_ids "
+                                                         "repeat)"))
     logits = logit_scale * image_embeds @ text_embeds.t()
     if logit_bias is not None:
         logits = logits + logit_bias
@@ -290,17 +294,36 @@ def clip_loss(image_embeds, text_embeds, logit_scale, logit_bias=None, image_ids
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
 
 
+_TOOLKIT_LOSS_HINT = ("{what} needs the toolkit's `dualencoder.losses` to compute a loss (return_loss=True). "
+                      "Embedding and retrieval do not: get_image_features / get_text_features and forward without "
+                      "return_loss work here. To compute the loss, run from the repository's root (or put it on "
+                      "PYTHONPATH).")
+
+
+class UnavailableLoss:
+    """Stands in for a loss of the toolkit when only this file is at hand (a model loaded from the Hub with
+    trust_remote_code): the model loads and embeds; asking it for that loss says what is missing."""
+
+    def __init__(self, loss_type: str, loss_kwargs: dict):
+        self.loss_type, self.loss_kwargs = loss_type, loss_kwargs
+
+    def __call__(self, *args, **kwargs):
+        options = f" with loss_kwargs={self.loss_kwargs}" if self.loss_kwargs else ""
+        raise ImportError(_TOOLKIT_LOSS_HINT.format(what=f"loss_type={self.loss_type!r}{options}"))
+
+
 def build_loss_from_config(config: DualEncoderConfig) -> Callable:
-    """The loss named by `config.loss_type`, from the toolkit when it is importable."""
+    """The loss named by `config.loss_type`, from the toolkit when it is importable.
+
+    Without the toolkit, plain CLIP falls back to `clip_loss`; any other loss (or CLIP with options)
+    becomes an `UnavailableLoss`, so the model still loads for inference.
+    """
     try:
         from dualencoder.losses import build_loss
     except ImportError:
-        if config.loss_type not in ("clip", "infonce"):
-            raise ImportError(
-                f"loss_type={config.loss_type!r} lives in the toolkit's `dualencoder.losses`; run from the "
-                "repository root (or put it on PYTHONPATH) to train with it."
-            ) from None
-        return clip_loss
+        if config.loss_type in ("clip", "infonce") and not config.loss_kwargs:
+            return clip_loss
+        return UnavailableLoss(config.loss_type, config.loss_kwargs)
     return build_loss(config.loss_type, **config.loss_kwargs)
 
 
@@ -792,6 +815,10 @@ class DualEncoderModel(DualEncoderPreTrainedModel):
         loss = None
         if return_loss:
             loss = self.loss_fn(image_embeds, text_embeds, logit_scale, logit_bias=self.logit_bias, image_ids=image_ids)
+            # A loss may ignore the temperature (triplet) or the bias (CLIP). Keep both in the graph with a zero
+            # gradient: DistributedDataParallel fails on a trainable parameter that gets no gradient at all.
+            scalars = [p for p in (self.logit_scale, self.logit_bias) if p is not None and p.requires_grad]
+            loss = loss + 0.0 * sum(p.sum() for p in scalars)
         output = DualEncoderOutput(
             loss=loss,
             logits_per_image=logits_per_image,

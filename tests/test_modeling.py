@@ -80,8 +80,12 @@ def test_save_and_load_round_trip_gives_identical_embeddings(tiny_model, tmp_pat
     assert (tmp_path / "modeling_dualencoder.py").exists()
 
 
-def test_trust_remote_code_loads_the_directory_in_a_fresh_process(tmp_path):
-    model = DualEncoderModel(tiny_timm_config()).eval()
+@pytest.mark.parametrize("loss", [{}, {"loss_type": "clip+triplet", "loss_kwargs": {"margin": 0.2}}],
+                         ids=["clip", "toolkit-loss"])
+def test_trust_remote_code_loads_the_directory_in_a_fresh_process(tmp_path, loss):
+    """Without the toolkit a model embeds as it did; plain CLIP still gives a loss, a toolkit loss says what
+    it needs (the shipped Flickr8k config trains with clip+triplet: its export must load for inference)."""
+    model = DualEncoderModel(tiny_timm_config(**loss)).eval()
     model.save_pretrained(tmp_path / "model")
     batch = tiny_batch(model.config, 2)
     torch.save(batch, tmp_path / "batch.pt")
@@ -96,16 +100,41 @@ def test_trust_remote_code_loads_the_directory_in_a_fresh_process(tmp_path):
         assert type(model).__module__.startswith('transformers_modules'), type(model).__module__
         batch = torch.load({str(tmp_path / 'batch.pt')!r})
         with torch.no_grad():
-            out = model(**batch, return_loss=True)
-        torch.testing.assert_close(out.image_embeds, torch.load({str(tmp_path / 'expected.pt')!r}))
-        print('loss', float(out.loss))
+            out = model(**batch)
+            torch.testing.assert_close(out.image_embeds, torch.load({str(tmp_path / 'expected.pt')!r}))
+            try:
+                print('loss', float(model(**batch, return_loss=True).loss))
+            except ImportError as needs:
+                print('refused:', needs)
     """)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_HUB_OFFLINE"] = "1"
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "loss" in result.stdout
+    if loss:
+        assert "refused: loss_type='clip+triplet' with loss_kwargs={'margin': 0.2} needs the toolkit" in result.stdout
+    else:
+        assert result.stdout.startswith("loss ")
+
+
+@pytest.mark.parametrize("loss_type, bias", [("triplet", None), ("clip", -10.0), ("siglip", -10.0)])
+def test_every_trainable_parameter_gets_a_gradient_whatever_the_loss_ignores(loss_type, bias):
+    """DistributedDataParallel fails when a trainable parameter gets no gradient: triplet ignores the
+    temperature and CLIP the bias, so the model keeps both in the graph (with a zero gradient)."""
+    model = DualEncoderModel(tiny_vit_distilbert_config(loss_type=loss_type, logit_bias_init_value=bias))
+    model(**tiny_batch(model.config, 4), return_loss=True).loss.backward()
+    missing = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+
+
+def test_the_fallback_clip_loss_refuses_a_batch_with_two_captions_of_one_image():
+    from modeling_dualencoder import clip_loss
+
+    embeds = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    assert clip_loss(embeds, embeds, torch.tensor(10.0), image_ids=torch.tensor([0, 1, 2, 3])) > 0
+    with pytest.raises(ImportError, match="several captions of one image"):
+        clip_loss(embeds, embeds, torch.tensor(10.0), image_ids=torch.tensor([0, 0, 1, 1]))
 
 
 def test_lora_on_both_towers_trains_only_adapters_heads_and_scale():
