@@ -770,8 +770,20 @@ class DualEncoderModel(DualEncoderPreTrainedModel):
         return F.normalize(self.text_projection(text_pooled), dim=-1)
 
     def get_logit_scale(self) -> torch.Tensor:
-        """exp(logit_scale), clamped at `logit_scale_max` as CLIP does."""
-        return self.logit_scale.clamp(max=math.log(self.config.logit_scale_max)).exp()
+        """exp(logit_scale), at most `logit_scale_max`, with the gradient of the unclamped value.
+
+        The value is capped (a parameter above the cap reads as the cap), but the gradient passes
+        straight through: a plain clamp gives zero gradient at and above the cap, so a parameter that
+        reached it could never be pulled back down. During training `clamp_logit_scale_` keeps the
+        parameter itself at or below the cap, as CLIP does.
+        """
+        raw = self.logit_scale
+        return (raw + (raw.clamp(max=math.log(self.config.logit_scale_max)) - raw).detach()).exp()
+
+    @torch.no_grad()
+    def clamp_logit_scale_(self) -> None:
+        """Pull the temperature parameter back to the cap after an optimiser step (the training step calls it)."""
+        self.logit_scale.clamp_(max=math.log(self.config.logit_scale_max))
 
     def forward(
         self,

@@ -85,3 +85,24 @@ def test_compiling_the_blocks_compiles_each_repeated_layer_and_keeps_the_outputs
     assert set(model.state_dict()) == set(DualEncoderModel(config).state_dict())  # names unchanged
     with pytest.raises(ValueError, match="blocks"):
         compile_in_place(model, "everything")
+
+
+def test_the_temperature_is_capped_and_pulled_back_after_a_step_and_its_gradient_keeps_flowing():
+    import math
+
+    from modeling_dualencoder import DualEncoderModel
+    from tests.tiny import tiny_batch, tiny_vit_distilbert_config
+
+    accelerator = Accelerator(cpu=True)
+    model = DualEncoderModel(tiny_vit_distilbert_config(logit_scale_max=20.0))
+    optimizer = torch.optim.SGD([model.logit_scale], lr=0.0)  # the step itself moves nothing
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, cosine_with_warmup(optimizer, 0, 10))
+    cap = math.log(20.0)
+    with torch.no_grad():
+        model.logit_scale.fill_(cap + 1.0)  # carried past the cap (e.g. by an Adam step)
+    batch = tiny_batch(model.config, 4)
+    assert model.get_logit_scale().item() == pytest.approx(20.0)  # read as the cap
+    TrainStep(accelerator, model, optimizer, scheduler, max_grad_norm=0)(batch)
+    assert model.logit_scale.item() == pytest.approx(cap)  # the parameter itself is back at the cap
+    model(**batch, return_loss=True).loss.backward()
+    assert model.logit_scale.grad.item() != 0.0  # and its gradient flows there (a plain clamp gives 0 at the cap)

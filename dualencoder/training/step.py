@@ -53,8 +53,11 @@ class TrainStep:
             self.optimizer.zero_grad(set_to_none=True)
             if accelerator.sync_gradients:
                 self.global_step += 1
+                unwrapped = accelerator.unwrap_model(self.model)
+                if hasattr(unwrapped, "clamp_logit_scale_"):  # the temperature stays at or below its cap
+                    unwrapped.clamp_logit_scale_()
                 if self.after_optimizer_step is not None:
-                    self.after_optimizer_step(accelerator.unwrap_model(self.model))
+                    self.after_optimizer_step(unwrapped)
         self.calls += 1
         if self.check_every and self.calls % self.check_every == 0:
             self.check()
