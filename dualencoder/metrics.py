@@ -254,9 +254,14 @@ def metrics_from_ranks(i2t_ranks, t2i_ranks, *, ks: Sequence[int] = STANDARD_KS)
     ks = _check_ks(ks)
     out: dict[str, float] = {}
     for direction, ranks in (("i2t", i2t_ranks), ("t2i", t2i_ranks)):
-        r = _to_tensor(ranks).cpu().numpy().astype(np.int64).ravel()
-        if r.size == 0:
+        raw = _to_tensor(ranks).cpu().numpy().ravel()
+        if raw.size == 0:
             raise ValueError(f"{direction} ranks are empty")
+        if not np.all(raw == np.floor(raw)) or raw.min() < 1:
+            raise ValueError(f"{direction} ranks must be whole numbers from 1 (1 = first), got e.g. "
+                             f"{raw[(raw != np.floor(raw)) | (raw < 1)][:3].tolist()}; averaged tie ranks are not "
+                             "supported: ties count against the model (the worst rank of the tie)")
+        r = raw.astype(np.int64)
         for k in ks:
             out[f"{direction}_r{k}"] = float(100.0 * np.mean(r <= k))
         out[f"{direction}_medr"] = float(np.median(r))

@@ -248,8 +248,9 @@ def top_k_hits(sim, correct, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
         k: number of candidates shown (clamped to Nc).
 
     Returns:
-        ``(indices [Nq, k], hits bool [Nq, k])``. Equal scores keep the lower index first
-        (stable sort), so the gallery is deterministic.
+        ``(indices [Nq, k], hits bool [Nq, k])``. Among equal scores a wrong candidate comes before a
+        correct one, as the metrics count ties against the model (so a row with no hit in its first k
+        is exactly a miss at R@k); otherwise the lower index first, so the gallery is deterministic.
     """
     sim = _as_numpy(sim)
     if sim.ndim != 2:
@@ -257,9 +258,13 @@ def top_k_hits(sim, correct, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
     if len(correct) != sim.shape[0]:
         raise ValueError(f"need one 'correct' entry per query: {len(correct)} for {sim.shape[0]} queries")
     k = min(k, sim.shape[1])
-    idx = np.argsort(-sim, axis=1, kind="stable")[:, :k]
     sets = [{int(c)} if isinstance(c, (int, np.integer)) else {int(x) for x in c} for c in correct]
-    hits = np.array([[int(j) in s for j in row] for row, s in zip(idx, sets)], dtype=bool).reshape(idx.shape)
+    is_correct = np.zeros(sim.shape, dtype=np.int8)
+    for row, s in enumerate(sets):
+        is_correct[row, list(s)] = 1
+    # by score; among equal scores wrong candidates first (ties count against the model, as in the metrics)
+    idx = np.lexsort((is_correct, -sim), axis=1)[:, :k]
+    hits = np.take_along_axis(is_correct, idx, axis=1).astype(bool)
     return idx, hits
 
 

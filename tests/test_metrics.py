@@ -209,6 +209,10 @@ def test_similarity_validation_errors():
         ranks_from_similarity(torch.zeros(2, 3), [0, 1])
     with pytest.raises(ValueError, match="ks must be positive integers"):
         metrics_from_ranks([1], [1], ks=(0,))
+    with pytest.raises(ValueError, match=r"whole numbers from 1.*\[1.5\]"):
+        metrics_from_ranks(torch.tensor([1.0, 1.5]), [1])  # an averaged tie rank would be floored to a hit
+    with pytest.raises(ValueError, match="whole numbers from 1"):
+        metrics_from_ranks([0, 1], [1])
 
 
 # ------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 behind the plots (similarity gap, gallery hits) are checked on hand-built cases."""
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -93,6 +94,18 @@ def test_top_k_hits_marks_the_right_tiles():
     assert idx.shape == (2, 4) and hits[0].tolist() == [False, False, False, True]
     with pytest.raises(ValueError, match="one 'correct' entry per query"):
         top_k_hits(sim, [0], k=2)
+
+
+def test_a_gallery_puts_a_tied_wrong_candidate_first_as_the_metrics_count_ties():
+    from dualencoder.metrics import ranks_from_similarity
+
+    sim = np.zeros((3, 3))  # every score tied: each correct item is ranked last by the metrics
+    _, hits = top_k_hits(sim, [0, 1, 2], k=2)
+    assert not hits.any()  # no green frame in the first 2: a miss at R@2
+    ranks = ranks_from_similarity(torch.zeros(3, 3), [0, 1, 2])[0]
+    assert (ranks > 2).all()
+    _, hits = top_k_hits(np.array([[0.5, 0.5, 0.1]]), [0], k=1)  # the tie with 1 decides: a miss at R@1
+    assert hits.tolist() == [[False]]
 
 
 def test_text_to_image_gallery_png(tmp_path):

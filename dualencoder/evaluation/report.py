@@ -97,7 +97,7 @@ def aligned_pairs(embedded: EmbeddedSplit, num_pairs: int = 8, one_per_image: bo
 
 
 def top1_images(embedded: EmbeddedSplit, chunk_size: int = 4096) -> torch.Tensor:
-    """For every caption, the image it ranks first (text->image), in chunks."""
+    """For every caption, the image it ranks first (text->image), in chunks (an exact tie: the lower index)."""
     img, txt = embedded.image_embeds.float(), embedded.text_embeds.float()
     return torch.cat([(txt[start:start + chunk_size] @ img.T).argmax(1) for start in range(0, len(txt), chunk_size)])
 
