@@ -28,6 +28,10 @@ GENERATOR_VERSION = 1
 SPLITS = ("train", "validation", "test")
 DEFAULT_NUM_IMAGES = 4000
 DEFAULT_IMAGE_SIZE = 224
+# The embedded default job's set (run_contrastive.py's defaults, configs/default.yaml): what evaluation
+# and `python -m data_scripts summary synthetic` assume when a run does not say.
+DEFAULT_JOB_NUM_IMAGES = 1200
+DEFAULT_JOB_IMAGE_SIZE = 128
 DEFAULT_SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 
 

@@ -27,6 +27,7 @@ import torch
 from transformers import AutoProcessor
 
 from data_scripts import ImageTransform, load_image_caption_dataset
+from data_scripts.synthetic import DEFAULT_JOB_IMAGE_SIZE, DEFAULT_JOB_NUM_IMAGES
 from dualencoder.devices import pick_device
 from dualencoder.evaluation.embed import EmbeddedSplit, embed_split
 from dualencoder.metrics import format_metrics_table
@@ -40,8 +41,8 @@ logger = logging.getLogger(__name__)
 OFFLINE_VISION = "offline:efficientnet-lite0"
 OFFLINE_TEXT = "offline:all-minilm-l6-v2"
 # The training command's defaults (run_contrastive.py), used when the model dir does not say.
-DEFAULT_NUM_IMAGES = 1200
-DEFAULT_SYNTHETIC_IMAGE_SIZE = 128
+DEFAULT_NUM_IMAGES = DEFAULT_JOB_NUM_IMAGES  # the default job's synthetic set
+DEFAULT_SYNTHETIC_IMAGE_SIZE = DEFAULT_JOB_IMAGE_SIZE
 DEFAULT_MAX_LENGTH = 32
 DEFAULT_SEED = 42
 # Config fields that shape the projection heads: the zero-shot pair copies them from the trained model.

@@ -16,6 +16,7 @@ from typing import Optional
 import yaml
 from transformers import HfArgumentParser
 
+from data_scripts.synthetic import DEFAULT_JOB_IMAGE_SIZE, DEFAULT_JOB_NUM_IMAGES
 from dualencoder.metrics import STANDARD_KS
 
 
@@ -44,7 +45,7 @@ class ModelArguments:
     lora_vision_blocks: Optional[int] = field(default=None, metadata={"help": "Adapters in the vision tower's last N blocks only (default: every block). The blocks below stay pretrained, so with vision_train frozen their output is cached once (the prefix cache), as for vision_train top:N."})
     lora_text_blocks: Optional[int] = field(default=None, metadata={"help": "Adapters in the text tower's last N layers only (default: every layer); with text_train frozen the layers below are cached once, as for text_train top:N."})
     image_flip_average: Optional[bool] = field(default=None, metadata={"help": "Embed each image, in evaluation and inference, as the mean of its own and its mirror image's features (test-time augmentation at twice the vision cost; saved in the model config). Default: the model's own setting (off for new models)."})
-    vision_chunk_size: Optional[int] = field(default=None, metadata={"help": "Run the vision tower on chunks of this many images (same result, saved in the model config): on a CPU, chunks of 32 train EfficientNet's top 2.5x faster than batches of 128 (doc/FLICKR8K_RECIPE.md). Default: the model's own setting (off for new models)."})
+    vision_chunk_size: Optional[int] = field(default=None, metadata={"help": "Run the vision tower on chunks of this many images (same result, saved in the model config): on a 2-core CPU, chunks of 32 ran EfficientNet-Lite0's trained top 2.1x and its cached prefix 3.1x faster than batches of 128 (benchmarks/README.md, Vision chunks). Default: the model's own setting (off for new models)."})
     vision_train: str = field(default="full", metadata={"help": "What trains in the vision backbone besides adapters: full, frozen or top:N (last N blocks)."})
     text_train: str = field(default="full", metadata={"help": "What trains in the text backbone besides adapters: full, frozen or top:N."})
 
@@ -52,8 +53,8 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     dataset: str = field(default="synthetic", metadata={"help": "synthetic (embedded generator), a Flickr8k directory (official/Kaggle/Karpathy layouts) or a Hub dataset id."})
-    num_images: int = field(default=1200, metadata={"help": "synthetic only: how many images to generate."})
-    synthetic_image_size: int = field(default=128, metadata={"help": "synthetic only: generated image size (resized to the backbone's size)."})
+    num_images: int = field(default=DEFAULT_JOB_NUM_IMAGES, metadata={"help": "synthetic only: how many images to generate."})
+    synthetic_image_size: int = field(default=DEFAULT_JOB_IMAGE_SIZE, metadata={"help": "synthetic only: generated image size (resized to the backbone's size)."})
     max_length: int = field(default=32, metadata={"help": "Tokens per caption after truncation."})
     augment: bool = field(default=False, metadata={"help": "Random resized crop on training images (see flip_augment for mirroring). With the vision prefix cache (vision_train: top:N) the cached maps are cropped and resized back instead (data_scripts/feature_crop.py); a fully frozen, pooled vision cache is not augmented."})
     flip_augment: bool = field(default=False, metadata={"help": "Mirror half the training images each epoch, never one whose captions say left or right. With cached vision features or prefix, the mirrored training images are cached too (twice the caching time)."})
