@@ -572,14 +572,25 @@ class DualEncoderModel(DualEncoderPreTrainedModel):
         own = ("visual_projection.", "text_projection.", "logit_scale", "logit_bias")
         return {k: v for k, v in self.state_dict().items() if "lora_" in k or k.startswith(own)}
 
+    def trained_outside_adapters(self) -> list[str]:
+        """Trainable parameters an adapters-only copy would not hold (e.g. a backbone's top blocks)."""
+        kept = set(self.adapter_state_dict())
+        return [name for name, p in self.named_parameters() if p.requires_grad and name not in kept]
+
     def save_adapters(self, save_directory: str) -> None:
         """Save only the small trained parts; the backbones are re-read from where they came from.
 
         The directory holds `config.json` (which names both base backbones) and
-        `adapters.safetensors`; [`DualEncoderModel.from_adapters`] puts them back together.
+        `adapters.safetensors`; [`DualEncoderModel.from_adapters`] puts them back together. A model
+        that also trains backbone weights is refused: the copy would silently lose them.
         """
         from safetensors.torch import save_file
 
+        outside = self.trained_outside_adapters()
+        if outside:
+            raise ValueError(f"{len(outside)} trained parameters are not adapters or heads (e.g. {outside[0]}): an "
+                             "adapters-only copy would drop them. Save the whole model with save_pretrained() (or, if they did not "
+                             "train, freeze them: requires_grad_(False)).")
         for tower in ("vision", "text"):
             if getattr(self.config, f"{tower}_model_name_or_path") is None:
                 raise ValueError(f"config.{tower}_model_name_or_path is unset: build the model with "

@@ -581,7 +581,12 @@ def export(model, processor, metrics: dict, args: tuple, state: dict) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
     if model.config.lora_rank and train_args.save_adapters:
-        model.save_adapters(os.path.join(staging, "adapters"))
+        outside = model.trained_outside_adapters()
+        if outside:
+            logger.warning("no adapters-only copy: %d trained parameters are not adapters or heads (e.g. %s); the "
+                           "exported model holds everything.", len(outside), outside[0])
+        else:
+            model.save_adapters(os.path.join(staging, "adapters"))
     model.merge_adapters()
     model.save_pretrained(staging)
     processor.save_pretrained(staging)

@@ -151,6 +151,11 @@ def _check_positives(positives: str, loss: str) -> str:
     return positives
 
 
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """`x` in float32 if it is in a narrower float (bf16/fp16 under autocast); float64 stays float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _multi_positive_nce(logits: torch.Tensor, targets: torch.Tensor, same: torch.Tensor | None,
                         positives: str = "all") -> torch.Tensor:
     """Mean over rows of a multi-positive InfoNCE term; ``positives`` says what a row must achieve.
@@ -165,8 +170,8 @@ def _multi_positive_nce(logits: torch.Tensor, targets: torch.Tensor, same: torch
     (MIL-NCE). Already 0 at perfect retrieval; with one positive it is cross-entropy too.
     """
     if same is None:
-        return F.cross_entropy(logits, targets)
-    log_p = logits.log_softmax(dim=-1)
+        return F.cross_entropy(logits, targets)  # autocast runs cross_entropy in float32
+    log_p = at_least_float32(logits).log_softmax(dim=-1)  # and this path likewise (CPU autocast keeps bf16 here)
     if positives == "any":
         return -log_p.masked_fill(~same, float("-inf")).logsumexp(dim=-1).mean()
     n_pos = same.sum(dim=-1).to(log_p.dtype)
@@ -340,7 +345,7 @@ class SigLipLoss(_PairLoss):
         if logit_bias is None:
             raise ValueError("SigLipLoss needs logit_bias, the model's learnable bias (SigLIP initialises it at -10)")
         v = self._views(image_embeds, text_embeds, image_ids)
-        logits = logit_scale * v.image_rows @ v.text_cols.T + logit_bias
+        logits = at_least_float32(logit_scale * v.image_rows @ v.text_cols.T + logit_bias)  # N² terms summed in fp32
         signs = v.same_or_pairs().to(logits.dtype) * 2 - 1
         return -F.logsigmoid(signs * logits).sum() / logits.shape[0]
 

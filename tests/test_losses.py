@@ -368,3 +368,19 @@ def test_clip_plus_triplet():
     assert torch.allclose(combined(x, y, t), expected, atol=1e-12)
     manual = CombinedLoss([(ClipLoss(), 1.0), (TripletLoss(margin=0.3), 0.5)])
     assert torch.allclose(manual(x, y, t), expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss_type, options", [("clip", {}), ("clip", {"positives": "any"}), ("siglip", {})])
+def test_under_cpu_bf16_autocast_a_multi_positive_loss_is_summed_in_float32(loss_type, options):
+    from dualencoder.losses import build_loss
+
+    torch.manual_seed(0)
+    images = torch.nn.functional.normalize(torch.randn(64, 32), dim=-1)
+    texts = torch.nn.functional.normalize(images + 0.5 * torch.randn(64, 32), dim=-1)
+    ids = torch.arange(64) // 2  # two captions per image: the multi-positive path
+    loss_fn, scale, bias = build_loss(loss_type, **options), torch.tensor(30.0), torch.tensor(-10.0)
+    exact = loss_fn(images, texts, scale, logit_bias=bias, image_ids=ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = loss_fn(images, texts, scale, logit_bias=bias, image_ids=ids)
+    assert mixed.dtype == torch.float32
+    assert abs(mixed.item() - exact.item()) <= 0.01 * abs(exact.item())  # the similarity matmul is bf16; the rest not

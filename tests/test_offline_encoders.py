@@ -110,3 +110,24 @@ def test_processor_round_trips_through_the_model_directory(offline_model, tmp_pa
     torch.testing.assert_close(a["pixel_values"], b["pixel_values"])
     assert a["pixel_values"].shape == (1, 3, 224, 224)
     assert a["input_ids"].tolist() == b["input_ids"].tolist()
+
+
+def test_an_adapters_only_copy_rebuilds_the_model_and_refuses_to_drop_trained_backbone_weights(tmp_path):
+    model = DualEncoderModel.from_vision_text_pretrained("offline:efficientnet-lite0", "offline:all-minilm-l6-v2",
+                                                         lora_rank=4, lora_towers=["text"]).eval()
+    model.vision_model.requires_grad_(False)  # as vision_train: frozen leaves it
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "projection" in name:
+                p.normal_(std=0.05)  # trained-looking adapters and heads
+    model.save_adapters(tmp_path / "adapters")
+    rebuilt = DualEncoderModel.from_adapters(tmp_path / "adapters").eval()
+    pixels, ids = torch.rand(2, 3, 224, 224), torch.tensor([[101, 2000, 102], [101, 3000, 102]])
+    with torch.no_grad():
+        before, after = model(pixel_values=pixels, input_ids=ids), rebuilt(pixel_values=pixels, input_ids=ids)
+    torch.testing.assert_close(after.logits_per_image, before.logits_per_image)
+
+    model.vision_model.conv_head.weight.requires_grad_(True)  # e.g. the vision tower's top trained beside LoRA
+    assert model.trained_outside_adapters() == ["vision_model.conv_head.weight"]
+    with pytest.raises(ValueError, match="1 trained parameters are not adapters or heads.*conv_head.*save_pretrained"):
+        model.save_adapters(tmp_path / "lossy")
