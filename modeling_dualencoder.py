@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 from transformers.masking_utils import create_bidirectional_mask
-from transformers.modeling_outputs import BaseModelOutput
+from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
 logger = logging.getLogger(__name__)
@@ -375,16 +375,20 @@ def _build_vision_tower(config: DualEncoderConfig) -> nn.Module:
         config.vision_feature_dim = model.num_features
         return model
     model = AutoModel.from_config(config.vision_config)
-    return _strip_unused_pooler(getattr(model, "vision_model", model), config.vision_pooling)
+    return _strip_unused_pooler(getattr(model, "vision_model", model), config.vision_pooling, "vision_pooling")
 
 
 def _build_text_tower(config: DualEncoderConfig) -> nn.Module:
-    return _strip_unused_pooler(AutoModel.from_config(config.text_config), config.text_pooling)
+    return _strip_unused_pooler(AutoModel.from_config(config.text_config), config.text_pooling, "text_pooling")
 
 
-def _strip_unused_pooler(model: nn.Module, pooling: str) -> nn.Module:
-    """Drop a BERT/ViT pooler we do not read, so every parameter left gets a gradient."""
-    if pooling != "pooler" and getattr(model, "pooler", None) is not None:
+def _strip_unused_pooler(model: nn.Module, pooling: str, field: str) -> nn.Module:
+    """Drop a BERT/ViT pooler we do not read, so every parameter left gets a gradient; refuse `pooler`
+    pooling for a tower that has none (DistilBERT), naming the field, rather than fail in `forward`."""
+    has_pooler = getattr(model, "pooler", None) is not None
+    if pooling == "pooler" and not has_pooler:
+        raise ValueError(f"{field}='pooler', but {type(model).__name__} has no pooler: use 'mean' or 'cls'.")
+    if pooling != "pooler" and has_pooler:
         model.pooler = None
     return model
 
@@ -674,7 +678,9 @@ class DualEncoderModel(DualEncoderPreTrainedModel):
     def vision_suffix(self, hidden: torch.Tensor, depth: int) -> torch.Tensor:
         """Pooled vision features from `vision_prefix(pixel_values, depth)`: the rest of the tower.
 
-        `vision_suffix(vision_prefix(x, d), d)` equals `encode_vision(x)` for every `d`.
+        `vision_suffix(vision_prefix(x, d), d)` equals `encode_vision(x)` for every `d`, except that
+        it never applies `config.image_flip_average`: from cached prefixes the caller averages over
+        the mirror image's prefix itself (`dualencoder.evaluation.embed.pooled_from_prefix` does).
         """
         tower, kind, blocks = self._vision_split(depth)
 
@@ -683,7 +689,10 @@ class DualEncoderModel(DualEncoderPreTrainedModel):
                 hidden = _block_output(block(hidden))
             if kind == "timm_cnn":
                 return tower.forward_head(tower.bn2(tower.conv_head(hidden)))
-            return _pool(BaseModelOutput(last_hidden_state=tower.layernorm(hidden)), None, self.config.vision_pooling)
+            hidden = tower.layernorm(hidden)
+            pooler = tower.pooler(hidden) if self.config.vision_pooling == "pooler" else None
+            return _pool(BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=pooler), None,
+                         self.config.vision_pooling)
 
         return self._vision_in_chunks(run, hidden)
 
@@ -753,7 +762,8 @@ class DualEncoderModel(DualEncoderPreTrainedModel):
         """L2-normalised image embeddings.
 
         `vision_pooled` skips the backbone (cached features of a frozen tower); `vision_hidden`
-        skips its first `vision_hidden_depth` blocks (a cached `vision_prefix`).
+        skips its first `vision_hidden_depth` blocks (a cached `vision_prefix`). Only the pixel path
+        applies `config.image_flip_average`; cached inputs are taken as already averaged, if wanted.
         """
         if vision_pooled is None and vision_hidden is not None:
             if vision_hidden_depth is None:
@@ -881,7 +891,7 @@ class DualEncoderModel(DualEncoderPreTrainedModel):
             text_source = resolve_offline(text_source)["path"]
 
         text_model = _strip_unused_pooler(AutoModel.from_pretrained(text_source),
-                                          config_overrides.get("text_pooling", "mean"))
+                                          config_overrides.get("text_pooling", "mean"), "text_pooling")
         if vision_source.startswith("timm:"):
             import timm
 
@@ -903,7 +913,7 @@ class DualEncoderModel(DualEncoderPreTrainedModel):
         else:
             vision_model = AutoModel.from_pretrained(vision_source)
             vision_model = _strip_unused_pooler(getattr(vision_model, "vision_model", vision_model),
-                                                config_overrides.get("vision_pooling", "cls"))
+                                                config_overrides.get("vision_pooling", "cls"), "vision_pooling")
             vision_fields = dict(vision_config=vision_model.config, **_hf_image_fields(vision_source, vision_model.config))
         fields = dict(
             text_config=text_model.config,

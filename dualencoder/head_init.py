@@ -71,11 +71,15 @@ def cca_initialise_heads(model: nn.Module, image_features: torch.Tensor, text_fe
     """
     options = cca_options(options)
     fit = fit_cca(image_features, text_features, options["ridge"])
-    first_layer = next(m for m in model.visual_projection.modules() if isinstance(m, nn.Linear))
     k = min(int(options["dims"]), fit.corrs.numel())
-    if k > first_layer.out_features // 2 or k > model.config.projection_dim:
-        raise ValueError(f"head_init_options dims={k}: at most projection_hidden_dim/2 = {first_layer.out_features // 2} "
-                         f"and projection_dim = {model.config.projection_dim}")
+    for name in ("visual_projection", "text_projection"):  # both heads are checked before either is changed
+        linears = [m for m in getattr(model, name).modules() if isinstance(m, nn.Linear)]
+        if len(linears) < 2:
+            raise ValueError(f"{name} is a single linear layer: CCA initialisation needs MLP heads "
+                             "(projection_head: mlp)")
+        if k > linears[0].out_features // 2 or k > model.config.projection_dim:
+            raise ValueError(f"head_init_options dims={k}: at most {name}'s hidden width / 2 = "
+                             f"{linears[0].out_features // 2} and projection_dim = {model.config.projection_dim}")
     scale = fit.corrs[:k].clamp(min=1e-12) ** options["power"]
     for head, proj, mean in ((model.visual_projection, fit.proj_x, fit.mean_x), (model.text_projection, fit.proj_y, fit.mean_y)):
         weight = (proj[:, :k] * scale).T  # [k, in_dim]

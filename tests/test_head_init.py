@@ -64,6 +64,21 @@ def test_more_cca_directions_than_the_head_can_hold_is_an_error_naming_the_limit
     images, texts = correlated_features(image_dim=model.visual_projection.net[0].in_features,
                                         text_dim=model.text_projection.net[0].in_features)
     before = {k: v.clone() for k, v in model.state_dict().items() if "projection" in k}
-    with pytest.raises(ValueError, match="projection_hidden_dim/2 = 8"):
+    with pytest.raises(ValueError, match="visual_projection's hidden width / 2 = 8"):
         cca_initialise_heads(model, images, texts, {"dims": 12})
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())  # refused before touching a head
+
+    # the text head alone too narrow: still nothing changes (the vision head used to be written first)
+    text_head = model.text_projection.net
+    model.text_projection.net = torch.nn.Sequential(torch.nn.Linear(text_head[0].in_features, 8), text_head[1],
+                                                    text_head[2], torch.nn.Linear(8, 16))
+    before = {k: v.clone() for k, v in model.state_dict().items() if "projection" in k}
+    with pytest.raises(ValueError, match="text_projection's hidden width / 2 = 4"):
+        cca_initialise_heads(model, images, texts, {"dims": 6})
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+    linear = DualEncoderModel(tiny_timm_config(projection_head="linear"))
+    images, texts = correlated_features(image_dim=linear.visual_projection.net.in_features,
+                                        text_dim=linear.text_projection.net.in_features)
+    with pytest.raises(ValueError, match="single linear layer.*projection_head: mlp"):
+        cca_initialise_heads(linear, images, texts, {"dims": 4})

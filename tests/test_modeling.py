@@ -128,6 +128,11 @@ def test_every_trainable_parameter_gets_a_gradient_whatever_the_loss_ignores(los
     assert missing == []
 
 
+def test_pooler_pooling_on_a_tower_without_a_pooler_is_refused_at_construction_naming_the_field():
+    with pytest.raises(ValueError, match="text_pooling='pooler', but DistilBertModel has no pooler"):
+        DualEncoderModel(tiny_vit_distilbert_config(text_pooling="pooler"))
+
+
 def test_the_fallback_clip_loss_refuses_a_batch_with_two_captions_of_one_image():
     from modeling_dualencoder import clip_loss
 
@@ -281,7 +286,9 @@ def test_frozen_prefix_depth_counts_the_leading_blocks_with_nothing_to_train(mod
     assert frozen_prefix_depth(model, "vision") == (blocks + depth if depth else 0)
 
 
-@pytest.mark.parametrize("make_config", [tiny_vit_distilbert_config, tiny_timm_config], ids=["hf_vit", "timm_cnn"])
+@pytest.mark.parametrize("make_config", [tiny_vit_distilbert_config, tiny_timm_config,
+                                         lambda: tiny_vit_distilbert_config(vision_pooling="pooler")],
+                         ids=["hf_vit", "timm_cnn", "hf_vit_pooler"])
 def test_vision_prefix_then_suffix_equals_the_whole_tower_at_every_depth(make_config):
     model = DualEncoderModel(make_config()).eval()
     pixels = tiny_batch(model.config, 3)["pixel_values"]
