@@ -614,7 +614,7 @@ class DualEncoderModel(DualEncoderPreTrainedModel):
                 "vision_model_name_or_path", "text_model_name_or_path", "vision_feature_dim"}
         overrides = {k: v for k, v in config.to_dict().items() if k not in skip and k in _config_fields()}
         model = cls.from_vision_text_pretrained(config.vision_model_name_or_path, config.text_model_name_or_path,
-                                                **overrides)
+                                                vision_weights=getattr(config, "vision_weights", None), **overrides)
         saved = load_file(os.path.join(directory, ADAPTERS_FILE))
         expected = model.adapter_state_dict()
         if set(saved) != set(expected):
@@ -921,6 +921,8 @@ class DualEncoderModel(DualEncoderPreTrainedModel):
             text_model_name_or_path=text_model_name_or_path,
             **vision_fields,
         )
+        if vision_weights is not None and not vision_model_name_or_path.startswith("offline:"):
+            fields["vision_weights"] = str(vision_weights)  # so from_adapters reads them again (an alias knows its own)
         fields.update(config_overrides)
         config = DualEncoderConfig(**fields)
         return cls(config, vision_model=vision_model, text_model=text_model)

@@ -131,3 +131,19 @@ def test_an_adapters_only_copy_rebuilds_the_model_and_refuses_to_drop_trained_ba
     assert model.trained_outside_adapters() == ["vision_model.conv_head.weight"]
     with pytest.raises(ValueError, match="1 trained parameters are not adapters or heads.*conv_head.*save_pretrained"):
         model.save_adapters(tmp_path / "lossy")
+
+
+def test_an_adapters_only_copy_of_a_timm_tower_with_a_weights_file_reads_that_file_again(tmp_path):
+    import timm
+
+    torch.save(timm.create_model("test_efficientnet", num_classes=0).state_dict(), tmp_path / "vision.pth")
+    model = DualEncoderModel.from_vision_text_pretrained("timm:test_efficientnet", "offline:all-minilm-l6-v2",
+                                                         vision_weights=str(tmp_path / "vision.pth"),
+                                                         lora_rank=4, lora_towers=["text"]).eval()
+    model.vision_model.requires_grad_(False)
+    model.save_adapters(tmp_path / "adapters")
+    rebuilt = DualEncoderModel.from_adapters(tmp_path / "adapters").eval()
+    assert rebuilt.config.vision_weights == str(tmp_path / "vision.pth")
+    pixels = torch.rand(2, 3, model.config.image_size, model.config.image_size)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.get_image_features(pixels), model.get_image_features(pixels))
