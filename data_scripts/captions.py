@@ -43,6 +43,7 @@ def parse_token_file(path: Path, report_problem: ReportFn) -> CaptionTable:
             )
             continue
         name, hash_sign, index_text = key.strip().rpartition("#")
+        name = name.strip()  # 'b.jpg #0' names b.jpg, not 'b.jpg '
         if not hash_sign:
             name, index_text = key.strip(), ""
         caption = caption.strip()
@@ -79,8 +80,14 @@ def parse_kaggle_captions(path: Path, report_problem: ReportFn) -> CaptionTable:
     table: CaptionTable = {}
     lines = read_lines(path)
     reader = csv.reader(lines)
+    last = 0
     for row in reader:
-        number = reader.line_num
+        number, first, last = reader.line_num, last + 1, reader.line_num
+        if number > first:  # a quote left open swallows the lines after it into this row
+            report_problem(Problem(str(path), f"a double quote opened on line {first} is never closed, so lines "
+                                   f"{first}-{number} read as one caption", first,
+                                   "Close the quote (or remove it) on that line"))
+            continue
         if not row or not any(cell.strip() for cell in row):
             continue
         if number == 1 and [c.strip().lower() for c in row[:2]] == ["image", "caption"]:

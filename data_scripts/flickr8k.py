@@ -14,7 +14,7 @@ loading copies nothing. Image ids are the file names: stable across layouts and 
 
 from __future__ import annotations
 
-import random
+import hashlib
 from collections import Counter
 from pathlib import Path
 from typing import Optional
@@ -123,7 +123,7 @@ def _assign_splits(layout, captions, report, sink, seed, split_sizes) -> tuple[d
         return assignment, {}
 
     missing = missing_split_files(layout)
-    if layout.kind == "official" and layout.split_files and missing:
+    if layout.split_files and missing:
         raise DatasetFormatError(
             f"{layout.root}: found split list(s) {', '.join(p.name for p in layout.split_files.values())} but "
             f"missing {', '.join(missing)} (expected next to {layout.captions_file.name}). Restore them, "
@@ -142,6 +142,10 @@ def _assign_splits(layout, captions, report, sink, seed, split_sizes) -> tuple[d
                     continue
                 assignment[name] = split
                 line_of[name] = (path.name, number)
+        for split, path in layout.split_files.items():
+            if split not in assignment.values():
+                raise DatasetFormatError(f"{path}: lists no image of the captions, so the {split} split would be "
+                                         "empty. Restore the list, or delete all split lists to get a seeded split")
         return assignment, line_of
 
     if layout.kind == "official":
@@ -155,21 +159,25 @@ def seeded_split(names: list[str], seed: int, split_sizes: tuple[int, int],
                  report: Optional[LoadReport] = None) -> dict[str, str]:
     """Deterministic split of image names into train/validation/test (sizes train, val, rest).
 
-    Depends only on the set of names and the seed, not on file order. When there are too few
-    images for ``split_sizes`` (a subset or a test fixture), the 6:1:1 proportions are kept.
+    Each name gets a place in one order from a hash of (seed, name): test takes the first places,
+    validation the next, train the rest. So the split depends only on the names and the seed (not
+    on file order), and adding or removing an image moves at most one other image per boundary
+    (a shuffle of the whole list would reshuffle everything: removing one image once moved 804 of
+    1,091 test images into training). With too few images for ``split_sizes`` to leave a test split
+    as large as the validation split (a subset or a test fixture), the 6:1:1 proportions are kept.
     """
-    ordered = sorted(set(names))
-    random.Random(seed).shuffle(ordered)
+    ordered = sorted(set(names), key=lambda name: hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest())
     n = len(ordered)
     n_train, n_val = split_sizes
-    if n_train + n_val >= n:
+    if n - n_train - n_val < n_val:
         n_train, n_val = round(n * 0.75), round(n * 0.125)
         if report is not None:
             report.notes.append(f"only {n} images: split 75/12.5/12.5% ({n_train}/{n_val}/{n - n_train - n_val}) "
                                 f"instead of {split_sizes[0]}/{split_sizes[1]}/rest")
+    n_test = n - n_train - n_val
     split_of = {}
     for i, name in enumerate(ordered):
-        split_of[name] = "train" if i < n_train else "validation" if i < n_train + n_val else "test"
+        split_of[name] = "test" if i < n_test else "validation" if i < n_test + n_val else "train"
     return split_of
 
 

@@ -10,6 +10,7 @@ in the tests against the network; they pass a local data set through the same no
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from typing import Optional
@@ -24,7 +25,8 @@ from .views import IMAGE_FEATURES, convert_view, quiet_datasets
 SPLIT_ALIASES = {"train": "train", "validation": "validation", "val": "validation", "valid": "validation",
                  "dev": "validation", "test": "test"}
 IMAGE_COLUMNS = ("image", "img", "jpg", "png")
-ID_COLUMNS = ("image_id", "filename", "file_name", "image_name", "img_id", "imgid", "id")
+# not a bare "id": in a data set of one caption per row it is often the caption's own id
+ID_COLUMNS = ("image_id", "filename", "file_name", "image_name", "img_id", "imgid")
 LIST_CAPTION_COLUMNS = ("captions", "sentences", "sentences_raw", "raw")
 TEXT_CAPTION_COLUMNS = ("caption", "text", "sentence")
 
@@ -78,9 +80,13 @@ def _to_image_view(split: Dataset, where: str, split_name: str) -> Dataset:
                                  f"{IMAGE_COLUMNS}; columns are {columns})")
     numbered = sorted((c for c in columns if re.fullmatch(r"(caption|sentence)_?\d+", c)),
                       key=lambda c: int(re.search(r"\d+$", c).group()))
-    list_col = next((c for c in LIST_CAPTION_COLUMNS if c in columns), None)
-    text_col = next((c for c in TEXT_CAPTION_COLUMNS if c in columns), None)
-    ids = _image_ids(split, next((c for c in ID_COLUMNS if c in columns), None), image_col, split_name)
+    # a caption column is read by its type, whatever its name: a list of captions, or one caption per row
+    named = [c for c in LIST_CAPTION_COLUMNS + TEXT_CAPTION_COLUMNS if c in columns]
+    list_col = next((c for c in named if _is_list(split.features[c])), None)
+    text_col = next((c for c in named if not _is_list(split.features[c])), None)
+    one_caption_per_row = not numbered and not list_col and text_col is not None
+    ids = _image_ids(split, next((c for c in ID_COLUMNS if c in columns), None), image_col, split_name,
+                     by_content=one_caption_per_row)
 
     if numbered:  # caption_0 .. caption_4: one row per image
         table = split.select_columns(numbered).to_dict()
@@ -106,15 +112,25 @@ def _to_image_view(split: Dataset, where: str, split_name: str) -> Dataset:
     return out.cast(IMAGE_FEATURES)
 
 
-def _image_ids(split: Dataset, id_col: Optional[str], image_col: str, split_name: str) -> list[str]:
-    """Stable ids: an id column, else the image file name, else the row number."""
+def _image_ids(split: Dataset, id_col: Optional[str], image_col: str, split_name: str,
+               by_content: bool = False) -> list[str]:
+    """Stable ids: an id column, else the image file name, else (rows that must be grouped by image,
+    `by_content`) a hash of the image's bytes, else the row number."""
     if id_col is not None:
         return [str(v) for v in split.select_columns([id_col]).to_dict()[id_col]]
-    undecoded = split.select_columns([image_col]).cast_column(image_col, Image(decode=False))
-    paths = [(v or {}).get("path") for v in undecoded.to_dict()[image_col]]
+    undecoded = split.select_columns([image_col]).cast_column(image_col, Image(decode=False)).to_dict()[image_col]
+    paths = [(v or {}).get("path") for v in undecoded]
     if all(paths) and len(set(paths)) > 1:
         return [os.path.basename(p) for p in paths]
+    if by_content and all((v or {}).get("bytes") for v in undecoded):
+        # one caption per row and nothing naming the image: rows holding the same image bytes are one image
+        return [f"{split_name}-{hashlib.blake2b(v['bytes'], digest_size=8).hexdigest()}" for v in undecoded]
     return [f"{split_name}-{row:06d}" for row in range(len(split))]
+
+
+def _is_list(feature) -> bool:
+    """A list-valued column (datasets' Sequence, List or a plain list feature)."""
+    return isinstance(feature, (Sequence, list)) or type(feature).__name__ in ("List", "LargeList")
 
 
 def _caption_text(value) -> str:

@@ -66,8 +66,8 @@ def detect_layout(root: os.PathLike) -> Flickr8kLayout:
     if token is not None:
         kind, captions = "official", token
         split_files = _split_files(token.parent, files)
-    elif kaggle is not None:
-        kind, captions, split_files = "kaggle", kaggle, {}
+    elif kaggle is not None:  # Kaggle's captions, perhaps beside the official split lists
+        kind, captions, split_files = "kaggle", kaggle, _split_files(kaggle.parent, files)
     else:
         kind, captions, split_files = "karpathy", None, {}
     return Flickr8kLayout(root, kind, image_dir, captions, split_files, karpathy)

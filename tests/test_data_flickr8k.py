@@ -2,6 +2,7 @@
 plus the real shared copy when it is present."""
 
 import csv
+from collections import Counter
 import json
 import logging
 from pathlib import Path
@@ -260,6 +261,21 @@ def test_kaggle_sizes_are_6000_1000_rest_for_full_sets():
     assert seeded_split(list(reversed(names)), 42, (6000, 1000)) == split  # file order does not matter
 
 
+def test_a_seeded_split_moves_at_most_one_image_per_boundary_when_an_image_is_added_or_removed():
+    from data_scripts.flickr8k import seeded_split
+
+    names = [f"{i}.jpg" for i in range(8091)]
+    split = seeded_split(names, 42, (6000, 1000))
+    for changed in (names[1:], names + ["new.jpg"]):  # an image removed (a bad file), or one added
+        other = seeded_split(changed, 42, (6000, 1000))
+        moved = [n for n in set(names) & set(changed) if split[n] != other[n]]
+        assert len(moved) <= 2, len(moved)
+    assert seeded_split(names, 7, (6000, 1000)) != split  # the seed does choose the split
+    # no sliver of a test split: 7,001 images keep the 6:1:1 proportions, not 6000/1000/1
+    counts = Counter(seeded_split(names[:7001], 42, (6000, 1000)).values())
+    assert counts["test"] == counts["validation"] == 875
+
+
 def test_kaggle_bad_rows(tmp_path):
     root = make_kaggle(tmp_path / "kaggle", n=8)
     with open(root / "captions.txt", "a") as f:
@@ -369,3 +385,65 @@ def test_real_flickr8k_official_layout():
     assert any("2258277193_586949ec62.jpg.1" in n for n in report.notes)
     assert ("2851198725_37b6027625.jpg", "3050606344_af711c726c.jpg") in [tuple(sorted(d)) for d in report.duplicates]
     assert pairs["test"][0]["image"].size == (224, 224)
+
+
+def test_a_space_before_the_hash_still_names_the_image(official):
+    lines = token_path(official).read_text().splitlines()
+    lines[0] = lines[0].replace("#0\t", " #0\t", 1)  # '1000_abc00.jpg #0<TAB>...'
+    token_path(official).write_text("\n".join(lines) + "\n")
+    splits = load_image_caption_dataset(str(official), view="images")
+    first = [row for row in splits["train"] if row["image_id"] == _name(0)][0]
+    assert len(first["captions"]) == 5  # no phantom image '1000_abc00.jpg ' took one of them
+
+
+def test_an_unclosed_quote_in_kaggle_captions_is_reported_with_its_line(tmp_path):
+    root = make_kaggle(tmp_path / "kaggle", n=8)
+    lines = (root / "captions.txt").read_text().splitlines()
+    lines[3] = f'{_name(0)},"a caption whose quote never closes'
+    (root / "captions.txt").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DatasetFormatError, match=r"captions.txt, line 4: a double quote opened on line 4 is never "
+                                                 r"closed, so lines 4-\d+ read as one caption"):
+        load_flickr8k(root)
+
+
+def test_an_empty_split_list_is_an_error_naming_the_file(official):
+    (official / "Flickr8k_text" / "Flickr_8k.testImages.txt").write_text("")
+    with pytest.raises(DatasetFormatError, match=r"Flickr_8k.testImages.txt: lists no image.*test split would be "
+                                                 "empty"):
+        load_flickr8k(official)
+
+
+def test_hub_caption_columns_are_read_by_their_type_and_unnamed_images_are_grouped_by_their_bytes():
+    red, blue = (Image.new("RGB", (4, 4), colour) for colour in ("red", "blue"))
+    splits = lambda d: datasets.DatasetDict({"train": d, "validation": d, "test": d})  # noqa: E731
+
+    # a list-valued column named 'caption' (flickr30k style): a list per image, not its repr
+    listed = datasets.Dataset.from_dict({"image": [red, blue], "caption": [["r0", "r1"], ["b0", "b1"]]},
+                                        features=datasets.Features({"image": datasets.Image(),
+                                                                    "caption": datasets.Sequence(datasets.Value("string"))}))
+    images, _ = normalise_hub_dataset(splits(listed), "x", view="images")
+    assert images["test"]["captions"] == [["r0", "r1"], ["b0", "b1"]]
+
+    # a plain-string column named 'captions': one caption per row, not a list of characters; the images
+    # are held as bytes with no name or id column, so rows with the same image are grouped by content
+    rows = datasets.Dataset.from_dict({"image": [red, red, blue, blue], "captions": ["a dog", "a cat", "x", "y"],
+                                       "id": [0, 1, 2, 3]},  # a per-caption id: not an image id
+                                      features=datasets.Features({"image": datasets.Image(),
+                                                                  "captions": datasets.Value("string"),
+                                                                  "id": datasets.Value("int32")}))
+    images, _ = normalise_hub_dataset(splits(rows), "x", view="images")
+    assert images["test"]["captions"] == [["a dog", "a cat"], ["x", "y"]]
+    assert len(set(images["test"]["image_id"])) == 2
+
+
+def test_kaggle_captions_beside_the_official_split_lists_follow_the_lists(tmp_path):
+    root = make_kaggle(tmp_path / "kaggle", n=16)
+    text = root / "Flickr8k_text"
+    text.mkdir()
+    for file, names in (("Flickr_8k.trainImages.txt", range(0, 10)), ("Flickr_8k.devImages.txt", range(10, 13)),
+                        ("Flickr_8k.testImages.txt", range(13, 16))):
+        (text / file).write_text("".join(f"{_name(i)}\n" for i in names))
+    splits, report = load_flickr8k(root, view="images")
+    assert report.layout == "kaggle"
+    assert sorted(splits["test"]["image_id"]) == [_name(i) for i in range(13, 16)]
+    assert not any("seeded split" in note for note in report.notes)
