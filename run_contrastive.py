@@ -493,6 +493,9 @@ def main(argv=None) -> dict:
                 augmentation.set_epoch(epoch)  # before the loader exists: its workers get a copy
         loader = accelerator.prepare(make_train_loader(train_pairs, train_rows_transform, collator, data_args, train_args,
                                                        train_args.seed, epoch, topics))
+        # A prepared loader sets its sampler's epoch to its own count of iterations when iterated, 0 for this
+        # new loader: without this every epoch would replay epoch 0's batches (on one process).
+        loader.set_epoch(epoch)
         if state["step_in_epoch"]:
             loader = accelerator.skip_first_batches(loader, state["step_in_epoch"] * train_args.gradient_accumulation_steps)
         train_mode(accelerator.unwrap_model(model), freeze_batchnorm=train_args.freeze_batchnorm)

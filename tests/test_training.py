@@ -508,22 +508,40 @@ run_contrastive.main(argv)
 """
 
 
-def test_a_run_killed_mid_epoch_resumes_to_the_same_result(tiny_model_dir, tmp_path):
+def test_each_epoch_draws_new_batches(tiny_model_dir, tmp_path, monkeypatch):
+    """The prepared loader would reset its sampler to epoch 0 each epoch; the run sets the real epoch."""
+    seen = []
+
+    class Recording(run_contrastive.ContrastiveCollator):
+        def __call__(self, rows):
+            seen.append(tuple(row["image_id"] for row in rows))
+            return super().__call__(rows)
+
+    monkeypatch.setattr(run_contrastive, "ContrastiveCollator", Recording)
+    metrics = run_contrastive.main(tiny_run_args(tiny_model_dir, tmp_path / "out", "--eval_before_training", "false"))
+    per_epoch = metrics["global_step"] // 2
+    assert len(seen) == 2 * per_epoch
+    assert seen[:per_epoch] != seen[per_epoch:]  # epoch 1 is not a replay of epoch 0
+    assert sorted(seen[:per_epoch]) != sorted(seen[per_epoch:])  # other groupings of images, not just another order
+
+
+@pytest.mark.parametrize("kill_after, epoch", [(2, 0), (18, 1)])
+def test_a_run_killed_mid_epoch_resumes_to_the_same_result(tiny_model_dir, tmp_path, kill_after, epoch):
     """kill -9 right after a mid-epoch checkpoint, resume from 'latest', compare with an uninterrupted run."""
-    extra = ("--checkpointing_steps", "2", "--save_total_limit", "10", "--eval_before_training", "false")
+    extra = ("--checkpointing_steps", "2", "--save_total_limit", "20", "--eval_before_training", "false")
     reference = run_contrastive.main(tiny_run_args(tiny_model_dir, tmp_path / "reference", *extra))
 
     interrupted = tmp_path / "interrupted"
     argv = tiny_run_args(tiny_model_dir, interrupted, *extra)
     # Same thread count as this process, so both runs sum in the same order.
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(torch.get_num_threads()))
-    killed = subprocess.run([sys.executable, "-c", _KILL_AFTER_CHECKPOINT, json.dumps(argv), "2"], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=400)
+    killed = subprocess.run([sys.executable, "-c", _KILL_AFTER_CHECKPOINT, json.dumps(argv), str(kill_after)],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     checkpoints = list_checkpoints(str(interrupted))
-    assert [Path(c).name for c in checkpoints] == ["checkpoint-2"]
+    assert Path(checkpoints[-1]).name == f"checkpoint-{kill_after}"
     state = json.loads((Path(checkpoints[-1]) / "trainer_state.json").read_text())
-    assert state["step_in_epoch"] > 0, "checkpoint-2 should fall inside the first epoch"
+    assert state["epoch"] == epoch and state["step_in_epoch"] > 0, "the checkpoint should fall inside that epoch"
     assert not (interrupted / "metrics.json").exists()
 
     resumed = run_contrastive.main(argv + ["--resume_from_checkpoint", "latest"])
