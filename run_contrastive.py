@@ -11,6 +11,7 @@ the best model and export it with its processor, metrics.json and a model card.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -71,9 +72,33 @@ class SeededBatchSampler(BatchSampler):
 
 
 # ---------------------------------------------------------------------------------------- set-up
+# options that make a new model, and the config field a saved model (--model_name_or_path) keeps them in
+NEW_MODEL_OPTIONS = {"loss": "loss_type", "loss_options": "loss_kwargs", "projection_dim": "projection_dim",
+                     "projection_head": "projection_head", "projection_hidden_dim": "projection_hidden_dim",
+                     "text_pooling": "text_pooling", "image_size": "image_size", "lora_rank": "lora_rank"}
+
+
+def options_a_saved_model_ignores(model_args, config) -> list[str]:
+    """The new-model options set (away from their defaults, by --config or the command line) to other values
+    than the saved model has: a saved model keeps its own structure and loss, so they would do nothing."""
+    defaults = {f.name: f.default for f in dataclasses.fields(model_args)}
+    ignored = []
+    for option, field in NEW_MODEL_OPTIONS.items():
+        value = loss_options(model_args) if option == "loss_options" else getattr(model_args, option)
+        default = {} if option == "loss_options" else defaults[option]
+        if value != default and value != getattr(config, field, None):
+            ignored.append(f"--{option} {value!r} (the model has {field}={getattr(config, field, None)!r})")
+    return ignored
+
+
 def build_model(model_args) -> DualEncoderModel:
     if model_args.model_name_or_path:
         model = DualEncoderModel.from_pretrained(model_args.model_name_or_path)
+        ignored = options_a_saved_model_ignores(model_args, model.config)
+        if ignored:
+            raise SystemExit(f"error: --model_name_or_path {model_args.model_name_or_path} keeps the saved model's "
+                             f"structure and loss, so these options would be ignored: {'; '.join(ignored)}. Drop "
+                             "them, or build a new model from backbones (--vision_model / --text_model).")
     else:
         model = join_backbones(model_args)
     if model_args.image_flip_average is not None:

@@ -596,6 +596,20 @@ def test_a_new_run_in_an_output_dir_with_checkpoints_is_refused_unless_asked_to_
     assert [os.path.basename(p) for p in list_checkpoints(str(out))] == [os.path.basename(p) for p in earlier]
 
 
+def test_new_model_options_a_saved_model_would_ignore_are_refused_naming_them(tiny_model_dir, tmp_path):
+    with pytest.raises(SystemExit) as refused:
+        run_contrastive.main(tiny_run_args(tiny_model_dir, tmp_path / "out", "--loss", "siglip", "--projection_dim", "64"))
+    message = str(refused.value)
+    assert "--loss 'siglip' (the model has loss_type='clip')" in message
+    assert "--projection_dim 64 (the model has projection_dim=16)" in message and "build a new model" in message
+
+
+def test_logging_steps_must_be_positive(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--logging_steps", "0"])
+    assert "--logging_steps 0" in capsys.readouterr().err
+
+
 def test_an_unknown_metric_for_best_model_is_refused_before_any_work(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--metric_for_best_model", "i2t_R1"])

@@ -166,6 +166,8 @@ def parse_args(argv: Optional[list[str]] = None):
     if model_args.head_init != "random" and model_args.model_name_or_path:
         parser.error(f"--head_init {model_args.head_init} starts new heads; a model from --model_name_or_path keeps its "
                      f"trained ones (pass --head_init random, which also overrides a config file's head_init)")
+    if train_args.logging_steps < 1:
+        parser.error(f"--logging_steps {train_args.logging_steps}: log every N >= 1 steps")
     if train_args.metric_for_best_model not in BEST_MODEL_METRICS:  # before the first epoch, not after it
         parser.error(f"--metric_for_best_model {train_args.metric_for_best_model!r} is not a validation metric; "
                      f"choose one of {', '.join(BEST_MODEL_METRICS)}")

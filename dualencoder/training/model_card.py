@@ -31,18 +31,24 @@ def write_model_card(output_dir: str, *, model_config, args: tuple, metrics: dic
         "tags": ["dual-encoder", "contrastive", "image-text-retrieval"],
         "datasets": [data_args.dataset],
     }
+    # what the model is comes from its config (a --model_name_or_path run keeps the saved model's), how it
+    # was trained from the options
+    vision = model_config.vision_model_name_or_path or model_config.timm_model_name or "a ViT"
+    text_model = model_config.text_model_name_or_path or "a BERT-family encoder"
+    lora = {tower: ", LoRA" if tower in model_config.lora_towers and model_config.lora_rank else ""
+            for tower in ("vision", "text")}
     text = f"""---
 {yaml.safe_dump(header, sort_keys=False).strip()}
 ---
 
-# Dual encoder: {model_args.vision_model} + {model_args.text_model}
+# Dual encoder: {vision} + {text_model}
 
-A CLIP-style image-text dual encoder trained contrastively (loss: `{model_args.loss}`) on
+A CLIP-style image-text dual encoder trained contrastively (loss: `{model_config.loss_type}`) on
 `{data_args.dataset}`. Image and text are embedded into one {model_config.projection_dim}-d space
 (L2-normalised); similarity is a dot product.
 
-- Vision backbone: `{model_args.vision_model}` (training: {model_args.vision_train}{', LoRA' if 'vision' in model_args.lora_towers and model_args.lora_rank else ''})
-- Text backbone: `{model_args.text_model}` (training: {model_args.text_train}{', LoRA' if 'text' in model_args.lora_towers and model_args.lora_rank else ''})
+- Vision backbone: `{vision}` (training: {model_args.vision_train}{lora["vision"]})
+- Text backbone: `{text_model}` (training: {model_args.text_train}{lora["text"]})
 - Projection head: {model_config.projection_head}; text pooling: {model_config.text_pooling}
 
 ## Retrieval
