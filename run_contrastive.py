@@ -291,8 +291,11 @@ def main(argv=None) -> dict:
                            model.config.image_size)
         train_pairs = undecoded_images(train_pairs)  # the transforms read the store, by file path
         eval_views = {split: undecoded_images(view) for split, view in eval_views.items()}
+    # the random resized crop is drawn per (seed, epoch, image), not from the global RNG: a resumed run, every
+    # loader worker and every caption row of an image get the same crop (the cached-map crop below shares it)
+    crop_draw = RandomFeatureCrop(train_args.seed) if data_args.augment else None
     train_transform = ImageTransform(processor.image_processor, train=True, augment=data_args.augment,
-                                     pixel_store=pixel_store)
+                                     pixel_store=pixel_store, crop_draw=crop_draw)
     eval_transform = ImageTransform(processor.image_processor, train=False, pixel_store=pixel_store)
     collator = ContrastiveCollator(processor.tokenizer, max_length=data_args.max_length)
     model.to(accelerator.device)
@@ -354,9 +357,7 @@ def main(argv=None) -> dict:
             logger.info("vision blocks below %d are frozen: caching their output (%s); each step runs only the "
                         "blocks above.", prefix_depth,
                         "augment: random resized crops of the cached maps" if data_args.augment else "no augmentation")
-            if data_args.augment:
-                prefix_crop = RandomFeatureCrop(train_args.seed, scale=train_transform.crop_scale,
-                                                ratio=train_transform.crop_ratio)
+            prefix_crop = crop_draw  # None without augment
             caches["vision_hidden"] = load_or_compute(
                 vision_cache_file("vision-prefix", prefix_depth, train_args.prefix_cache_dtype, without_adapters=True),
                 lambda: every_image_features(encode=lambda pixels: model.vision_prefix(pixels, prefix_depth),
@@ -513,7 +514,7 @@ def main(argv=None) -> dict:
     done = state["global_step"] >= total_steps
     while not done and state["epoch"] < train_args.num_train_epochs:
         epoch = state["epoch"]
-        for augmentation in (mirror, prefix_crop):
+        for augmentation in (mirror, crop_draw):
             if augmentation is not None:
                 augmentation.set_epoch(epoch)  # before the loader exists: its workers get a copy
         loader = accelerator.prepare(make_train_loader(train_pairs, train_rows_transform, collator, data_args, train_args,

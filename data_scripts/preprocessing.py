@@ -116,9 +116,12 @@ class ImageTransform:
 
     def __init__(self, image_processor: Any, train: bool = False, augment: bool = True,
                  crop_scale: tuple[float, float] = CROP_SCALE, crop_ratio: tuple[float, float] = CROP_RATIO,
-                 pixel_store: Any = None):
+                 pixel_store: Any = None, crop_draw: Any = None):
         self.spec = ImageSpec.from_processor(image_processor)
         self.pixel_store = pixel_store
+        # an object with `window(height, width, key)` (data_scripts.feature_crop.RandomFeatureCrop): the crop of
+        # the image with that key is drawn from it, per (seed, epoch, key), instead of from the global RNG
+        self.crop_draw = crop_draw
         self.train = train
         self.augment = train and augment
         self.crop_scale = crop_scale
@@ -137,11 +140,19 @@ class ImageTransform:
             steps.append(transforms.CenterCrop(spec.crop))
         return transforms.Compose(steps)
 
-    def pixels(self, image: Any) -> torch.Tensor:
-        """One image (PIL, or a datasets ``{"bytes", "path"}`` dict) -> float tensor ``[3, H, W]``."""
+    def pixels(self, image: Any, key: Optional[str] = None) -> torch.Tensor:
+        """One image (PIL, or a datasets ``{"bytes", "path"}`` dict) -> float tensor ``[3, H, W]``.
+
+        `key` (the image id) picks the image's crop from `crop_draw` when there is one.
+        """
         stored = self.pixel_store.image(image) if self.pixel_store is not None else None
         image = stored if stored is not None else to_rgb(_as_pil(image))
-        image = self._geometry(image)
+        if self.augment and self.crop_draw is not None and key is not None:
+            top, left, height, width = self.crop_draw.window(image.height, image.width, key)
+            image = F.resized_crop(image, top, left, height, width, list(self.spec.output_size),
+                                   interpolation=self.spec.interpolation)
+        else:
+            image = self._geometry(image)
         tensor = F.pil_to_tensor(image).float() * self.spec.rescale_factor
         if self.spec.mean is not None:
             tensor = F.normalize(tensor, self.spec.mean, self.spec.std)
@@ -151,7 +162,8 @@ class ImageTransform:
         if "image" not in batch:
             return batch
         out = {key: value for key, value in batch.items() if key != "image"}
-        out["pixel_values"] = [self.pixels(image) for image in batch["image"]]
+        keys = batch.get("image_id") or [None] * len(batch["image"])
+        out["pixel_values"] = [self.pixels(image, key) for image, key in zip(batch["image"], keys)]
         return out
 
     def __repr__(self) -> str:

@@ -1,6 +1,7 @@
 """Image transforms, the collator, the unique-image batch sampler and the view conversions."""
 
 import pytest
+import numpy as np
 import torch
 from datasets import Dataset, Features, Image as ImageFeature, Value
 from PIL import Image
@@ -319,7 +320,7 @@ def test_mirrored_rows_read_the_mirrored_cache_or_get_flipped_pixels():
     assert out["vision_hidden"][0].tolist() == [1, 1] and out["vision_hidden"][1].tolist() == [0, 0]
 
     class Pixels:
-        def pixels(self, image):
+        def pixels(self, image, key=None):
             return torch.arange(3.0).expand(3, 1, 3)
 
     out = CachedFeatureTransform(Pixels(), mirror=mirror)({**batch, "image": [None, None]})
@@ -383,3 +384,21 @@ def test_transformed_rows_apply_the_batch_transform_to_the_chosen_rows_only():
     assert calls == [["b", "d"]]  # one transform call per batch, on those rows only
     loader = DataLoader(rows, batch_size=2, collate_fn=lambda batch: [r["upper"] for r in batch])
     assert list(loader) == [["Z", "X"]]
+
+
+def test_a_crop_drawn_per_image_and_epoch_ignores_the_global_rng_and_changes_each_epoch():
+    from data_scripts import RandomFeatureCrop
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8))
+    draw = RandomFeatureCrop(seed=5)
+    transform = ImageTransform(vit_processor(16), train=True, crop_draw=draw)
+    torch.manual_seed(1)
+    first = transform({"image": [image, image], "image_id": ["a", "b"]})["pixel_values"]
+    torch.manual_seed(2)  # another global RNG state: the same crops
+    again = transform({"image": [image, image], "image_id": ["a", "b"]})["pixel_values"]
+    assert all(torch.equal(x, y) for x, y in zip(first, again))
+    assert not torch.equal(first[0], first[1])  # images get their own crops
+    draw.set_epoch(1)
+    assert not torch.equal(transform({"image": [image], "image_id": ["a"]})["pixel_values"][0], first[0])
+    top, left, h, w = RandomFeatureCrop(seed=5).window(40, 60, "a")
+    assert 0.6 * 2400 - 100 <= h * w <= 2400  # the crop keeps 60-100% of the area, as the pixel crop's range

@@ -525,10 +525,12 @@ def test_each_epoch_draws_new_batches(tiny_model_dir, tmp_path, monkeypatch):
     assert sorted(seen[:per_epoch]) != sorted(seen[per_epoch:])  # other groupings of images, not just another order
 
 
-@pytest.mark.parametrize("kill_after, epoch", [(2, 0), (18, 1)])
-def test_a_run_killed_mid_epoch_resumes_to_the_same_result(tiny_model_dir, tmp_path, kill_after, epoch):
-    """kill -9 right after a mid-epoch checkpoint, resume from 'latest', compare with an uninterrupted run."""
-    extra = ("--checkpointing_steps", "2", "--save_total_limit", "20", "--eval_before_training", "false")
+@pytest.mark.parametrize("kill_after, epoch, options", [(2, 0, ()), (18, 1, ("--augment", "true"))],
+                         ids=["epoch-0", "epoch-1-augment"])
+def test_a_run_killed_mid_epoch_resumes_to_the_same_result(tiny_model_dir, tmp_path, kill_after, epoch, options):
+    """kill -9 right after a mid-epoch checkpoint, resume from 'latest', compare with an uninterrupted run
+    (the random resized crops too: they are drawn per image and epoch, not from the global RNG)."""
+    extra = ("--checkpointing_steps", "2", "--save_total_limit", "20", "--eval_before_training", "false", *options)
     reference = run_contrastive.main(tiny_run_args(tiny_model_dir, tmp_path / "reference", *extra))
 
     interrupted = tmp_path / "interrupted"

@@ -102,7 +102,8 @@ class CachedFeatureTransform:
                 maps = {i: self.prefix_crop(features, i) for i, features in maps.items()}
             out["vision_hidden"] = [maps[i] for i in batch["image_id"]]
         else:
-            out["pixel_values"] = [self.image_transform.pixels(image) for image in batch["image"]]
+            out["pixel_values"] = [self.image_transform.pixels(image, image_id)  # the image's crop, if augmenting
+                                   for image, image_id in zip(batch["image"], batch["image_id"])]
             if self.mirror is not None:
                 out["pixel_values"] = [p.flip(-1) if self._flipped(i) else p
                                        for p, i in zip(out["pixel_values"], batch["image_id"])]
