@@ -59,8 +59,12 @@ def captions_of(data: str) -> list[str]:
         return [line.split("\t", 1)[1].strip() for line in handle if "\t" in line]
 
 
-def save_random_model(architecture: str, captions: list[str], path: str) -> str:
-    """A random-init dual encoder + WordPiece tokenizer saved where run_contrastive can load both."""
+def save_random_model(architecture: str, captions: list[str], path: str, model_args=None) -> str:
+    """A random-init dual encoder + WordPiece tokenizer saved where run_contrastive can load both.
+
+    `model_args` (run_contrastive's parsed model options) give the heads, pooling, loss and LoRA, so the
+    saved model is the one the run's options describe (run_contrastive refuses options a saved model ignores).
+    """
     from transformers import BertConfig
 
     from benchmarks.throughput import minilm_like
@@ -75,9 +79,21 @@ def save_random_model(architecture: str, captions: list[str], path: str) -> str:
                       image_mean=(0.485, 0.456, 0.406), image_std=(0.229, 0.224, 0.225))
     else:
         text = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
-        vision = dict(timm_model_name="test_efficientnet", image_size=32, projection_dim=16)
+        vision = dict(timm_model_name="test_efficientnet", image_size=32)
     text.vocab_size = len(tokenizer)
-    config = DualEncoderConfig(text_config=text, text_model_name_or_path=os.path.abspath(tokenizer_dir), **vision)
+    options = {}
+    if model_args is not None:
+        from run_contrastive import loss_options
+
+        options = dict(projection_dim=model_args.projection_dim, projection_head=model_args.projection_head,
+                       projection_hidden_dim=model_args.projection_hidden_dim, text_pooling=model_args.text_pooling,
+                       loss_type=model_args.loss, loss_kwargs=loss_options(model_args),
+                       lora_rank=model_args.lora_rank, lora_towers=model_args.lora_towers if model_args.lora_rank else [],
+                       lora_vision_blocks=model_args.lora_vision_blocks, lora_text_blocks=model_args.lora_text_blocks)
+        if model_args.image_size:
+            vision["image_size"] = model_args.image_size
+    config = DualEncoderConfig(text_config=text, text_model_name_or_path=os.path.abspath(tokenizer_dir), **vision,
+                               **options)
     DualEncoderModel(config).save_pretrained(path)
     return path
 
@@ -101,8 +117,11 @@ def main(argv=None) -> dict:
     data = args.data
     if args.splits:
         data = resplit_flickr(args.data, [int(n) for n in args.splits.split(",")], workdir)
-    model_dir = save_random_model(args.architecture, captions_of(data), os.path.join(workdir, "model"))
     dataset = ["--dataset", "synthetic"] if data == "synthetic" else ["--dataset", data]
+    from dualencoder.training.arguments import parse_args
+
+    model_args = parse_args([*dataset, *passed])[0]  # the run's model options (config file + command line)
+    model_dir = save_random_model(args.architecture, captions_of(data), os.path.join(workdir, "model"), model_args)
     run_args = ["--model_name_or_path", model_dir, *dataset, "--output_dir", os.path.join(workdir, "run"),
                 "--report_to", "none", "--feature_cache_dir", "", *passed]
     started = time.time()
