@@ -138,17 +138,12 @@ def head_init_options(model_args) -> dict:
         raise SystemExit(f"error: --{error}") from None
 
 
-def join_backbones(model_args) -> DualEncoderModel:
-    loss_kwargs = loss_options(model_args)
+def new_model_fields(model_args) -> dict:
+    """The DualEncoderConfig fields the options give a new model: heads, pooling, temperature, loss, LoRA, size."""
     scale, bias = model_args.logit_scale_init_value, model_args.logit_bias_init_value
     if "siglip" in model_args.loss and bias is None:  # SigLIP's initialisation: scale 10, bias -10
         scale, bias = math.log(10.0), -10.0
-    overrides = {"image_size": model_args.image_size} if model_args.image_size else {}
-    return DualEncoderModel.from_vision_text_pretrained(
-        model_args.vision_model,
-        model_args.text_model,
-        vision_weights=model_args.vision_weights,
-        **overrides,
+    fields = dict(
         projection_dim=model_args.projection_dim,
         projection_head=model_args.projection_head,
         projection_hidden_dim=model_args.projection_hidden_dim,
@@ -157,7 +152,7 @@ def join_backbones(model_args) -> DualEncoderModel:
         logit_scale_init_value=scale,
         logit_bias_init_value=bias,
         loss_type=model_args.loss,
-        loss_kwargs=loss_kwargs,
+        loss_kwargs=loss_options(model_args),
         lora_rank=model_args.lora_rank,
         lora_alpha=model_args.lora_alpha,
         lora_dropout=model_args.lora_dropout,
@@ -165,6 +160,15 @@ def join_backbones(model_args) -> DualEncoderModel:
         lora_vision_blocks=model_args.lora_vision_blocks,
         lora_text_blocks=model_args.lora_text_blocks,
     )
+    if model_args.image_size:
+        fields["image_size"] = model_args.image_size
+    return fields
+
+
+def join_backbones(model_args) -> DualEncoderModel:
+    return DualEncoderModel.from_vision_text_pretrained(model_args.vision_model, model_args.text_model,
+                                                        vision_weights=model_args.vision_weights,
+                                                        **new_model_fields(model_args))
 
 
 def load_data(data_args, seed: int):
@@ -331,15 +335,15 @@ def main(argv=None) -> dict:
             return load_or_compute(file, lambda: every_image_features(
                 views, encode=lambda pixels: encode(pixels.flip(-1)), desc="cache mirrored", **how))
 
-        images_key = []  # the images' files (path, size, mtime) or bytes, hashed once: a changed file is a new cache
+        # the images' files (path, size, mtime) or bytes: a replaced file is a new cache
+        images_key = images_fingerprint(every_image) if train_args.feature_cache_dir else None
 
         def vision_cache_file(prefix: str, *extra, without_adapters=False):
             if not train_args.feature_cache_dir:
                 return None
             ids = sorted(i for view in every_image for i in view["image_id"])
-            images_key[:] = images_key or [images_fingerprint(every_image)]
             key = tower_fingerprint(model.vision_model, model.config.image_size, model.config.image_mean,
-                                    model.config.image_std, data_args.dataset, ids, images_key[0],
+                                    model.config.image_std, data_args.dataset, ids, images_key,
                                     data_args.pixel_store_size, *extra, without_adapters=without_adapters)
             return os.path.join(os.path.expanduser(train_args.feature_cache_dir), f"{prefix}-{key}.pt")
 

@@ -75,25 +75,17 @@ def save_random_model(architecture: str, captions: list[str], path: str, model_a
     tokenizer.save_pretrained(tokenizer_dir)
     if architecture == "offline":
         text = minilm_like()
-        vision = dict(timm_model_name="tf_efficientnet_lite0", image_size=224,
+        fields = dict(timm_model_name="tf_efficientnet_lite0", image_size=224,
                       image_mean=(0.485, 0.456, 0.406), image_std=(0.229, 0.224, 0.225))
     else:
         text = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
-        vision = dict(timm_model_name="test_efficientnet", image_size=32)
+        fields = dict(timm_model_name="test_efficientnet", image_size=32)
     text.vocab_size = len(tokenizer)
-    options = {}
     if model_args is not None:
-        from run_contrastive import loss_options
+        from run_contrastive import new_model_fields
 
-        options = dict(projection_dim=model_args.projection_dim, projection_head=model_args.projection_head,
-                       projection_hidden_dim=model_args.projection_hidden_dim, text_pooling=model_args.text_pooling,
-                       loss_type=model_args.loss, loss_kwargs=loss_options(model_args),
-                       lora_rank=model_args.lora_rank, lora_towers=model_args.lora_towers if model_args.lora_rank else [],
-                       lora_vision_blocks=model_args.lora_vision_blocks, lora_text_blocks=model_args.lora_text_blocks)
-        if model_args.image_size:
-            vision["image_size"] = model_args.image_size
-    config = DualEncoderConfig(text_config=text, text_model_name_or_path=os.path.abspath(tokenizer_dir), **vision,
-                               **options)
+        fields.update(new_model_fields(model_args))  # the run's heads, pooling, loss, LoRA (and image size, if set)
+    config = DualEncoderConfig(text_config=text, text_model_name_or_path=os.path.abspath(tokenizer_dir), **fields)
     DualEncoderModel(config).save_pretrained(path)
     return path
 

@@ -13,10 +13,10 @@ contract in doc/ARCHITECTURE.md) and turns them into tensors given the backbones
 from .collator import ContrastiveCollator, image_ids_to_tensor
 from .feature_crop import RandomFeatureCrop
 from .flickr8k import default_flickr8k_dir, load_flickr8k
-from .images import images_fingerprint
+from .images import images_fingerprint, undecoded_images
 from .loading import load_image_caption_dataset
 from .mirror import RandomMirror, images_with_sided_captions
-from .pixel_store import PixelStore, build_pixel_store, undecoded_images
+from .pixel_store import PixelStore, build_pixel_store
 from .preprocessing import ImageSpec, ImageTransform, apply_image_transforms, make_image_transform
 from .rows import TransformedRows
 from .report import DatasetFormatError, LoadReport, Problem

@@ -79,23 +79,36 @@ def check_images(
     return bad, duplicates
 
 
-def images_fingerprint(datasets) -> str:
-    """A hash of the images of the `image` columns as they are now, without decoding any.
+def undecoded_images(dataset):
+    """`dataset` with its `image` column read as `{"path", "bytes"}`, without decoding.
 
-    A file counts by its path, byte size and modification time; an image held as bytes by a hash of
-    its bytes. Caches built from pixels (the frozen-tower features, the pixel store) put it in their
-    key, so replacing an image file, or regenerating a synthetic set at another size, is never
-    answered with stale pixels.
+    datasets fully decodes an `Image` column whenever a row is read (it calls `load()`): anything that
+    only needs to know which image a row holds (a fingerprint, a pixel store lookup by path) reads it
+    this way instead. A feature change only: no data is rewritten.
     """
     from datasets import Image as ImageFeature
 
-    digest = hashlib.blake2b(digest_size=8)
+    return dataset.cast_column("image", ImageFeature(decode=False))
+
+
+def images_fingerprint(datasets) -> str:
+    """A hash of the distinct images of the `image` columns as they are now, without decoding any.
+
+    A file counts by its path, byte size and modification time; an image held as bytes by a hash of
+    its bytes; each once, in no particular order. Caches built from pixels (the frozen-tower features,
+    the pixel store) put it in their key, so replacing an image file, or regenerating a synthetic set at
+    another size, is never answered with stale pixels.
+    """
+    sources = set()
     for dataset in datasets:
-        for value in dataset.cast_column("image", ImageFeature(decode=False))["image"]:
+        for value in undecoded_images(dataset)["image"]:
             if value.get("bytes"):
-                digest.update(hashlib.blake2b(value["bytes"], digest_size=16).digest())
+                sources.add(hashlib.blake2b(value["bytes"], digest_size=16).digest())
             elif value.get("path"):
-                digest.update(file_signature(value["path"]))
+                sources.add(value["path"])
+    digest = hashlib.blake2b(digest_size=8)
+    for source in sorted(sources, key=lambda s: (isinstance(s, str), s)):
+        digest.update(file_signature(source) if isinstance(source, str) else source)
     return digest.hexdigest()
 
 

@@ -28,11 +28,10 @@ from typing import Any, Iterable, Optional
 import numpy as np
 import pyarrow as pa
 from datasets import Dataset
-from datasets import Image as ImageFeature
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .images import file_signature, open_upright, to_rgb
+from .images import images_fingerprint, open_upright, to_rgb, undecoded_images
 
 STORE_VERSION = 2  # 2: EXIF orientation applied, longer side truncated
 BATCH_ROWS = 64  # images per Arrow record batch
@@ -48,16 +47,6 @@ def image_paths(datasets: Iterable[Dataset]) -> list[str]:
             if value and value.get("path") and not value.get("bytes"):
                 seen.setdefault(value["path"], None)
     return list(seen)
-
-
-def undecoded_images(dataset: Dataset) -> Dataset:
-    """`dataset` with its `image` column read as `{"path", "bytes"}` (no decoding), for a transform with a store.
-
-    datasets fully decodes an `Image` column whenever a row is read (it calls `load()`), which is the
-    very work the store is there to save; `ImageTransform` looks the path up in the store instead.
-    A feature change only: no data is rewritten.
-    """
-    return dataset.cast_column("image", ImageFeature(decode=False))
 
 
 def shrink(path: str, size: int, resample: str = "bicubic") -> np.ndarray:
@@ -81,12 +70,10 @@ def shrink(path: str, size: int, resample: str = "bicubic") -> np.ndarray:
                       "run again.") from exc
 
 
-def store_key(paths: list[str], size: int, resample: str) -> str:
-    """A hash of what the store holds: the files (path, byte size, mtime), the size and the filter."""
-    digest = hashlib.blake2b(json.dumps([STORE_VERSION, size, resample]).encode(), digest_size=8)
-    for path in sorted(paths):
-        digest.update(file_signature(path))
-    return digest.hexdigest()
+def store_key(datasets: list[Dataset], size: int, resample: str) -> str:
+    """A hash of what the store holds: the images (files by path, byte size and mtime), the size and the filter."""
+    settings = json.dumps([STORE_VERSION, size, resample, images_fingerprint(datasets)])
+    return hashlib.blake2b(settings.encode(), digest_size=8).hexdigest()
 
 
 def build_pixel_store(datasets: Iterable[Dataset], size: int, directory: str, *, resample: str = "bicubic",
@@ -96,12 +83,13 @@ def build_pixel_store(datasets: Iterable[Dataset], size: int, directory: str, *,
         raise ValueError(f"pixel store size must be a positive number of pixels, got {size}")
     if resample not in _RESAMPLE:
         raise ValueError(f"unknown resample {resample!r}; choose one of {sorted(_RESAMPLE)}")
+    datasets = list(datasets)  # read twice: the paths, and the key
     paths = image_paths(datasets)
     if not paths:
         raise ValueError("no image of these data sets is read from a file (they embed their images as bytes), so a "
                          "pixel store has nothing to save: leave pixel_store_size at 0")
     directory = os.path.expanduser(directory)
-    file = os.path.join(directory, f"pixels-{size}px-{store_key(paths, size, resample)}.arrow")
+    file = os.path.join(directory, f"pixels-{size}px-{store_key(datasets, size, resample)}.arrow")
     if not os.path.exists(file):
         os.makedirs(directory, exist_ok=True)
         remove_dead_partials(file)
