@@ -78,7 +78,7 @@ def build_model(name: str, captions: list[str], vision: str = "offline:efficient
     return model, image_processor_from_config(config), tokenizer, described
 
 
-TIMED_METHODS = ("encode_vision", "encode_text", "get_image_features", "get_text_features")
+TIMED_METHODS = ("encode_vision", "encode_text", "project_image", "project_text")
 
 
 def time_method(model, name: str, seconds: dict, device: torch.device) -> None:
@@ -156,7 +156,7 @@ def table(result: dict) -> str:
     if flickr:
         s, n_img, n_cap = flickr["seconds"], flickr["images"], flickr["captions"]
         preprocessing = s["embed"] - sum(s.get(method, 0) for method in TIMED_METHODS)
-        heads = s.get("get_image_features", 0) + s.get("get_text_features", 0)
+        heads = s.get("project_image", 0) + s.get("project_text", 0)
         rows += [
             ["load split (rows; images decode lazily)", f"{n_img} images", fmt(s["load"], 2), ""],
             *([[f"build the pixel store ({flickr['pixel_store_size']} px; once, reused by later passes)",

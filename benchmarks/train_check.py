@@ -82,7 +82,7 @@ def save_random_model(architecture: str, captions: list[str], path: str, model_a
         fields = dict(timm_model_name="test_efficientnet", image_size=32)
     text.vocab_size = len(tokenizer)
     if model_args is not None:
-        from run_contrastive import new_model_fields
+        from dualencoder.training.model_setup import new_model_fields
 
         fields.update(new_model_fields(model_args))  # the run's heads, pooling, loss, LoRA (and image size, if set)
     config = DualEncoderConfig(text_config=text, text_model_name_or_path=os.path.abspath(tokenizer_dir), **fields)

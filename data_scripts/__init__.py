@@ -17,10 +17,10 @@ from .images import images_fingerprint, undecoded_images
 from .loading import load_image_caption_dataset
 from .mirror import RandomMirror, images_with_sided_captions
 from .pixel_store import PixelStore, build_pixel_store
-from .preprocessing import ImageSpec, ImageTransform, apply_image_transforms, make_image_transform
+from .preprocessing import ImageSpec, ImageTransform
 from .rows import TransformedRows
 from .report import DatasetFormatError, LoadReport, Problem
-from .samplers import ImageGroupBatchSampler, UniqueImageBatchSampler
+from .samplers import ImageGroupBatchSampler, SeededBatchSampler, UniqueImageBatchSampler
 from .synthetic import build_synthetic_dataset
 from .views import IMAGE_FEATURES, PAIR_FEATURES, convert_view, to_image_view, to_pair_view
 
@@ -37,9 +37,9 @@ __all__ = [
     "PixelStore",
     "RandomFeatureCrop",
     "RandomMirror",
+    "SeededBatchSampler",
     "TransformedRows",
     "UniqueImageBatchSampler",
-    "apply_image_transforms",
     "build_pixel_store",
     "build_synthetic_dataset",
     "convert_view",
@@ -49,7 +49,6 @@ __all__ = [
     "images_with_sided_captions",
     "load_flickr8k",
     "load_image_caption_dataset",
-    "make_image_transform",
     "to_image_view",
     "to_pair_view",
     "undecoded_images",

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-from datasets import DatasetDict
 from PIL import Image
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
@@ -169,20 +168,6 @@ class ImageTransform:
     def __repr__(self) -> str:
         store = f", pixel_store={self.pixel_store}" if self.pixel_store is not None else ""
         return f"ImageTransform(train={self.train}, augment={self.augment}, spec={self.spec}{store})"
-
-
-def make_image_transform(image_processor: Any, train: bool = False, augment: bool = True) -> ImageTransform:
-    """The transform for training (``train=True``: random resized crop unless ``augment=False``) or evaluation."""
-    return ImageTransform(image_processor, train=train, augment=augment)
-
-
-def apply_image_transforms(splits: DatasetDict, image_processor: Any, *, augment: bool = True,
-                           train_split: str = "train") -> DatasetDict:
-    """``with_transform`` on every split: training transform on ``train_split``, evaluation on the rest."""
-    return DatasetDict({
-        name: split.with_transform(ImageTransform(image_processor, train=name == train_split, augment=augment))
-        for name, split in splits.items()
-    })
 
 
 def _as_pil(image: Any) -> Image.Image:

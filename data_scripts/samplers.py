@@ -17,12 +17,14 @@ across processes (when features are gathered) ``image_ids`` in the loss still gu
 
 from __future__ import annotations
 
+import math
 import random
 from collections import deque
 from typing import Iterator, Mapping, Optional, Sequence, Union
 
+import torch
 from datasets import Dataset
-from torch.utils.data import Sampler
+from torch.utils.data import BatchSampler, Sampler
 
 
 class UniqueImageBatchSampler(Sampler[list[int]]):
@@ -159,3 +161,21 @@ class ImageGroupBatchSampler(Sampler[list[int]]):
         rank = {topic: r for r, topic in enumerate(order)}
         stream = iter(sorted(pool, key=lambda i: rank[self.topics[i]]))  # stable: shuffled within a topic
         return [[next(stream) for _ in range(t)] + [next(rest) for _ in range(n - t)] for n, t in zip(sizes, by_topic)]
+
+
+class SeededBatchSampler(BatchSampler):
+    """Random batches that are a function of (seed, epoch), so a resumed run sees the same order."""
+
+    def __init__(self, num_rows: int, batch_size: int, seed: int):
+        self.num_rows, self.batch_size, self.seed, self.epoch = num_rows, batch_size, seed, 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __iter__(self):
+        order = torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(self.seed * 1000 + self.epoch))
+        for start in range(0, self.num_rows, self.batch_size):
+            yield order[start:start + self.batch_size].tolist()
+
+    def __len__(self):
+        return math.ceil(self.num_rows / self.batch_size)

@@ -138,7 +138,7 @@ class CodebookLoss(nn.Module):
     ``sinkhorn_epsilon`` (0.05), ``teacher`` (False: SwAV-style targets from the student itself),
     ``ema_decay`` (0.99, teacher variant). The weight against InfoNCE is build_loss's
     ``codebook_weight``. ``gather`` (default True): balance over the global batch when running
-    distributed; ``gather_with_grad``, ``local_loss`` and ``global_ids`` are accepted for
+    distributed; ``gather_with_grad`` and ``local_loss`` are accepted for
     build_loss's shared options and have no effect (the term is per row; only Sinkhorn is global).
     ``logit_scale``, ``logit_bias`` and ``image_ids`` are not used.
     """
@@ -146,7 +146,7 @@ class CodebookLoss(nn.Module):
     def __init__(self, embed_dim: int | None = None, *, num_prototypes: int = 128, temperature: float = 0.1,
                  sinkhorn_iterations: int = 3, sinkhorn_epsilon: float = 0.05, teacher: bool = False,
                  ema_decay: float = 0.99, gather: bool = True, gather_with_grad: bool = True,
-                 local_loss: bool = False, global_ids: bool = False) -> None:
+                 local_loss: bool = False) -> None:
         super().__init__()
         if embed_dim is None:
             raise ValueError("CodebookLoss needs embed_dim, the model's projection_dim (e.g. "

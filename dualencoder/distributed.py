@@ -26,15 +26,11 @@ Image ids across processes
 --------------------------
 Losses use ``image_ids`` to avoid treating two captions of one image as negatives. The collator
 builds those ids per batch (small ints from the image-id strings), so process 0's id 3 and process
-1's id 3 are, in general, *different* images. By default (``global_ids=False``) this module
-therefore makes gathered ids distinct across processes: the pair (rank, local id) is relabelled to
-one integer, so equal ids stay equal within a process and never match another process's. The cost
-is that one image whose captions landed on two processes is treated as two images (exactly as if
-no ids were given for that pair: a false negative, never a false positive).
-
-If the ids mean the same thing on every process — e.g. made with :func:`hash_image_ids` from the
-image-id strings — pass ``global_ids=True``: they are gathered unchanged and cross-process
-duplicates become positives too.
+1's id 3 are, in general, *different* images. This module therefore makes gathered ids distinct
+across processes: the pair (rank, local id) is relabelled to one integer, so equal ids stay equal
+within a process and never match another process's. The cost is that one image whose captions
+landed on two processes is treated as two images (exactly as if no ids were given for that pair: a
+false negative, never a false positive); the samplers keep an image's captions in one batch.
 
 Every process must pass the same number of rows (all-gather needs equal shapes; Accelerate's
 default ``even_batches=True`` or ``drop_last`` guarantees it). Unequal sizes raise ``ValueError``
@@ -44,13 +40,10 @@ per call.
 
 from __future__ import annotations
 
-import hashlib
-from typing import Iterable
-
 import torch
 import torch.distributed as dist
 
-__all__ = ["world_info", "gather_features", "hash_image_ids"]
+__all__ = ["world_info", "gather_features"]
 
 
 def world_info() -> tuple[int, int]:
@@ -58,20 +51,6 @@ def world_info() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def hash_image_ids(image_ids: Iterable[str]) -> torch.Tensor:
-    """Map image-id strings to int64 ids that mean the same image on every process.
-
-    A stable hash (BLAKE2b, 63 bits so the value is non-negative), not Python's ``hash``, which is
-    salted per process. Collisions have probability about n^2 / 2^64 for n distinct images.
-    Use the result with ``global_ids=True``.
-    """
-    values = [
-        int.from_bytes(hashlib.blake2b(str(i).encode("utf-8"), digest_size=8).digest(), "little") >> 1
-        for i in image_ids
-    ]
-    return torch.tensor(values, dtype=torch.long)
 
 
 def _check_equal_sizes(n: int, device: torch.device, world_size: int) -> None:
@@ -122,7 +101,6 @@ def gather_features(
     image_ids: torch.Tensor | None = None,
     *,
     gather_with_grad: bool = True,
-    global_ids: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """All-gather embeddings (and image ids) from every process, concatenated in rank order.
 
@@ -131,8 +109,7 @@ def gather_features(
 
     ``gather_with_grad`` chooses between exact gradients (backward sums every process's share
     into each slot) and the cheaper local-slot-only gradient; see the module docstring.
-    ``global_ids=False`` (default) treats ``image_ids`` as per-process labels and relabels them so
-    no two processes share an id; ``global_ids=True`` gathers them unchanged (use hashed ids).
+    ``image_ids`` are per-process labels, relabelled so no two processes share an id.
     """
     rank, world_size = world_info()
     if world_size == 1:
@@ -153,10 +130,7 @@ def gather_features(
     ids = image_ids.to(device=image_embeds.device, dtype=torch.long).contiguous()
     id_chunks = [torch.empty_like(ids) for _ in range(world_size)]
     dist.all_gather(id_chunks, ids)
-    all_ids = torch.cat(id_chunks)
-    if not global_ids:
-        # Relabel each (rank, local id) pair to its own integer: unique pairs, no overflow even
-        # if the local ids are large (a rank * (max id + 1) offset could overflow hashed ids).
-        ranks = torch.arange(world_size, device=ids.device).repeat_interleave(ids.shape[0])
-        all_ids = torch.unique(torch.stack([ranks, all_ids], dim=1), dim=0, return_inverse=True)[1]
+    # Relabel each (rank, local id) pair to its own integer: unique pairs, whatever the ids' size.
+    ranks = torch.arange(world_size, device=ids.device).repeat_interleave(ids.shape[0])
+    all_ids = torch.unique(torch.stack([ranks, torch.cat(id_chunks)], dim=1), dim=0, return_inverse=True)[1]
     return all_image, all_text, all_ids

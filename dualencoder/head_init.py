@@ -4,7 +4,7 @@ Linear CCA on frozen pooled features is a strong floor on Flickr8k (doc/BASELINE
 spend the first epochs of contrastive training finding a map of the same kind. `cca_initialise_heads`
 fits CCA on the training pairs' pooled features and sets both heads so that, before any step, they
 compute exactly that map: the image head sends ``x`` to ``diag(rho^p) A'(x - mean_x)`` and the text
-head ``y`` to ``diag(rho^p) B'(y - mean_y)`` in the first k output dimensions (dualencoder/baselines/cca.py).
+head ``y`` to ``diag(rho^p) B'(y - mean_y)`` in the first k output dimensions (dualencoder/cca.py).
 
 The heads must be MLPs (``projection_head: mlp``): their first layer's bias centres the features,
 which a bias-free linear head cannot. An MLP ``W2 gelu(W1 x + b1)`` computes a linear map ``z = Mx + c``
@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dualencoder.baselines.cca import fit_cca
+from dualencoder.cca import fit_cca
 
 DEFAULT_CCA_OPTIONS = {"ridge": 10.0, "dims": 256, "power": 0.0}  # the linear-cca baseline's validation choice
 

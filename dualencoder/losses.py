@@ -27,9 +27,8 @@ Options shared by all losses (keyword-only):
   its share; the mean over processes (what DDP's gradient averaging amounts to) is the global loss.
   With ``gather_with_grad=True`` both settings give the same, exact gradients; ``local_loss=True``
   is just cheaper. Each process's reported loss value differs, though: average it for logging.
-* ``global_ids`` — whether ``image_ids`` mean the same image on every process (e.g. hashed with
-  :func:`dualencoder.distributed.hash_image_ids`) or are per-batch labels (default). See
-  :func:`dualencoder.distributed.gather_features`.
+* ``image_ids`` are per-batch labels; gathered, they stay distinct across processes (see
+  :func:`dualencoder.distributed.gather_features`).
 """
 
 from __future__ import annotations
@@ -90,18 +89,16 @@ class _PairLoss(nn.Module):
         gather: bool = True,
         gather_with_grad: bool = True,
         local_loss: bool = False,
-        global_ids: bool = False,
     ) -> None:
         super().__init__()
         self.gather = gather
         self.gather_with_grad = gather_with_grad
         self.local_loss = local_loss
-        self.global_ids = global_ids
 
     def extra_repr(self) -> str:
         return (
             f"gather={self.gather}, gather_with_grad={self.gather_with_grad}, "
-            f"local_loss={self.local_loss}, global_ids={self.global_ids}"
+            f"local_loss={self.local_loss}"
         )
 
     def _views(
@@ -125,7 +122,6 @@ class _PairLoss(nn.Module):
                 text_embeds,
                 image_ids,
                 gather_with_grad=self.gather_with_grad,
-                global_ids=self.global_ids,
             )
         else:
             rank, all_image, all_text, all_ids = 0, image_embeds, text_embeds, image_ids

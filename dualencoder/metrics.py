@@ -344,3 +344,42 @@ def format_metrics_table(metrics: Mapping, *, precision: int = 1) -> str:
             f"| {name} | " + " | ".join(cell(run.get(key)) for key, _ in columns) + " |"
         )
     return "\n".join(lines)
+
+
+def similarity_gap(image_embeds, text_embeds, text_to_image) -> dict:
+    """Mean similarity of aligned pairs, of all misaligned pairs, and their difference.
+
+    Exact and cheap for any size, without a similarity matrix or sampling: the sum of all
+    Ni x Nt dot products is ``(sum of image rows) . (sum of text rows)``, and the negatives are
+    that total minus the positives. A gap near 0 means the model does not separate matching from
+    non-matching pairs, whatever the absolute similarities (which drift with the temperature).
+
+    Returns ``{"pos_mean", "neg_mean", "gap"}`` as floats (gap = pos_mean - neg_mean).
+    """
+    img, txt, t2i = check_embeddings(image_embeds, text_embeds, text_to_image)
+    pos = np.einsum("nd,nd->n", txt, img[t2i])
+    total = float(img.sum(0) @ txt.sum(0))
+    n_neg = len(img) * len(txt) - len(txt)
+    pos_mean = float(pos.mean())
+    neg_mean = (total - float(pos.sum())) / n_neg
+    return {"pos_mean": pos_mean, "neg_mean": neg_mean, "gap": pos_mean - neg_mean}
+
+
+def check_embeddings(image_embeds, text_embeds, text_to_image):
+    """(images, texts, text_to_image) as float64/int64 arrays, after checking their shapes agree."""
+    img = _as_float64(image_embeds)
+    txt = _as_float64(text_embeds)
+    t2i = np.asarray(text_to_image, dtype=np.int64)
+    if img.ndim != 2 or txt.ndim != 2 or img.shape[1] != txt.shape[1]:
+        raise ValueError(f"embeddings must be [N, D] with the same D, got {img.shape} and {txt.shape}")
+    if t2i.shape != (len(txt),):
+        raise ValueError(f"text_to_image must have one entry per text ({len(txt)}), got shape {t2i.shape}")
+    if len(t2i) and (t2i.min() < 0 or t2i.max() >= len(img)):
+        raise ValueError(f"text_to_image holds indices outside 0..{len(img) - 1}")
+    if len(img) < 2:
+        raise ValueError("need at least 2 images: with one image there are no misaligned pairs")
+    return img, txt, t2i
+
+
+def _as_float64(x) -> np.ndarray:
+    return (x.detach().cpu().double().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float64))

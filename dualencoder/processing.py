@@ -11,7 +11,8 @@ from transformers import AutoImageProcessor, AutoTokenizer, PreTrainedTokenizerB
 from transformers import VisionTextDualEncoderProcessor
 from transformers.image_utils import PILImageResampling
 
-from modeling_dualencoder import DualEncoderConfig, resolve_offline
+from backbones_dualencoder import backbone_kind, hub_source
+from configuration_dualencoder import DualEncoderConfig
 
 _RESAMPLE = {
     "bicubic": PILImageResampling.BICUBIC,
@@ -28,7 +29,7 @@ def image_processor_from_config(config: DualEncoderConfig):
     recorded in the config (which came from the backbone's pretrained config) define it.
     """
     source = config.vision_model_name_or_path
-    if config.timm_model_name is None and source and not source.startswith(("offline:", "timm:")):
+    if config.timm_model_name is None and source and backbone_kind(source) == "hf":
         try:
             return AutoImageProcessor.from_pretrained(source)
         except (OSError, ValueError):
@@ -54,9 +55,7 @@ def tokenizer_from_config(config: DualEncoderConfig) -> PreTrainedTokenizerBase:
 
 def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
     """A text backbone's tokenizer from an HF id/path or an offline alias (`offline:all-minilm-l6-v2`)."""
-    if source.startswith("offline:"):
-        source = resolve_offline(source)["path"]
-    return AutoTokenizer.from_pretrained(source)
+    return AutoTokenizer.from_pretrained(hub_source(source))
 
 
 def build_processor(config: DualEncoderConfig, tokenizer: PreTrainedTokenizerBase = None) -> VisionTextDualEncoderProcessor:

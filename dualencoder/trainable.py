@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from modeling_dualencoder import tower_blocks
+from backbones_dualencoder import tower_blocks
 
 TOWERS = ("vision", "text")
 

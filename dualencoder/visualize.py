@@ -24,6 +24,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from dualencoder.metrics import check_embeddings
+
 __all__ = [
     "project_2d",
     "plot_embedding_projection",
@@ -31,7 +33,6 @@ __all__ = [
     "top_k_hits",
     "plot_text_to_image_gallery",
     "plot_image_to_text_gallery",
-    "similarity_gap",
     "sample_similarities",
     "plot_similarity_histogram",
     "plot_training_curves",
@@ -372,40 +373,6 @@ def plot_image_to_text_gallery(
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_embeds(image_embeds, text_embeds, text_to_image):
-    img = _as_numpy(image_embeds, np.float64)
-    txt = _as_numpy(text_embeds, np.float64)
-    t2i = np.asarray(text_to_image, dtype=np.int64)
-    if img.ndim != 2 or txt.ndim != 2 or img.shape[1] != txt.shape[1]:
-        raise ValueError(f"embeddings must be [N, D] with the same D, got {img.shape} and {txt.shape}")
-    if t2i.shape != (len(txt),):
-        raise ValueError(f"text_to_image must have one entry per text ({len(txt)}), got shape {t2i.shape}")
-    if len(t2i) and (t2i.min() < 0 or t2i.max() >= len(img)):
-        raise ValueError(f"text_to_image holds indices outside 0..{len(img) - 1}")
-    if len(img) < 2:
-        raise ValueError("need at least 2 images: with one image there are no misaligned pairs")
-    return img, txt, t2i
-
-
-def similarity_gap(image_embeds, text_embeds, text_to_image) -> dict:
-    """Mean similarity of aligned pairs, of all misaligned pairs, and their difference.
-
-    Exact and cheap for any size, without a similarity matrix or sampling: the sum of all
-    Ni x Nt dot products is ``(sum of image rows) . (sum of text rows)``, and the negatives are
-    that total minus the positives. A gap near 0 means the model does not separate matching from
-    non-matching pairs, whatever the absolute similarities (which drift with the temperature).
-
-    Returns ``{"pos_mean", "neg_mean", "gap"}`` as floats (gap = pos_mean - neg_mean).
-    """
-    img, txt, t2i = _check_embeds(image_embeds, text_embeds, text_to_image)
-    pos = np.einsum("nd,nd->n", txt, img[t2i])
-    total = float(img.sum(0) @ txt.sum(0))
-    n_neg = len(img) * len(txt) - len(txt)
-    pos_mean = float(pos.mean())
-    neg_mean = (total - float(pos.sum())) / n_neg
-    return {"pos_mean": pos_mean, "neg_mean": neg_mean, "gap": pos_mean - neg_mean}
-
-
 def sample_similarities(
     image_embeds, text_embeds, text_to_image, *, max_negatives: int = 100_000, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -414,7 +381,7 @@ def sample_similarities(
     Negatives are uniform random (image, text) pairs that do not match, so a histogram of a
     25k x 5k set costs ``max_negatives`` dot products instead of 125M.
     """
-    img, txt, t2i = _check_embeds(image_embeds, text_embeds, text_to_image)
+    img, txt, t2i = check_embeddings(image_embeds, text_embeds, text_to_image)
     pos = np.einsum("nd,nd->n", txt, img[t2i])
     n_neg = len(img) * len(txt) - len(txt)
     rng = np.random.default_rng(seed)

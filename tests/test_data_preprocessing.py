@@ -18,10 +18,8 @@ from data_scripts import (
     RandomMirror,
     TransformedRows,
     UniqueImageBatchSampler,
-    apply_image_transforms,
     build_synthetic_dataset,
     images_with_sided_captions,
-    make_image_transform,
     to_image_view,
     to_pair_view,
 )
@@ -70,7 +68,7 @@ def test_spec_is_read_from_the_processor():
 
 
 def test_eval_transform_normalises_with_processor_stats():
-    transform = make_image_transform(vit_processor(16), train=False)
+    transform = ImageTransform(vit_processor(16), train=False)
     out = transform({"image": [Image.new("RGB", (40, 30), (255, 255, 255))], "image_id": ["x"]})
     assert set(out) == {"pixel_values", "image_id"}
     pixels = out["pixel_values"][0]
@@ -109,8 +107,7 @@ def test_training_augmentation_crops_but_never_flips():
 
 
 def test_lazy_transform_on_a_dataset(tiny_synthetic):
-    splits = apply_image_transforms(tiny_synthetic, vit_processor(16))
-    row = splits["validation"][0]
+    row = tiny_synthetic["validation"].with_transform(ImageTransform(vit_processor(16)))[0]
     assert row["pixel_values"].shape == (3, 16, 16) and "image" not in row
     assert row["caption"] == tiny_synthetic["validation"][0]["caption"]
     assert ImageTransform(vit_processor(16))({"caption": ["x"]}) == {"caption": ["x"]}  # no image: passthrough

@@ -20,14 +20,12 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from dualencoder.distributed import gather_features, hash_image_ids, world_info
+from dualencoder.distributed import gather_features, world_info
 from dualencoder.losses import build_loss
 
 WORLD = 2
 LOCAL = 4
 GLOBAL = WORLD * LOCAL
-# Image 0 appears twice on rank 0; image 1 on both ranks: meaningful only with global ids.
-GLOBAL_IDS = [0, 1, 2, 0, 3, 1, 4, 5]
 # Per-process labels as a collator would build them; rank 1's 0 and 1 are *other* images.
 LOCAL_IDS = [[0, 1, 0, 2], [0, 1, 1, 2]]
 LOCAL_IDS_AS_GLOBAL = LOCAL_IDS[0] + [10 + i for i in LOCAL_IDS[1]]
@@ -36,12 +34,11 @@ LOCAL_IDS_AS_GLOBAL = LOCAL_IDS[0] + [10 + i for i in LOCAL_IDS[1]]
 CASES = [
     ("clip", "clip", {}, None),
     ("clip_local", "clip", {"local_loss": True}, None),
-    ("clip_global_ids", "clip", {"global_ids": True}, "global"),
     ("clip_local_ids", "clip", {"local_loss": True}, "local"),
     ("siglip", "siglip", {}, None),
-    ("siglip_local_global_ids", "siglip", {"local_loss": True, "global_ids": True}, "global"),
+    ("siglip_local_ids", "siglip", {"local_loss": True}, "local"),
     ("ntxent_local_ids", "ntxent", {}, "local"),
-    ("ntxent_local", "ntxent", {"local_loss": True, "global_ids": True}, "global"),
+    ("ntxent_local", "ntxent", {"local_loss": True}, "local"),
     ("triplet", "triplet", {"margin": 0.5}, None),
     ("triplet_local_sum", "triplet", {"margin": 0.5, "local_loss": True, "max_violation": False}, "local"),
     ("clip+triplet", "clip+triplet", {"triplet_weight": 0.5, "local_loss": True}, None),
@@ -81,9 +78,7 @@ def case_ids(which, rank=None):
     if which is None:
         return None
     if rank is None:
-        return torch.tensor(GLOBAL_IDS if which == "global" else LOCAL_IDS_AS_GLOBAL)
-    if which == "global":
-        return torch.tensor(GLOBAL_IDS[rank * LOCAL:(rank + 1) * LOCAL])
+        return torch.tensor(LOCAL_IDS_AS_GLOBAL)
     return torch.tensor(LOCAL_IDS[rank])
 
 
@@ -118,12 +113,8 @@ def _worker(rank, port, out_dir):
         x.requires_grad_()
         all_x, all_y, local_ids = gather_features(x, x * 2, torch.tensor(LOCAL_IDS[rank]))
         (all_x * torch.arange(1, GLOBAL + 1, dtype=torch.float64)[:, None]).sum().backward()
-        _, _, global_ids = gather_features(x.detach(), x.detach(), case_ids("global", rank), global_ids=True)
-        hashed = hash_image_ids([f"img{i}.jpg" for i in GLOBAL_IDS[mine]])
-        _, _, hashed_all = gather_features(x.detach(), x.detach(), hashed, global_ids=True)
         results["gather"] = {
-            "all_x": all_x.detach(), "all_y": all_y.detach(), "local_ids": local_ids,
-            "global_ids": global_ids, "hashed_ids": hashed_all, "x_grad": x.grad,
+            "all_x": all_x.detach(), "all_y": all_y.detach(), "local_ids": local_ids, "x_grad": x.grad,
         }
         try:
             gather_features(torch.zeros(LOCAL + rank, 2), torch.zeros(LOCAL + rank, 2))
@@ -233,22 +224,11 @@ def test_gather_features_ids(two_process_results):
             for j in range(GLOBAL):
                 same_rank = i // LOCAL == j // LOCAL
                 assert (local[i] == local[j]) == (same_rank and LOCAL_IDS_AS_GLOBAL[i] == LOCAL_IDS_AS_GLOBAL[j])
-        assert g["global_ids"].tolist() == GLOBAL_IDS  # global ids pass through unchanged
-        hashed = g["hashed_ids"].tolist()
-        pairs = [(i, j) for i in range(GLOBAL) for j in range(GLOBAL)]
-        assert all((hashed[i] == hashed[j]) == (GLOBAL_IDS[i] == GLOBAL_IDS[j]) for i, j in pairs)
 
 
 def test_gather_features_unequal_batches_raise_everywhere(two_process_results):
     for results in two_process_results:
         assert "same batch size" in results["unequal"]
-
-
-def test_hash_image_ids_is_stable_and_non_negative():
-    ids = hash_image_ids(["a.jpg", "b.jpg", "a.jpg"])
-    assert ids.dtype == torch.long and (ids >= 0).all()
-    assert ids[0] == ids[2] != ids[1]
-    assert ids.tolist() == hash_image_ids(["a.jpg", "b.jpg", "a.jpg"]).tolist()
 
 
 def test_gather_features_single_process_is_identity():

@@ -15,7 +15,7 @@ from threadpoolctl import threadpool_limits
 from transformers import DistilBertConfig, ViTImageProcessor
 from transformers import VisionTextDualEncoderProcessor
 
-from dualencoder.evaluation import evaluate_model, figures, report
+from dualencoder.evaluation import common, evaluate_model, figures, report
 from dualencoder.evaluation.embed import EmbeddedSplit
 from dualencoder.metrics import retrieval_metrics
 from dualencoder.processing import load_tokenizer
@@ -104,9 +104,9 @@ def test_evaluate_writes_json_and_prints_a_table(model_dir, tmp_path, capsys):
     assert "| run | I→T R@1" in printed and f"| {model_dir} |" in printed
 
     # the same numbers as embedding the split by hand through the shared code path
-    model, processor = evaluate_model.load_model(str(model_dir))
-    view = evaluate_model.load_split("synthetic", "train", 10, num_images=24, synthetic_image_size=32)
-    embedded = evaluate_model.embed(model, processor, view, show_progress=False)
+    model, processor = common.load_model(str(model_dir))
+    view = common.load_split("synthetic", "train", 10, num_images=24, synthetic_image_size=32)
+    embedded = common.embed(model, processor, view, show_progress=False)
     expected = retrieval_metrics(embedded.image_embeds, embedded.text_embeds, embedded.text_to_image)
     assert run["metrics"] == pytest.approx(expected)
 
@@ -120,8 +120,8 @@ def test_querybank_rows_score_the_split_against_another_splits_queries(model_dir
     printed = capsys.readouterr().out
     assert f"| {model_dir}, querybank train beta 5 |" in printed and "querybank train beta 20 |" in printed
     # The same numbers as QB-Norm over the two splits embedded by hand.
-    model, processor = evaluate_model.load_model(str(model_dir))
-    embedded, bank_split = (evaluate_model.embed(model, processor, evaluate_model.load_split(
+    model, processor = common.load_model(str(model_dir))
+    embedded, bank_split = (common.embed(model, processor, common.load_split(
         "synthetic", split, num_images=24, synthetic_image_size=32), show_progress=False) for split in ("test", "train"))
     assert bank["images"] == len(bank_split.image_ids) and bank["captions"] == len(bank_split.captions)
     for beta in (5.0, 20.0):
@@ -163,28 +163,29 @@ def test_a_model_dir_without_a_saved_model_is_named_before_any_data_is_loaded(tm
         evaluate_model.main(["--model_dir", str(tmp_path)])
 
 
-def test_data_options_come_from_the_model_card(tmp_path):
+def test_data_options_come_from_the_runs_training_args_json_not_from_its_card(tmp_path):
     (tmp_path / "README.md").write_text(
-        "# card\n\n## Training options\n\n```yaml\ndataset: synthetic\nmax_length: 16\nnum_images: 60\n"
-        "seed: 7\nsynthetic_image_size: 32\n```\n")
-    options = evaluate_model.data_options(str(tmp_path))
+        "# card\n\n## Training options\n\n```yaml\ndataset: synthetic\nnum_images: 999\n```\n")
+    (tmp_path / "training_args.json").write_text(json.dumps(
+        {"dataset": "synthetic", "max_length": 16, "num_images": 60, "seed": 7, "synthetic_image_size": 32}))
+    options = common.data_options(str(tmp_path))
     picked = (options["num_images"], options["synthetic_image_size"], options["seed"], options["max_length"])
     assert picked == (60, 32, 7, 16)
-    assert evaluate_model.data_options(str(tmp_path), num_images=30)["num_images"] == 30
-    other = evaluate_model.data_options(str(tmp_path), dataset="some/hub-set")
-    assert other["num_images"] == evaluate_model.DEFAULT_NUM_IMAGES and other["max_length"] == 16
-    assert evaluate_model.data_options(None)["num_images"] == evaluate_model.DEFAULT_NUM_IMAGES
-    (tmp_path / "best").mkdir()  # a run's best model has no card of its own: the run's is read
-    assert evaluate_model.data_options(str(tmp_path / "best"))["num_images"] == 60
+    assert common.data_options(str(tmp_path), num_images=30)["num_images"] == 30
+    other = common.data_options(str(tmp_path), dataset="some/hub-set")
+    assert other["num_images"] == common.DEFAULT_NUM_IMAGES and other["max_length"] == 16
+    assert common.data_options(None)["num_images"] == common.DEFAULT_NUM_IMAGES
+    (tmp_path / "best").mkdir()  # a run's best model has no options file of its own: the run's is read
+    assert common.data_options(str(tmp_path / "best"))["num_images"] == 60
 
 
 def test_a_synthetic_split_whose_num_images_is_unknown_is_evaluated_with_a_warning(tmp_path, caplog):
     caplog.set_level("WARNING")
-    assert evaluate_model.data_options("someone/hub-model")["num_images"] == evaluate_model.DEFAULT_NUM_IMAGES
+    assert common.data_options("someone/hub-model")["num_images"] == common.DEFAULT_NUM_IMAGES
     assert "someone/hub-model records no num_images" in caplog.text and "--num_images" in caplog.text
     caplog.clear()
-    evaluate_model.data_options("someone/hub-model", num_images=400)  # given: nothing to warn about
-    evaluate_model.data_options("someone/hub-model", dataset=str(tmp_path))  # not the synthetic set
+    common.data_options("someone/hub-model", num_images=400)  # given: nothing to warn about
+    common.data_options("someone/hub-model", dataset=str(tmp_path))  # not the synthetic set
     assert caplog.text == ""
 
 

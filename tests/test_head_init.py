@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from dualencoder.baselines.cca import fit_cca, project
+from dualencoder.cca import fit_cca, project
 from dualencoder.head_init import cca_initialise_heads, cca_options, set_mlp_to_linear_map
 from modeling_dualencoder import DualEncoderModel, ProjectionHead
 from tests.tiny import tiny_timm_config
@@ -52,8 +52,8 @@ def test_cca_initialised_heads_embed_exactly_as_the_linear_cca_baseline(power):
                                                           text_dim=model.text_projection.net[0].in_features, seed=1)
     expected_images, expected_texts = project(fit_cca(images, texts, 1.0), held_out_images, held_out_texts, 8, power)
     with torch.no_grad():
-        got_images = model.get_image_features(vision_pooled=held_out_images)
-        got_texts = model.get_text_features(text_pooled=held_out_texts)
+        got_images = model.project_image(held_out_images)
+        got_texts = model.project_text(held_out_texts)
     torch.testing.assert_close(got_images[:, :8], expected_images, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(got_texts[:, :8], expected_texts, atol=1e-4, rtol=1e-4)
     assert torch.equal(got_images[:, 8:], torch.zeros(50, 8))

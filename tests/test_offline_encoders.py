@@ -10,7 +10,9 @@ from PIL import Image
 from transformers import AutoProcessor
 
 from dualencoder.processing import build_processor
-from modeling_dualencoder import DualEncoderModel, load_timm_state_dict, resolve_offline
+from backbones_dualencoder import load_timm_state_dict, resolve_offline
+from dualencoder.adapters import load_adapters, save_adapters
+from modeling_dualencoder import DualEncoderModel
 
 FLICKR = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k"
 DOG_CLASSES = range(151, 269)  # ImageNet-1k indices of dog breeds
@@ -120,8 +122,8 @@ def test_an_adapters_only_copy_rebuilds_the_model_and_refuses_to_drop_trained_ba
         for name, p in model.named_parameters():
             if "lora_B" in name or "projection" in name:
                 p.normal_(std=0.05)  # trained-looking adapters and heads
-    model.save_adapters(tmp_path / "adapters")
-    rebuilt = DualEncoderModel.from_adapters(tmp_path / "adapters").eval()
+    save_adapters(model, tmp_path / "adapters")
+    rebuilt = load_adapters(tmp_path / "adapters").eval()
     pixels, ids = torch.rand(2, 3, 224, 224), torch.tensor([[101, 2000, 102], [101, 3000, 102]])
     with torch.no_grad():
         before, after = model(pixel_values=pixels, input_ids=ids), rebuilt(pixel_values=pixels, input_ids=ids)
@@ -130,7 +132,7 @@ def test_an_adapters_only_copy_rebuilds_the_model_and_refuses_to_drop_trained_ba
     model.vision_model.conv_head.weight.requires_grad_(True)  # e.g. the vision tower's top trained beside LoRA
     assert model.trained_outside_adapters() == ["vision_model.conv_head.weight"]
     with pytest.raises(ValueError, match="1 trained parameters are not adapters or heads.*conv_head.*save_pretrained"):
-        model.save_adapters(tmp_path / "lossy")
+        save_adapters(model, tmp_path / "lossy")
 
 
 def test_an_adapters_only_copy_of_a_timm_tower_with_a_weights_file_reads_that_file_again(tmp_path):
@@ -141,8 +143,8 @@ def test_an_adapters_only_copy_of_a_timm_tower_with_a_weights_file_reads_that_fi
                                                          vision_weights=str(tmp_path / "vision.pth"),
                                                          lora_rank=4, lora_towers=["text"]).eval()
     model.vision_model.requires_grad_(False)
-    model.save_adapters(tmp_path / "adapters")
-    rebuilt = DualEncoderModel.from_adapters(tmp_path / "adapters").eval()
+    save_adapters(model, tmp_path / "adapters")
+    rebuilt = load_adapters(tmp_path / "adapters").eval()
     assert rebuilt.config.vision_weights == str(tmp_path / "vision.pth")
     pixels = torch.rand(2, 3, model.config.image_size, model.config.image_size)
     with torch.no_grad():

@@ -1,6 +1,8 @@
 """The shared training step: one optimiser step per call, and a loss check that never makes the
 host wait for the GPU, read every `check_every` calls and whenever the caller asks."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from accelerate import Accelerator
@@ -10,23 +12,37 @@ from dualencoder.training.step import TrainingDiverged, TrainStep
 
 
 class Toy(torch.nn.Module):
-    """A model with the DualEncoderModel calling convention: forward(**batch, return_loss) -> .loss."""
+    """A model with the DualEncoderModel calling convention: forward(**batch) -> outputs with embeddings."""
 
     def __init__(self):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.ones(3))
 
-    def forward(self, x, scale=1.0, return_loss=True):
-        return type("Out", (), {"loss": (self.weight * x).sum() * scale})
+    def forward(self, x, scale=1.0):
+        return SimpleNamespace(image_embeds=self.weight * x, text_embeds=None, logit_scale=torch.tensor(scale),
+                               logit_bias=None)
 
 
-def make_step(check_every=1, **options):
+class ToyLoss(torch.nn.Module):
+    """A loss with the dualencoder.losses calling convention, and the optional hook after each optimiser step."""
+
+    def __init__(self, after_optimizer_step=None):
+        super().__init__()
+        if after_optimizer_step is not None:
+            self.after_optimizer_step = after_optimizer_step
+
+    def forward(self, image_embeds, text_embeds, logit_scale, logit_bias=None, image_ids=None):
+        return image_embeds.sum() * logit_scale
+
+
+def make_step(check_every=1, after_optimizer_step=None, **options):
     accelerator = Accelerator(cpu=True)
     model = Toy()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = cosine_with_warmup(optimizer, 0, 10)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    return model, TrainStep(accelerator, model, optimizer, scheduler, check_every=check_every, **options)
+    loss = ToyLoss(after_optimizer_step)
+    return model, TrainStep(accelerator, model, loss, optimizer, scheduler, check_every=check_every, **options)
 
 
 def test_a_step_updates_the_weights_with_the_extras_and_returns_the_detached_loss():
@@ -55,7 +71,7 @@ def test_check_raises_on_demand_and_stays_quiet_when_all_losses_were_finite():
         step.check()
 
 
-def test_after_optimizer_step_runs_once_per_optimiser_step():
+def test_the_loss_hook_after_each_optimiser_step_runs_once_per_step_with_the_model():
     seen = []
     model, step = make_step(after_optimizer_step=lambda m: seen.append(m))
     for _ in range(3):
@@ -90,6 +106,7 @@ def test_compiling_the_blocks_compiles_each_repeated_layer_and_keeps_the_outputs
 def test_the_temperature_is_capped_and_pulled_back_after_a_step_and_its_gradient_keeps_flowing():
     import math
 
+    from dualencoder.losses import ClipLoss
     from modeling_dualencoder import DualEncoderModel
     from tests.tiny import tiny_batch, tiny_vit_distilbert_config
 
@@ -102,7 +119,22 @@ def test_the_temperature_is_capped_and_pulled_back_after_a_step_and_its_gradient
         model.logit_scale.fill_(cap + 1.0)  # carried past the cap (e.g. by an Adam step)
     batch = tiny_batch(model.config, 4)
     assert model.get_logit_scale().item() == pytest.approx(20.0)  # read as the cap
-    TrainStep(accelerator, model, optimizer, scheduler, max_grad_norm=0)(batch)
+    TrainStep(accelerator, model, ClipLoss(), optimizer, scheduler, max_grad_norm=0)(batch)
     assert model.logit_scale.item() == pytest.approx(cap)  # the parameter itself is back at the cap
     model(**batch, return_loss=True).loss.backward()
     assert model.logit_scale.grad.item() != 0.0  # and its gradient flows there (a plain clamp gives 0 at the cap)
+
+
+@pytest.mark.parametrize("loss_type, bias", [("triplet", None), ("clip", -10.0), ("siglip", -10.0)])
+def test_every_trainable_parameter_gets_a_gradient_whatever_the_loss_ignores(loss_type, bias):
+    """DistributedDataParallel fails when a trainable parameter gets no gradient: triplet ignores the
+    temperature and CLIP the bias, so the step's loss keeps both in the graph (with a zero gradient)."""
+    from dualencoder.losses import build_loss
+    from dualencoder.training.step import batch_loss
+    from modeling_dualencoder import DualEncoderModel
+    from tests.tiny import tiny_batch, tiny_vit_distilbert_config
+
+    model = DualEncoderModel(tiny_vit_distilbert_config(logit_bias_init_value=bias))
+    batch_loss(build_loss(loss_type), model(**tiny_batch(model.config, 4))).backward()
+    missing = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []

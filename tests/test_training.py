@@ -12,6 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 import run_contrastive
+from dualencoder.training import data as training_data, model_setup
+from dualencoder.training.step import TrainingDiverged
 from data_scripts import ImageTransform, to_image_view
 from dualencoder.evaluation.embed import embed_split
 from dualencoder.losses import build_loss
@@ -76,7 +78,7 @@ def test_loss_options_without_a_space_after_the_colon_say_how_to_write_them():
     # YAML reads {margin:0.2} as a key 'margin:0.2' with no value: the error names it and the fix
     model_args, _, _ = parse_args(["--loss", "clip+triplet", "--loss_options", "{margin:0.2}"])
     with pytest.raises(SystemExit, match=r"'margin:0.2' needs a space after ':'.*\{margin: 0.2\}"):
-        run_contrastive.join_backbones(model_args)
+        model_setup.build_model(model_args)
 
 
 def test_unknown_keys_are_errors_that_name_them(tmp_path, capsys):
@@ -92,7 +94,7 @@ def test_unknown_keys_are_errors_that_name_them(tmp_path, capsys):
 def test_every_shipped_config_parses_and_builds_its_loss():
     for config in sorted((REPO / "configs").glob("*.yaml")):
         model_args, _, _ = parse_args(["--config", str(config)])
-        build_loss(model_args.loss, **run_contrastive.loss_options(model_args))  # unknown options raise
+        build_loss(model_args.loss, **model_setup.loss_options(model_args))  # unknown options raise
 
 
 def test_help_explains_the_options():
@@ -232,7 +234,7 @@ def test_batches_by_image_take_every_caption_of_each_image_in_one_step(tiny_mode
     metrics = run_contrastive.main(tiny_run_args(tiny_model_dir, tmp_path / "out", "--vision_train", "top:1",
                                                  "--freeze_batchnorm", "true", "--batch_by_image", "true",
                                                  "--captions_per_image", "0", "--per_device_train_batch_size", "4"))
-    train_images = len(set(run_contrastive.load_data(parse_args(["--dataset", "synthetic", "--num_images", "30"])[1],
+    train_images = len(set(training_data.load_data(parse_args(["--dataset", "synthetic", "--num_images", "30"])[1],
                                                      seed=42)[0]["image_id"]))
     assert metrics["global_step"] == 2 * -(-train_images // 4)  # 2 epochs of 4 images (all their captions) a step
     assert metrics["test"]["rsum"] > 0
@@ -248,7 +250,7 @@ def test_topic_batches_cluster_the_training_images_once_and_keep_the_topics_for_
     assert metrics["test"]["rsum"] > 0
     assert "topic batches:" in caplog.text and "in 3 topics" in caplog.text
     state = json.loads((Path(list_checkpoints(str(out))[-1]) / "trainer_state.json").read_text())
-    train_ids = set(run_contrastive.load_data(parse_args(["--dataset", "synthetic", "--num_images", "30"])[1],
+    train_ids = set(training_data.load_data(parse_args(["--dataset", "synthetic", "--num_images", "30"])[1],
                                               seed=42)[0]["image_id"])
     assert set(state["topics"]) == train_ids and set(state["topics"].values()) == {0, 1, 2}
     # Resumed (even with another --topic_batches), the run reads its topics from the checkpoint, clusters nothing.
@@ -267,7 +269,7 @@ def test_topic_batches_cluster_the_training_images_once_and_keep_the_topics_for_
 def test_cca_head_init_starts_training_at_the_linear_cca_map_of_the_towers_as_loaded(tmp_path, caplog):
     from accelerate.utils import set_seed
 
-    from dualencoder.baselines.cca import fit_cca, project
+    from dualencoder.cca import fit_cca, project
     from dualencoder.evaluation.embed import pooled_image_features, pooled_text_features, split_captions
 
     caplog.set_level("INFO")
@@ -284,7 +286,7 @@ def test_cca_head_init_starts_training_at_the_linear_cca_map_of_the_towers_as_lo
     model = DualEncoderModel.from_pretrained(tmp_path / "out").eval()
     # The CCA the heads must hold, fitted here on the same towers' pooled features of every training pair.
     model_args, data_args, train_args = parse_args(args)
-    train, views = run_contrastive.load_data(data_args, train_args.seed)
+    train, views = training_data.load_data(data_args, train_args.seed)
     transform = ImageTransform(build_processor(model.config).image_processor, train=False)
     tokenizer = build_processor(model.config).tokenizer
     how = dict(batch_size=16, device="cpu", show_progress=False)
@@ -302,11 +304,11 @@ def test_cca_head_init_starts_training_at_the_linear_cca_map_of_the_towers_as_lo
     x, y = torch.stack([test_images[i] for i in ids]), torch.stack([test_texts[c] for c in captions])
     expected_images, expected_texts = project(fit, x, y, 8, 1.0)
     with torch.no_grad():
-        torch.testing.assert_close(model.get_image_features(vision_pooled=x)[:, :8], expected_images, atol=1e-4, rtol=1e-3)
-        torch.testing.assert_close(model.get_text_features(text_pooled=y)[:, :8], expected_texts, atol=1e-4, rtol=1e-3)
+        torch.testing.assert_close(model.project_image(x)[:, :8], expected_images, atol=1e-4, rtol=1e-3)
+        torch.testing.assert_close(model.project_text(y)[:, :8], expected_texts, atol=1e-4, rtol=1e-3)
     # The same towers with random heads: the CCA map is what the initialisation changed.
     set_seed(train_args.seed)
-    assert not torch.allclose(run_contrastive.build_model(model_args).get_image_features(vision_pooled=x)[:, :8],
+    assert not torch.allclose(model_setup.build_model(model_args).project_image(x)[:, :8],
                               expected_images, atol=1e-2)
 
 
@@ -327,7 +329,7 @@ def test_cca_head_init_options_are_checked_before_any_work(tiny_model_dir, tmp_p
     assert parse_args(shipped + ["--head_init", "random"])[0].head_init == "random"
     model_args = parse_args(["--head_init", "cca", "--projection_head", "mlp", "--head_init_options", "{dim: 64}"])[0]
     with pytest.raises(SystemExit, match="unknown key.*dim.*expected ridge, dims, power"):
-        run_contrastive.head_init_options(model_args)
+        model_setup.head_init_options(model_args)
 
 
 def test_flip_augment_caches_the_mirrored_prefix_of_the_training_images_only(tiny_model_dir, tmp_path, caplog):
@@ -338,7 +340,7 @@ def test_flip_augment_caches_the_mirrored_prefix_of_the_training_images_only(tin
     assert "never are (a caption says left or right)" in caplog.text
     [mirrored] = cache_dir.glob("vision-prefix-mirrored-*.pt")
     [plain] = set(cache_dir.glob("vision-prefix-*.pt")) - {mirrored}
-    train_ids = set(run_contrastive.load_data(parse_args(["--dataset", "synthetic", "--num_images", "30"])[1],
+    train_ids = set(training_data.load_data(parse_args(["--dataset", "synthetic", "--num_images", "30"])[1],
                                               seed=42)[0]["image_id"])
     mirrored, plain = torch.load(mirrored), torch.load(plain)
     assert set(mirrored) == train_ids and train_ids < set(plain)
@@ -374,7 +376,7 @@ def test_image_flip_average_evaluates_on_both_views_from_the_cache_and_reports_t
     saved = DualEncoderModel.from_pretrained(tmp_path / "out")
     assert saved.config.image_flip_average  # the published model embeds images the way it was tested
     # The cached evaluation equals embedding the test images from pixels with the saved model.
-    _, eval_views = run_contrastive.load_data(parse_args(["--dataset", "synthetic", "--num_images", "30",
+    _, eval_views = training_data.load_data(parse_args(["--dataset", "synthetic", "--num_images", "30",
                                                           "--synthetic_image_size", "32"])[1], seed=42)
     processor = build_processor(saved.config)
     from_pixels = embed_split(saved, eval_views["test"], ImageTransform(processor.image_processor), processor.tokenizer,
@@ -389,7 +391,7 @@ def test_querybank_metrics_use_the_training_split_as_the_bank_and_match_embeddin
     metrics = run_contrastive.main(tiny_run_args(tiny_model_dir, tmp_path / "out", *args))
     [mirrored] = cache_dir.glob("vision-prefix-mirrored-*.pt")
     assert len(torch.load(mirrored)) == 30  # no flip_augment, yet the bank's training images are averaged too
-    train_pairs, eval_views = run_contrastive.load_data(parse_args(["--dataset", "synthetic", "--num_images", "30",
+    train_pairs, eval_views = training_data.load_data(parse_args(["--dataset", "synthetic", "--num_images", "30",
                                                                     "--synthetic_image_size", "32"])[1], seed=42)
     assert metrics["querybank"] == {"beta": 10.0, "bank": "train", "images": len(set(train_pairs["image_id"])),
                                     "captions": len(train_pairs), "seconds": metrics["querybank"]["seconds"]}
@@ -445,7 +447,7 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_saves_nothing(tiny_model_d
     from dualencoder import losses
 
     monkeypatch.setattr(losses.ClipLoss, "forward", lambda self, *a, **k: torch.tensor(float("nan"), requires_grad=True))
-    with pytest.raises(run_contrastive.TrainingDiverged, match="step 1"):
+    with pytest.raises(TrainingDiverged, match="step 1"):
         run_contrastive.main(tiny_run_args(tiny_model_dir, tmp_path / "out", "--eval_before_training", "false"))
     assert list_checkpoints(str(tmp_path / "out")) == []
 
@@ -512,12 +514,12 @@ def test_each_epoch_draws_new_batches(tiny_model_dir, tmp_path, monkeypatch):
     """The prepared loader would reset its sampler to epoch 0 each epoch; the run sets the real epoch."""
     seen = []
 
-    class Recording(run_contrastive.ContrastiveCollator):
+    class Recording(training_data.ContrastiveCollator):
         def __call__(self, rows):
             seen.append(tuple(row["image_id"] for row in rows))
             return super().__call__(rows)
 
-    monkeypatch.setattr(run_contrastive, "ContrastiveCollator", Recording)
+    monkeypatch.setattr(training_data, "ContrastiveCollator", Recording)
     metrics = run_contrastive.main(tiny_run_args(tiny_model_dir, tmp_path / "out", "--eval_before_training", "false"))
     per_epoch = metrics["global_step"] // 2
     assert len(seen) == 2 * per_epoch
@@ -599,10 +601,11 @@ def test_a_new_run_in_an_output_dir_with_checkpoints_is_refused_unless_asked_to_
 
 
 def test_new_model_options_a_saved_model_would_ignore_are_refused_naming_them(tiny_model_dir, tmp_path):
+    """(Every such option: tests/test_model_setup.py.) The loss is not part of a model, so it is not refused."""
     with pytest.raises(SystemExit) as refused:
         run_contrastive.main(tiny_run_args(tiny_model_dir, tmp_path / "out", "--loss", "siglip", "--projection_dim", "64"))
     message = str(refused.value)
-    assert "--loss 'siglip' (the model has loss_type='clip')" in message
+    assert "--loss" not in message
     assert "--projection_dim 64 (the model has projection_dim=16)" in message and "build a new model" in message
 
 

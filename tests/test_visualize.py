@@ -16,9 +16,9 @@ from dualencoder.visualize import (
     plot_training_curves,
     project_2d,
     sample_similarities,
-    similarity_gap,
     top_k_hits,
 )
+from dualencoder.metrics import similarity_gap
 
 
 def png_size(path):

@@ -33,11 +33,11 @@ def main():
         states = pooled_text_features(model, captions, tokenizer, max_length=data_args.max_length, batch_size=256,
                                       device="cpu", prefix_depth=text_depth, show_progress=False)
         text_pooled = pooled_from_text_prefix(model, states, captions, text_depth, batch_size=256, device="cpu")
-        texts = model.get_text_features(text_pooled=torch.stack([text_pooled[c] for c in captions]))
-        one = model.get_image_features(vision_pooled=pooled[0])
+        texts = model.project_text(torch.stack([text_pooled[c] for c in captions]))
+        one = model.project_image(pooled[0])
         ways = {"one view": one,
-                "mean of pooled features": model.get_image_features(vision_pooled=(pooled[0] + pooled[1]) / 2),
-                "mean of embeddings": F.normalize(one + model.get_image_features(vision_pooled=pooled[1]), dim=-1)}
+                "mean of pooled features": model.project_image((pooled[0] + pooled[1]) / 2),
+                "mean of embeddings": F.normalize(one + model.project_image(pooled[1]), dim=-1)}
     for name, images in ways.items():
         r = retrieval_metrics(images, texts, text_to_image)
         print(f"{name}: i2t {r['i2t_r1']:.1f}/{r['i2t_r5']:.1f}/{r['i2t_r10']:.1f} "

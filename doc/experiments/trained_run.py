@@ -35,14 +35,14 @@ class TrainedRun:
 
 
 def load_trained_run(run: str, config: str) -> TrainedRun:
-    import run_contrastive
     from dualencoder.processing import build_processor
     from dualencoder.trainable import frozen_prefix_depth, set_tower_trainable
     from dualencoder.training.arguments import parse_args
+    from dualencoder.training.data import load_data
     from modeling_dualencoder import DualEncoderModel
 
     model_args, data_args, _ = parse_args(["--config", config])
-    train_pairs, views = run_contrastive.load_data(data_args, 42)
+    train_pairs, views = load_data(data_args, 42)
     model = DualEncoderModel.from_pretrained(run).eval()
     for tower, mode in (("vision", model_args.vision_train), ("text", model_args.text_train)):
         set_tower_trainable(model, tower, mode)  # only to read the prefix depths the run used

@@ -31,7 +31,8 @@ from dualencoder.baselines import (
     evaluate,
     load_features,
 )
-from dualencoder.baselines.features import DEFAULT_TEXT, DEFAULT_VISION, feature_key
+from backbones_dualencoder import OFFLINE_TEXT, OFFLINE_VISION
+from dualencoder.baselines.features import feature_key
 from dualencoder.metrics import format_metrics_table
 
 logger = logging.getLogger("dualencoder.baselines.compare")
@@ -44,8 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--json", default=None, help="JSON results (default: --out with .json)")
     parser.add_argument("--main_runs", nargs="*", default=[], help="run_contrastive output dirs to add as rows")
     parser.add_argument("--baselines", nargs="*", default=list(BASELINES), choices=list(BASELINES))
-    parser.add_argument("--vision_model", default=DEFAULT_VISION)
-    parser.add_argument("--text_model", default=DEFAULT_TEXT)
+    parser.add_argument("--vision_model", default=OFFLINE_VISION)
+    parser.add_argument("--text_model", default=OFFLINE_TEXT)
     parser.add_argument("--image_size", type=int, default=None, help="default: the vision backbone's own (224 for EfficientNet-Lite0, 260 for Lite2)")
     parser.add_argument("--max_length", type=int, default=64)
     parser.add_argument("--cache_dir", default=None, help="feature cache root (default ~/.cache/dualencoder/features)")
@@ -246,5 +247,11 @@ def main(argv=None) -> dict:
     return results
 
 
-if __name__ == "__main__":
+
+def cli() -> None:
+    """The console entry point (`pyproject.toml`): `main` returns its results, which a shell does not want."""
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from dualencoder.baselines.base import TrainedBaseline, TrainOptions, mlp
-from dualencoder.baselines.cca import fit_cca
+from dualencoder.cca import fit_cca
 
 
 def _inverse_sqrt(cov: torch.Tensor) -> torch.Tensor:

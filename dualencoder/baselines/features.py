@@ -27,10 +27,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from backbones_dualencoder import OFFLINE_TEXT, OFFLINE_VISION
+
 logger = logging.getLogger(__name__)
 
-DEFAULT_VISION = "offline:efficientnet-lite0"
-DEFAULT_TEXT = "offline:all-minilm-l6-v2"
 SPLITS = ("train", "validation", "test")
 
 
@@ -90,7 +90,7 @@ class SplitFeatures:
                    names["captions"], seconds)
 
 
-def feature_key(data_dir, vision: str = DEFAULT_VISION, text: str = DEFAULT_TEXT, *, image_size: int | None = None,
+def feature_key(data_dir, vision: str = OFFLINE_VISION, text: str = OFFLINE_TEXT, *, image_size: int | None = None,
                 max_length: int = 64) -> str:
     """A readable, unique directory name for one (data, backbones, preprocessing) combination."""
     spec = {"data": str(Path(data_dir).expanduser().resolve()), "vision": vision, "text": text,
@@ -123,7 +123,7 @@ def extract_split_features(model, processor, images_view, *, max_length: int = 6
     )
 
 
-def load_features(data_dir, splits=SPLITS, *, vision: str = DEFAULT_VISION, text: str = DEFAULT_TEXT,
+def load_features(data_dir, splits=SPLITS, *, vision: str = OFFLINE_VISION, text: str = OFFLINE_TEXT,
                   image_size: int | None = None, max_length: int = 64, batch_size: int = 32,
                   cache_root=None, device="cpu", show_progress: bool = True) -> dict[str, SplitFeatures]:
     """Features of each split of ``data_dir``, extracted on first use and read from the cache after.

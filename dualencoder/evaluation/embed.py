@@ -73,7 +73,7 @@ def pooled_from_prefix(model, hidden: dict, image_ids: list, depth: int, *, batc
     model.eval()
 
     def suffix(views: dict, label: str) -> torch.Tensor:
-        return _project(lambda vision_hidden: model.vision_suffix(vision_hidden.float(), depth), "vision_hidden",
+        return _project(lambda vision_hidden: model.vision_suffix(vision_hidden.float(), depth),
                         [views[i] for i in image_ids], batch_size, device, desc=label, show_progress=show_progress)
 
     if model.config.image_flip_average and mirrored is None:
@@ -151,18 +151,15 @@ def embed_split(model, images_view, image_transform, tokenizer, *, max_length: i
             vision_cache = pooled_image_features(model, images_view, image_transform, **common)
         if text_cache is None:
             text_cache = pooled_text_features(model, captions, tokenizer, max_length=max_length, **common)
-        image_embeds = _project(model.get_image_features, "vision_pooled", [vision_cache[i] for i in image_ids],
-                                batch_size, device)
-        text_embeds = _project(model.get_text_features, "text_pooled", [text_cache[c] for c in captions],
-                               batch_size, device)
+        image_embeds = _project(model.project_image, [vision_cache[i] for i in image_ids], batch_size, device)
+        text_embeds = _project(model.project_text, [text_cache[c] for c in captions], batch_size, device)
     model.train(was_training)
     return EmbeddedSplit(image_embeds, text_embeds, text_to_image, image_ids, captions)
 
 
-def _project(get_features, argument: str, pooled: list, batch_size: int, device, desc: Optional[str] = None,
+def _project(get_features, pooled: list, batch_size: int, device, desc: Optional[str] = None,
              show_progress: bool = False) -> torch.Tensor:
     """Run `get_features` (a projection head, or a tower's top) over cached features in batches; float32 on CPU."""
     starts = tqdm(range(0, len(pooled), batch_size), desc=desc, disable=not show_progress, leave=False)
-    chunks = [get_features(**{argument: torch.stack(pooled[start:start + batch_size]).to(device)}).float().cpu()
-              for start in starts]
+    chunks = [get_features(torch.stack(pooled[start:start + batch_size]).to(device)).float().cpu() for start in starts]
     return torch.cat(chunks)

@@ -9,8 +9,8 @@ by default the backbones named in the model's config, else the offline pair. The
 markdown table (`format_metrics_table`) and writes the metrics, the similarity gap and the split
 sizes as JSON.
 
-The helpers here (loading a model or the zero-shot pair, loading a split, embedding it) are what
-the figures command, the qualitative report and the demo notebook use too.
+The helpers it shares with the figures and report commands and the notebook (loading a model or the
+zero-shot pair, a split, embedding it) are in `dualencoder/evaluation/common.py`.
 """
 
 from __future__ import annotations
@@ -18,212 +18,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional
 
-import torch
-from transformers import AutoProcessor
-
-from data_scripts import ImageTransform, load_image_caption_dataset
-from data_scripts.synthetic import DEFAULT_JOB_IMAGE_SIZE, DEFAULT_JOB_NUM_IMAGES
-from dualencoder.devices import pick_device
-from dualencoder.evaluation.embed import EmbeddedSplit, embed_split
+from dualencoder.evaluation.common import (add_data_arguments, add_zero_shot_arguments, data_options, describe, embed,
+                                           load_model, load_split, load_trained_config, load_zero_shot,
+                                           zero_shot_backbones)
 from dualencoder.metrics import format_metrics_table
-from dualencoder.processing import build_processor
 from dualencoder.querybank import querybank_metrics
-from dualencoder.visualize import similarity_gap
-from modeling_dualencoder import DualEncoderConfig, DualEncoderModel
 
 logger = logging.getLogger(__name__)
-
-OFFLINE_VISION = "offline:efficientnet-lite0"
-OFFLINE_TEXT = "offline:all-minilm-l6-v2"
-# The training command's defaults (run_contrastive.py), used when the model dir does not say.
-DEFAULT_NUM_IMAGES = DEFAULT_JOB_NUM_IMAGES  # the default job's synthetic set
-DEFAULT_SYNTHETIC_IMAGE_SIZE = DEFAULT_JOB_IMAGE_SIZE
-DEFAULT_MAX_LENGTH = 32
-DEFAULT_SEED = 42
-# Config fields that shape the projection heads: the zero-shot pair copies them from the trained model.
-_HEAD_FIELDS = ("projection_dim", "projection_head", "projection_hidden_dim", "text_pooling", "vision_pooling")
-
-
-# ----------------------------------------------------------------------------------------- models
-def load_model(name_or_path: str, device: Optional[str] = None):
-    """A saved model and its processor (a directory from `run_contrastive.py`, or a Hub id)."""
-    model = DualEncoderModel.from_pretrained(name_or_path).to(pick_device(device)).eval()
-    processor = AutoProcessor.from_pretrained(name_or_path)
-    return model, processor
-
-
-def load_trained_config(model_dir: str) -> DualEncoderConfig:
-    """The config of a saved model (a local directory or a Hub id), with an error that says what is wrong."""
-    local = Path(model_dir)
-    if local.exists() and not (local / "config.json").is_file():
-        hint = (f" (a run's exported model is its output_dir, or {local / 'best'})" if (local / "best").is_dir()
-                else " (a run writes it at the end: is the run finished?)")
-        raise SystemExit(f"--model_dir {model_dir}: no config.json there, so it holds no saved model{hint}")
-    try:
-        return DualEncoderConfig.from_pretrained(model_dir)
-    except OSError as exc:
-        raise SystemExit(f"--model_dir {model_dir}: not a local model directory, and loading it as a Hub id failed "
-                         f"({exc.__class__.__name__}: {str(exc).splitlines()[0]})") from exc
-
-
-def zero_shot_backbones(config=None, vision_model: Optional[str] = None, text_model: Optional[str] = None):
-    """Backbones of the zero-shot baseline: the given ones, else the trained config's, else the offline pair."""
-    vision = vision_model or getattr(config, "vision_model_name_or_path", None) or OFFLINE_VISION
-    text = text_model or getattr(config, "text_model_name_or_path", None) or OFFLINE_TEXT
-    return vision, text
-
-
-def load_zero_shot(vision_model: str = OFFLINE_VISION, text_model: str = OFFLINE_TEXT, device: Optional[str] = None,
-                   like=None, seed: int = 0):
-    """The untrained joined model (pretrained backbones, fresh projection heads) and its processor.
-
-    `like`: a trained model's config whose head shape (projection dim/kind, pooling), and input
-    resolution when the vision backbone is the same, the baseline copies, so "before" and "after"
-    differ only by training. `seed` fixes the random heads.
-    """
-    overrides = {name: getattr(like, name) for name in _HEAD_FIELDS if like is not None and hasattr(like, name)}
-    if like is not None and getattr(like, "vision_model_name_or_path", None) == vision_model:
-        overrides["image_size"] = like.image_size  # same backbone: same input resolution as the trained model
-    torch.manual_seed(seed)
-    model = DualEncoderModel.from_vision_text_pretrained(vision_model, text_model, **overrides)
-    return model.to(pick_device(device)).eval(), build_processor(model.config)
-
-
-# ------------------------------------------------------------------------------------------- data
-def training_options(model_dir: Optional[str]) -> dict:
-    """The "Training options" the model card of a local run directory records ({} when there are none).
-
-    A run's `best/` folder (and its `checkpoint-<step>` folders) have no card of their own: the run's
-    card, one folder up, is read for them.
-    """
-    if not model_dir:
-        return {}
-    card = Path(model_dir) / "README.md"
-    if not card.is_file() and re.fullmatch(r"best|checkpoint-\d+", Path(model_dir).name):
-        card = Path(model_dir).parent / "README.md"
-    if not card.is_file():
-        return {}
-    match = re.search(r"## Training options\s*```yaml\n(.*?)```", card.read_text(encoding="utf-8"), re.S)
-    if not match:
-        return {}
-    import yaml
-
-    try:
-        options = yaml.safe_load(match.group(1))
-    except yaml.YAMLError:
-        return {}
-    return options if isinstance(options, dict) else {}
-
-
-def data_options(model_dir: Optional[str] = None, /, *, dataset: str = "synthetic", split: str = "test",
-                 max_images: Optional[int] = None, num_images: Optional[int] = None,
-                 synthetic_image_size: Optional[int] = None, seed: Optional[int] = None,
-                 max_length: Optional[int] = None, **_) -> dict:
-    """The data options, the unset ones (None) filled from the run's model card, then the training defaults.
-
-    For the synthetic set this matters: image i is the same picture whatever `num_images` is, but
-    the split boundaries move with it, so only the training run's `num_images` gives its test split.
-    Takes the command's parsed arguments as `data_options(args.model_dir, **vars(args))`.
-    """
-    card = training_options(model_dir)
-    same_data = card.get("dataset") == dataset
-
-    def pick(value, name, default, needs_same_data=True):
-        if value is not None:
-            return value
-        if name in card and (same_data or not needs_same_data):
-            return card[name]
-        return default
-
-    if dataset == "synthetic" and num_images is None and not (same_data and "num_images" in card):
-        logger.warning("%s records no num_images for the synthetic set (no local model card from its run), so "
-                       "%d is assumed. The split boundaries move with num_images: if the model was trained with "
-                       "another value, this split may hold its training images. Pass --num_images as in training.",
-                       model_dir or "this evaluation", DEFAULT_NUM_IMAGES)
-    return {
-        "dataset": dataset,
-        "split": split,
-        "max_images": max_images,
-        "num_images": pick(num_images, "num_images", DEFAULT_NUM_IMAGES),
-        "synthetic_image_size": pick(synthetic_image_size, "synthetic_image_size", DEFAULT_SYNTHETIC_IMAGE_SIZE),
-        "seed": pick(seed, "seed", DEFAULT_SEED, needs_same_data=False),
-        "max_length": pick(max_length, "max_length", DEFAULT_MAX_LENGTH, needs_same_data=False),
-    }
-
-
-def load_split(dataset: str = "synthetic", split: str = "test", max_images: Optional[int] = None, *,
-               num_images: int = DEFAULT_NUM_IMAGES, synthetic_image_size: int = DEFAULT_SYNTHETIC_IMAGE_SIZE,
-               seed: int = DEFAULT_SEED, **_):
-    """One split in the image view (`image`, `image_id`, `captions`), cut to its first `max_images` images."""
-    kwargs = dict(num_images=num_images, image_size=synthetic_image_size) if dataset == "synthetic" else {}
-    splits = load_image_caption_dataset(dataset, view="images", seed=seed, **kwargs)
-    if split not in splits:
-        raise ValueError(f"{dataset} has no split {split!r}; it has {sorted(splits)}")
-    view = splits[split]
-    if max_images:
-        view = view.select(range(min(max_images, len(view))))
-    return view
-
-
-class LazyImages(Sequence):
-    """The images of a split as a sequence, decoded only when asked for (galleries and grids show a few)."""
-
-    def __init__(self, view):
-        self.view = view
-
-    def __len__(self):
-        return len(self.view)
-
-    def __getitem__(self, index):
-        return self.view[int(index)]["image"]
-
-
-def embed(model, processor, view, *, max_length: int = DEFAULT_MAX_LENGTH, batch_size: int = 32,
-          show_progress: bool = True) -> EmbeddedSplit:
-    """Embed a split's images and captions with `embed_split` (evaluation transform of the processor)."""
-    transform = ImageTransform(processor.image_processor, train=False)
-    return embed_split(model, view, transform, processor.tokenizer, max_length=max_length, batch_size=batch_size,
-                       show_progress=show_progress)
-
-
-def describe(embedded: EmbeddedSplit) -> dict:
-    """Retrieval metrics and the similarity gap (mean aligned - mean misaligned cosine) of one embedding."""
-    return {"metrics": embedded.metrics(),
-            "similarity": similarity_gap(embedded.image_embeds, embedded.text_embeds, embedded.text_to_image)}
-
-
-# ---------------------------------------------------------------------------------------- command
-def add_data_arguments(parser: argparse.ArgumentParser, max_images: Optional[int] = None) -> None:
-    """Options shared by the evaluate, figures and report commands."""
-    data = parser.add_argument_group("data")
-    data.add_argument("--dataset", default="synthetic",
-                      help="'synthetic', a Flickr8k directory (official/Kaggle/Karpathy layout), or a Hub id")
-    data.add_argument("--split", default="test", help="train | validation | test (default: test)")
-    data.add_argument("--max_images", type=int, default=max_images,
-                      help=f"evaluate the first N images of the split only (default: {max_images or 'all'})")
-    data.add_argument("--num_images", type=int, default=None,
-                      help="synthetic only: size of the generated set (default: the run's, else "
-                           f"{DEFAULT_NUM_IMAGES}); it decides where the test split starts")
-    data.add_argument("--synthetic_image_size", type=int, default=None,
-                      help=f"synthetic only: image size (default: the run's, else {DEFAULT_SYNTHETIC_IMAGE_SIZE})")
-    data.add_argument("--seed", type=int, default=None, help=f"data seed (default: the run's, else {DEFAULT_SEED})")
-    data.add_argument("--max_length", type=int, default=None,
-                      help=f"tokens per caption (default: the run's, else {DEFAULT_MAX_LENGTH})")
-    run = parser.add_argument_group("compute")
-    run.add_argument("--batch_size", type=int, default=32, help="images/captions embedded per batch")
-    run.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 ...")
-
-
-def add_zero_shot_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--vision_model", default=None,
-                        help="zero-shot vision backbone (default: the model's, else offline:efficientnet-lite0)")
-    parser.add_argument("--text_model", default=None,
-                        help="zero-shot text backbone (default: the model's, else offline:all-minilm-l6-v2)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -324,5 +127,11 @@ def main(argv=None) -> dict:
     return output
 
 
-if __name__ == "__main__":
+
+def cli() -> None:
+    """The console entry point (`pyproject.toml`): `main` returns its results, which a shell does not want."""
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from dualencoder.evaluation.embed import EmbeddedSplit
-from dualencoder.evaluation.evaluate_model import (
+from dualencoder.evaluation.common import (
     LazyImages,
     add_data_arguments,
     data_options,
@@ -225,5 +225,11 @@ def main(argv=None) -> dict:
     return result
 
 
-if __name__ == "__main__":
+
+def cli() -> None:
+    """The console entry point (`pyproject.toml`): `main` returns its results, which a shell does not want."""
     main()
+
+
+if __name__ == "__main__":
+    cli()

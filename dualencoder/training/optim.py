@@ -9,8 +9,10 @@ from torch.optim.lr_scheduler import LambdaLR
 
 
 def parameter_groups(model, *, backbone_lr: float, lora_lr: float, head_lr: float, scale_lr: float,
-                     weight_decay: float, vision_backbone_lr: float | None = None) -> list[dict]:
+                     weight_decay: float, vision_backbone_lr: float | None = None, loss=None) -> list[dict]:
     """Split trainable parameters into backbone / LoRA / heads / temperature groups.
+
+    The loss lives outside the model; its own parameters (a codebook's prototypes) join the heads.
 
     `vision_backbone_lr` (default: `backbone_lr`) gives the vision tower's own weights their own
     rate: the few top blocks of a small CNN tuned from a cache want a larger step than a
@@ -18,7 +20,8 @@ def parameter_groups(model, *, backbone_lr: float, lora_lr: float, head_lr: floa
     weight decay (decaying the temperature would pull it towards 1, i.e. towards a very soft softmax).
     """
     groups = {}
-    for name, param in model.named_parameters():
+    loss_parameters = [(f"loss_fn.{name}", param) for name, param in loss.named_parameters()] if loss is not None else []
+    for name, param in [*model.named_parameters(), *loss_parameters]:
         if not param.requires_grad:
             continue
         if name.startswith(("logit_scale", "logit_bias")):

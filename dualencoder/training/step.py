@@ -1,6 +1,9 @@
 """One optimiser step of the contrastive loop, shared by run_contrastive.py and the benchmarks.
 
-A step is forward, backward, gradient clipping, then the optimiser and scheduler steps. It never
+A step is forward, the loss on the model's outputs, backward, gradient clipping, then the optimiser
+and scheduler steps. The loss lives outside the model, as in open_clip: the model embeds, the loss
+(`dualencoder.losses`) scores the embeddings, so a loss with parameters of its own (a codebook) is a
+module the optimiser is given explicitly, and any loss trains any saved model. A step never
 waits for the GPU. Reading a loss's value on the host (`loss.item()`, `if not torch.isfinite(loss)`)
 blocks the host until the GPU has finished the forward pass, so the host cannot queue the next
 kernels while the GPU works. Instead each step folds "was this loss finite?" into a flag that stays
@@ -11,7 +14,7 @@ nothing, so there the caller checks every step.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -20,21 +23,35 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
+def batch_loss(loss_fn, outputs, image_ids=None) -> torch.Tensor:
+    """`loss_fn` (a `dualencoder.losses` loss) on a `DualEncoderOutput`: its embeddings, temperature and bias.
+
+    A loss may ignore the temperature (triplet) or the bias (CLIP). Both stay in the graph with a zero
+    gradient: DistributedDataParallel fails on a trainable parameter that gets no gradient at all.
+    """
+    loss = loss_fn(outputs.image_embeds, outputs.text_embeds, outputs.logit_scale, logit_bias=outputs.logit_bias,
+                   image_ids=image_ids)
+    scalars = [t for t in (outputs.logit_scale, outputs.logit_bias) if t is not None and t.requires_grad]
+    return loss + 0.0 * sum(t.sum() for t in scalars)
+
+
 class TrainStep:
     """`step(batch)` runs one step and returns the loss (detached, still on the device).
 
-    `extras` are keyword arguments every forward gets (e.g. which block a cached prefix ends at).
-    `after_optimizer_step(model)` runs after each real optimiser step (e.g. an EMA teacher update).
+    `loss_fn` scores the model's outputs (`batch_loss`); `extras` are keyword arguments every forward
+    gets (e.g. which block a cached prefix ends at). After each real optimiser step the loss's own
+    `after_optimizer_step(model)` runs, when it has one (e.g. an EMA teacher update).
     `diverged_hint` ends the error message raised when a loss was not finite. `global_step` is the
     number of optimiser steps already taken (a resumed run's), so errors name the run's own step.
     """
 
-    def __init__(self, accelerator, model, optimizer, scheduler, *, max_grad_norm: float = 1.0,
-                 extras: Optional[dict] = None, after_optimizer_step: Optional[Callable] = None,
-                 check_every: int = 0, diverged_hint: str = "", global_step: int = 0):
-        self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
+    def __init__(self, accelerator, model, loss_fn, optimizer, scheduler, *, max_grad_norm: float = 1.0,
+                 extras: Optional[dict] = None, check_every: int = 0, diverged_hint: str = "", global_step: int = 0):
+        self.accelerator, self.model, self.loss_fn = accelerator, model, loss_fn
+        self.optimizer, self.scheduler = optimizer, scheduler
         self.max_grad_norm, self.extras = max_grad_norm, dict(extras or {})
-        self.after_optimizer_step, self.diverged_hint = after_optimizer_step, diverged_hint
+        self.after_optimizer_step = getattr(accelerator.unwrap_model(loss_fn), "after_optimizer_step", None)
+        self.diverged_hint = diverged_hint
         self.check_every = check_every  # 0: only when the caller calls check()
         self.global_step = global_step  # optimiser steps taken
         self.calls = 0  # forward passes run by this object (micro-batches, with gradient accumulation)
@@ -43,11 +60,11 @@ class TrainStep:
     def __call__(self, batch: dict) -> torch.Tensor:
         accelerator = self.accelerator
         with accelerator.accumulate(self.model):
-            loss = self.model(**batch, **self.extras, return_loss=True).loss
+            loss = batch_loss(self.loss_fn, self.model(**batch, **self.extras), batch.get("image_ids"))
             self._note_finite(loss.detach(), self.global_step + 1)
             accelerator.backward(loss)
             if accelerator.sync_gradients and self.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+                accelerator.clip_grad_norm_(self.parameters(), self.max_grad_norm)
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -62,6 +79,10 @@ class TrainStep:
         if self.check_every and self.calls % self.check_every == 0:
             self.check()
         return loss.detach()
+
+    def parameters(self) -> list:
+        """What the step trains: the model's parameters, then the loss's own (e.g. a codebook)."""
+        return [*self.model.parameters(), *self.loss_fn.parameters()]
 
     def _note_finite(self, loss: torch.Tensor, step: int) -> None:
         """Remember `step` on the device if this loss is the first that is not finite (no host sync)."""
@@ -79,7 +100,7 @@ class TrainStep:
             raise TrainingDiverged(f"the loss was not finite at step {first}. {self.diverged_hint}".strip())
 
 
-COMPILE_SCOPES = ("off", "model", "blocks")
+COMPILE_SCOPES = ("model", "blocks")
 
 
 def compile_in_place(model: torch.nn.Module, scope: str = "model", backend: str = "inductor",
@@ -95,8 +116,6 @@ def compile_in_place(model: torch.nn.Module, scope: str = "model", backend: str 
     """
     if scope not in COMPILE_SCOPES:
         raise ValueError(f"compile scope {scope!r}: expected one of {', '.join(COMPILE_SCOPES)}")
-    if scope == "off":
-        return []
     if scope == "model":
         model.compile(backend=backend, mode=mode)
         return [""]

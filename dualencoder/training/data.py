@@ -1,0 +1,133 @@
+"""The data a run trains and evaluates on: splits, image transforms, collator, and the epoch's loader.
+
+`build_data` loads the rows (pair view for training, image view for evaluation), builds the pixel
+store when asked and the transforms the backbones' processor implies; `make_train_loader` gives the
+loader of one epoch, whose batches depend only on (seed, epoch, topics), so a resumed run sees the
+same ones.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch.utils.data import DataLoader
+
+from data_scripts import (ContrastiveCollator, ImageGroupBatchSampler, ImageTransform, RandomFeatureCrop, RandomMirror,
+                          SeededBatchSampler, TransformedRows, UniqueImageBatchSampler, build_pixel_store,
+                          images_with_sided_captions, load_image_caption_dataset, to_image_view, undecoded_images)
+from dualencoder.evaluation.embed import split_captions
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingData:
+    """What the loop and evaluation read: rows, transforms, the per-image augmentation draws and the collator."""
+
+    train_pairs: object  # datasets.Dataset, pair view
+    eval_views: dict  # split -> datasets.Dataset, image view
+    eval_captions: dict  # split -> every caption of the split, flattened in view order
+    train_transform: ImageTransform
+    eval_transform: ImageTransform
+    collator: ContrastiveCollator
+    mirror: Optional[RandomMirror] = None  # flip_augment: which images are mirrored in an epoch
+    crop_draw: Optional[RandomFeatureCrop] = None  # augment: each image's crop in an epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw this epoch's mirrors and crops (before the epoch's loader exists: its workers get a copy)."""
+        for draw in (self.mirror, self.crop_draw):
+            if draw is not None:
+                draw.set_epoch(epoch)
+
+
+def build_data(data_args, processor, *, seed: int, image_size: int, store_dir: str, main_process_first,
+               show_progress: bool = True) -> TrainingData:
+    """Load the splits and build what turns their rows into tensors (see `TrainingData`)."""
+    train_pairs, eval_views = load_data(data_args, seed)
+    eval_captions = {split: split_captions(view)[1] for split, view in eval_views.items()}
+    pixel_store = None
+    if data_args.pixel_store_size:
+        with main_process_first():  # one process builds; the others find it finished
+            pixel_store = build_pixel_store([train_pairs, *eval_views.values()], data_args.pixel_store_size,
+                                            store_dir, show_progress=show_progress)
+        logger.info("pixel store: %s", pixel_store)
+        if data_args.pixel_store_size < image_size:
+            logger.warning("pixel_store_size %d is below the model's input size %s: stored images are enlarged again "
+                           "on the way in, blurrier than decoding the files.", data_args.pixel_store_size, image_size)
+        train_pairs = undecoded_images(train_pairs)  # the transforms read the store, by file path
+        eval_views = {split: undecoded_images(view) for split, view in eval_views.items()}
+    # the random resized crop is drawn per (seed, epoch, image), not from the global RNG: a resumed run, every
+    # loader worker and every caption row of an image get the same crop (the cached-map crop shares it)
+    crop_draw = RandomFeatureCrop(seed) if data_args.augment else None
+    mirror = None
+    if data_args.flip_augment:
+        sided = images_with_sided_captions(train_pairs["image_id"], train_pairs["caption"])
+        mirror = RandomMirror(seed, never=sided)
+        logger.info("flip_augment: half the training images are mirrored each epoch; %d of them never are (a caption "
+                    "says left or right).", len(sided))
+    return TrainingData(
+        train_pairs=train_pairs, eval_views=eval_views, eval_captions=eval_captions,
+        train_transform=ImageTransform(processor.image_processor, train=True, augment=data_args.augment,
+                                       pixel_store=pixel_store, crop_draw=crop_draw),
+        eval_transform=ImageTransform(processor.image_processor, train=False, pixel_store=pixel_store),
+        collator=ContrastiveCollator(processor.tokenizer, max_length=data_args.max_length),
+        mirror=mirror, crop_draw=crop_draw)
+
+
+def load_data(data_args, seed: int):
+    """(training pairs, {split: image view}) of `--dataset`, cut to `--max_train_images` / `--max_eval_images`."""
+    kwargs = {}
+    if data_args.dataset == "synthetic":
+        kwargs = dict(num_images=data_args.num_images, image_size=data_args.synthetic_image_size)
+    else:
+        kwargs = dict(on_bad_image=data_args.on_bad_image)
+    pairs = load_image_caption_dataset(data_args.dataset, view="pairs", seed=seed, **kwargs)
+    train = first_images(pairs["train"], data_args.max_train_images)
+    evals = {split: to_image_view(first_images(pairs[split], data_args.max_eval_images))
+             for split in ("validation", "test") if split in pairs}
+    return train, evals
+
+
+def first_images(pairs, limit):
+    """The rows of the first `limit` images (all rows when `limit` is 0 or None)."""
+    if not limit:
+        return pairs
+    keep = set(list(dict.fromkeys(pairs["image_id"]))[:limit])
+    return pairs.filter(lambda ids: [i in keep for i in ids], input_columns="image_id", batched=True)
+
+
+def select_captions(pairs, per_image: int, seed: int, epoch: int):
+    """Indices of the rows used this epoch: all, or `per_image` captions of each image, rotating by epoch."""
+    if per_image <= 0:
+        return list(range(len(pairs)))
+    rows_of = {}
+    for row, image_id in enumerate(pairs["image_id"]):
+        rows_of.setdefault(image_id, []).append(row)
+    generator = torch.Generator().manual_seed(seed)
+    chosen = []
+    for rows in rows_of.values():
+        order = torch.randperm(len(rows), generator=generator).tolist()
+        chosen.extend(rows[order[(epoch * per_image + k) % len(rows)]] for k in range(min(per_image, len(rows))))
+    return sorted(chosen)
+
+
+def make_train_loader(pairs, transform, collator, data_args, batch_size: int, seed: int, epoch: int,
+                      topics: Optional[dict] = None) -> DataLoader:
+    """The epoch's DataLoader; batches depend only on (seed, epoch, topics), so resume sees the same ones."""
+    rows = TransformedRows(pairs, transform, select_captions(pairs, data_args.captions_per_image, seed, epoch))
+    if data_args.batch_by_image:
+        sampler = ImageGroupBatchSampler(rows.column("image_id"), batch_size, seed=seed, topics=topics,
+                                         topic_share=data_args.topic_share)
+    elif data_args.unique_image_batches:
+        sampler = UniqueImageBatchSampler(rows.column("image_id"), batch_size, seed=seed)
+    else:
+        sampler = SeededBatchSampler(len(rows), batch_size, seed)
+    sampler.set_epoch(epoch)
+    # An own generator: creating the iterator must not draw from the global RNG, or a resumed run
+    # (whose RNG state was restored before its iterator exists) would get other dropout masks.
+    generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+    return DataLoader(rows, batch_sampler=sampler, collate_fn=collator, num_workers=data_args.dataloader_num_workers,
+                      pin_memory=torch.cuda.is_available(), generator=generator)
