@@ -26,7 +26,7 @@ module imports nothing of the toolkit.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Callable
 
 import torch
@@ -87,12 +87,14 @@ def _backward_chunks(encode: Callable[[Inputs], torch.Tensor], chunks: list[Inpu
 
 def grad_cache_backward(encode_images: Callable[[Inputs], torch.Tensor], encode_texts: Callable[[Inputs], torch.Tensor],
                         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], image_inputs: Inputs,
-                        text_inputs: Inputs, chunk_size: int) -> torch.Tensor:
+                        text_inputs: Inputs, chunk_size: int, autocast: Callable = nullcontext) -> torch.Tensor:
     """Accumulate into `.grad` the gradients of `loss_fn(all image embeds, all text embeds)`; return the loss.
 
     The towers run on at most `chunk_size` rows at a time. Gradients add to what `.grad` already
-    holds, as `loss.backward()` does. The returned loss is detached.
+    holds, as `loss.backward()` does. The returned loss is detached. The forwards (towers and
+    loss) run inside `autocast()` (e.g. an Accelerator's), the backwards outside it.
     """
+    encode_images, encode_texts, loss_fn = (_under(autocast, fn) for fn in (encode_images, encode_texts, loss_fn))
     image_chunks, text_chunks = split_inputs(image_inputs, chunk_size), split_inputs(text_inputs, chunk_size)
     image_embeds, image_states = _embed_without_graph(encode_images, image_chunks)
     text_embeds, text_states = _embed_without_graph(encode_texts, text_chunks)
@@ -105,11 +107,19 @@ def grad_cache_backward(encode_images: Callable[[Inputs], torch.Tensor], encode_
     return loss.detach()
 
 
+def _under(context: Callable, fn: Callable) -> Callable:
+    def run(*args):
+        with context():
+            return fn(*args)
+
+    return run
+
+
 IMAGE_KEYS = ("pixel_values",)
 TEXT_KEYS = ("input_ids", "attention_mask")
 
 
-def dual_encoder_grad_cache_backward(model, batch: dict, chunk_size: int) -> torch.Tensor:
+def dual_encoder_grad_cache_backward(model, batch: dict, chunk_size: int, autocast: Callable = nullcontext) -> torch.Tensor:
     """`grad_cache_backward` for a DualEncoderModel batch (pixels, token ids), through the model's public API.
 
     The loss is the model's own (`model.loss_fn`) at its temperature `get_logit_scale()` and bias,
@@ -122,4 +132,4 @@ def dual_encoder_grad_cache_backward(model, batch: dict, chunk_size: int) -> tor
     return grad_cache_backward(lambda chunk: model.get_image_features(**chunk),
                                lambda chunk: model.get_text_features(**chunk), loss_fn,
                                {k: batch[k] for k in IMAGE_KEYS if k in batch},
-                               {k: batch[k] for k in TEXT_KEYS if k in batch}, chunk_size)
+                               {k: batch[k] for k in TEXT_KEYS if k in batch}, chunk_size, autocast)
