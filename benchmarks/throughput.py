@@ -548,15 +548,20 @@ def main(argv=None) -> dict:
             if row.get("profile"):
                 print(row["profile"], flush=True)
         rows.append(row)
-    ratio_rows = ratios(rows)
-    print_tables(rows, ratio_rows, args.batch_size)
-    device = pick_device()
-    result = {**device_info(device), "command": command_line(argv), "offline_weights": offline_pair_available(),
-              "peak_flops_used": {p: peak_flops(device, p) for p in PRECISIONS},
-              "flop_counting": "FlopCounterMode, one forward+backward, math attention; per step and per sample",
-              "rows": rows, "ratios": ratio_rows}
+        write_json(args.out, results(argv, rows, partial=True), quiet=True)  # a run stopped early keeps its rows
+    result = results(argv, rows)
+    print_tables(rows, result["ratios"], args.batch_size)
     write_json(args.out, result)
     return result
+
+
+def results(argv, rows: list[dict], partial: bool = False) -> dict:
+    """The JSON of the run: device facts, command, rows and ratios (`partial`: more rows were to come)."""
+    device = pick_device()
+    return {**device_info(device), "command": command_line(argv), "offline_weights": offline_pair_available(),
+            "peak_flops_used": {p: peak_flops(device, p) for p in PRECISIONS},
+            "flop_counting": "FlopCounterMode, one forward+backward, math attention; per step and per sample",
+            "rows": rows, "ratios": ratios(rows), **({"partial": True} if partial else {})}
 
 
 if __name__ == "__main__":
