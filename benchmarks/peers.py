@@ -131,9 +131,3 @@ def run_open_clip(spec: dict) -> dict:
     clock: StepClock = clock_calls(step, device, spec["warmup"], spec["steps"])
     return summarise(spec, device, clock, flops, {"total": count, "trainable": count}, "random")
 
-
-def open_clip_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("open_clip") is not None
-

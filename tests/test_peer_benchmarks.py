@@ -9,18 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import common, run_clip_way, throughput
-from tests.test_benchmarks import TINY, _check_row
+from benchmarks import run_clip_way, throughput
+from tests.test_benchmarks import TINY, _check_row, isolated_state  # noqa: F401  (autouse: one thread, fresh accelerate)
 from tests.test_data_flickr8k import make_official
-
-
-@pytest.fixture(autouse=True)
-def isolated_state():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    common.reset_accelerate_state()
 
 
 def test_open_clip_row_beside_ours(tmp_path):
