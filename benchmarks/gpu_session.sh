@@ -78,6 +78,7 @@ part "3 GradCache at batch $BIG_BATCH (vit-distilbert)" "$T3" \
         --out "$OUT/throughput_grad_cache.json"
 
 if [[ -d "$DATA/Flicker8k_Dataset" ]]; then
+    rm -rf /tmp/run_clip_way  # its re-split folder links the images: a second run needs a fresh one
     part "4 end to end: run_clip way vs run_contrastive" "$T4" \
         $PY benchmarks/run_clip_way.py --data "$DATA" "${E2E[@]}" --way_timeout "$OURS_T" --workdir /tmp/run_clip_way \
             --out "$OUT/run_clip_way.json"
