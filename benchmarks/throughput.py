@@ -48,7 +48,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from benchmarks.attention_kernels import BACKENDS, sdpa_backend  # noqa: E402
-from dualencoder.training.grad_cache import dual_encoder_grad_cache_backward  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     add_threads_argument,
     clock_calls,
@@ -73,6 +72,7 @@ from benchmarks.common import (  # noqa: E402
     StepClock,
     write_json,
 )
+from dualencoder.training.grad_cache import dual_encoder_grad_cache_backward  # noqa: E402
 
 PAIRS = ("vit-distilbert", "vit-bert", "offline")
 MODES = ("full", "lora", "frozen-vision-cache")

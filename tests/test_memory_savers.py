@@ -85,6 +85,16 @@ def test_split_inputs():
     assert chunks[2]["b"].tolist() == [[8, 9]]
     with pytest.raises(ValueError):
         split_inputs({"a": torch.arange(5), "b": torch.arange(4)}, 2)
+    with pytest.raises(ValueError):
+        split_inputs({}, 2)
+
+
+def test_grad_cache_needs_raw_inputs_of_both_towers():
+    config = tiny_vit_distilbert_config()
+    model = _model(config)
+    batch = tiny_batch(config, 4)
+    with pytest.raises(ValueError, match="pixel_values"):
+        dual_encoder_grad_cache_backward(model, {"vision_pooled": torch.randn(4, 32), "input_ids": batch["input_ids"]}, 2)
 
 
 def test_grad_cache_matches_one_unchunked_backward():

@@ -38,6 +38,8 @@ def split_inputs(inputs: Inputs, chunk_size: int) -> list[Inputs]:
     """`{"pixel_values": [B, ...]}` -> one dict per chunk of at most `chunk_size` rows."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if not inputs:
+        raise ValueError("no inputs to split")
     sizes = {value.shape[0] for value in inputs.values()}
     if len(sizes) != 1:
         raise ValueError(f"inputs disagree on the batch size: {sorted(sizes)}")
@@ -126,6 +128,10 @@ def dual_encoder_grad_cache_backward(model, batch: dict, chunk_size: int, autoca
     so those get their gradients too; the towers run through `get_image_features` /
     `get_text_features` (the forward's own path for pixels and token ids).
     """
+    if "pixel_values" not in batch or "input_ids" not in batch:
+        raise ValueError("GradCache runs both towers on raw inputs: the batch needs pixel_values and input_ids "
+                         f"(got {sorted(batch)}); cached features need no chunking")
+
     def loss_fn(image_embeds, text_embeds):
         return model.loss_fn(image_embeds, text_embeds, model.get_logit_scale(), logit_bias=model.logit_bias)
 
