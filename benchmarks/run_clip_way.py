@@ -297,6 +297,7 @@ def parse_args(argv):
     parser.add_argument("--data", required=True, help="a Flickr8k folder in the official layout")
     parser.add_argument("--splits", default="800,100,100", help="train,dev,test sizes re-split from its test images")
     parser.add_argument("--architecture", default="vit-bert", choices=tuple(VIT_BERT))
+    parser.add_argument("--tiny", action="store_true", help="= --architecture vit-bert-tiny (a CPU check in seconds)")
     parser.add_argument("--ways", default=",".join(WAYS), help=f"comma list of {', '.join(WAYS)}")
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))
@@ -313,6 +314,8 @@ def parse_args(argv):
     parser.add_argument("--out", default="benchmarks/results/run_clip_way.json")
     args = parser.parse_args(ours)
     args.ours_extra = extra  # options after `--` go to run_contrastive.py only
+    if args.tiny:
+        args.architecture = "vit-bert-tiny"
     return args
 
 
