@@ -39,7 +39,7 @@ EOF
 if (( SMOKE )); then
     SHAPE=(--size tiny --image_size 32 --seq_len 8 --steps 2 --warmup 1 --threads 2)
     BATCH=8; BIG_BATCH=16; CHUNK=4; COMPILE=off  # compiling on a CPU takes minutes; plan() is unit-tested
-    FEW=(--steps 2 --warmup 1)
+    FEW=(--steps 2 --warmup 1); FEWER=(--steps 2 --warmup 1)
     DATA=/tmp/gpu_session_smoke/flickr
     rm -rf /tmp/gpu_session_smoke
     $PY -c "from pathlib import Path; from tests.test_data_flickr8k import make_official; make_official(Path('$DATA'), n=12, splits=(0, 0, 12))"
@@ -48,10 +48,10 @@ if (( SMOKE )); then
 else
     SHAPE=(--size base --image_size 224 --seq_len 32 --steps 20 --warmup 5)
     BATCH=256; BIG_BATCH=4096; CHUNK=256; COMPILE=off,blocks-graphs
-    FEW=(--steps 5 --warmup 2)
+    FEW=(--steps 5 --warmup 2); FEWER=(--steps 3 --warmup 1)  # a step at batch 4,096 is ~16 of batch 256
     DATA=benchmarks/data/flickr8k_test
     E2E=(--architecture vit-bert --splits 800,100,100 --batch_size 256 --precision bf16 --epochs 1 --workers 8)
-    T1=220; T2=50; T3=50; T4=140; OURS_T=90  # with the install: about 8 minutes at most
+    T1=220; T2=45; T3=60; T4=140; OURS_T=90  # with the install: about 8 minutes at most
 fi
 
 part() {  # part NAME SECONDS COMMAND...: run it under a timeout and say how it ended
@@ -74,7 +74,7 @@ part "2 gradient checkpointing (vit-distilbert)" "$T2" \
 
 part "3 GradCache at batch $BIG_BATCH (vit-distilbert)" "$T3" \
     $PY benchmarks/throughput.py --pair vit-distilbert --mode full --precision bf16 --compile off \
-        --grad_cache_chunk "$CHUNK" --batch_size "$BIG_BATCH" "${SHAPE[@]}" "${FEW[@]}" \
+        --grad_cache_chunk "$CHUNK" --batch_size "$BIG_BATCH" "${SHAPE[@]}" "${FEWER[@]}" \
         --out "$OUT/throughput_grad_cache.json"
 
 if [[ -d "$DATA/Flicker8k_Dataset" ]]; then

@@ -338,13 +338,18 @@ def main(argv=None) -> dict:
             ways.append(run_contrastive_way(args, flickr, model_dir, run_args, workdir))
         else:
             raise SystemExit(f"error: unknown way {way!r}; choose from {', '.join(WAYS)}")
+        write_json(args.out, results(args, command, ways, partial=True), quiet=True)  # kept if a later way is stopped
     print_table(ways, args.target_rsum)
-    result = {**device_info(pick_device()), "command": command, "architecture": args.architecture,
-              "batch_size": args.batch_size, "precision": args.precision, "epochs": args.epochs,
-              "splits": args.splits, "target_rsum": args.target_rsum,
-              "seconds_to_target": {w["way"]: time_to(w, args.target_rsum) for w in ways}, "ways": ways}
+    result = results(args, command, ways)
     write_json(args.out, result)
     return result
+
+
+def results(args, command: str, ways: list[dict], partial: bool = False) -> dict:
+    return {**device_info(pick_device()), "command": command, "architecture": args.architecture,
+            "batch_size": args.batch_size, "precision": args.precision, "epochs": args.epochs, "splits": args.splits,
+            "target_rsum": args.target_rsum, "seconds_to_target": {w["way"]: time_to(w, args.target_rsum) for w in ways},
+            "ways": ways, **({"partial": True} if partial else {})}
 
 
 if __name__ == "__main__":
