@@ -97,13 +97,17 @@ def test_grad_cache_needs_raw_inputs_of_both_towers():
         dual_encoder_grad_cache_backward(model, {"vision_pooled": torch.randn(4, 32), "input_ids": batch["input_ids"]}, 2)
 
 
-def test_grad_cache_matches_one_unchunked_backward():
-    """No dropout: chunking changes nothing, so GradCache equals the plain forward's loss.backward()."""
+@pytest.mark.parametrize("image_ids", [None, [0, 0, 1, 2, 3, 3, 4]], ids=["distinct", "shared-images"])
+def test_grad_cache_matches_one_unchunked_backward(image_ids):
+    """No dropout: chunking changes nothing, so GradCache equals the plain forward's loss.backward()
+    (with `image_ids`, rows of one image are positives of each other in both)."""
     config = tiny_vit_distilbert_config()
     config.text_config.dropout = config.text_config.attention_dropout = 0.0
     model = _model(config)
     cached = copy.deepcopy(model)
     batch = tiny_batch(config, 7)
+    if image_ids is not None:
+        batch["image_ids"] = torch.tensor(image_ids)
     expected = _loss_and_grads(model, batch)
     torch.manual_seed(1)
     loss = dual_encoder_grad_cache_backward(cached, batch, chunk_size=3)  # chunks of 3, 3, 1

@@ -124,8 +124,8 @@ TEXT_KEYS = ("input_ids", "attention_mask")
 def dual_encoder_grad_cache_backward(model, batch: dict, chunk_size: int, autocast: Callable = nullcontext) -> torch.Tensor:
     """`grad_cache_backward` for a DualEncoderModel batch (pixels, token ids), through the model's public API.
 
-    The loss is the model's own (`model.loss_fn`) at its temperature `get_logit_scale()` and bias,
-    so those get their gradients too; the towers run through `get_image_features` /
+    The loss is the model's own (`model.loss_fn`, with the batch's `image_ids` if any) at its
+    temperature `get_logit_scale()` and bias, so those get their gradients too; the towers run through `get_image_features` /
     `get_text_features` (the forward's own path for pixels and token ids).
     """
     if "pixel_values" not in batch or "input_ids" not in batch:
@@ -133,7 +133,8 @@ def dual_encoder_grad_cache_backward(model, batch: dict, chunk_size: int, autoca
                          f"(got {sorted(batch)}); cached features need no chunking")
 
     def loss_fn(image_embeds, text_embeds):
-        return model.loss_fn(image_embeds, text_embeds, model.get_logit_scale(), logit_bias=model.logit_bias)
+        return model.loss_fn(image_embeds, text_embeds, model.get_logit_scale(), logit_bias=model.logit_bias,
+                             image_ids=batch.get("image_ids"))  # rows showing one image are not negatives
 
     return grad_cache_backward(lambda chunk: model.get_image_features(**chunk),
                                lambda chunk: model.get_text_features(**chunk), loss_fn,
