@@ -122,8 +122,15 @@ def _block_output(output) -> torch.Tensor:
 class DualEncoderPreTrainedModel(PreTrainedModel):
     config_class = DualEncoderConfig
     base_model_prefix = "dual_encoder"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
     _supports_sdpa = True
+
+    def _set_gradient_checkpointing(self, enable: bool = True, *args, **kwargs):
+        """HF towers: PreTrainedModel flags their layers. A timm tower has its own switch, which it reads."""
+        super()._set_gradient_checkpointing(enable, *args, **kwargs)
+        vision = without_peft_wrapper(self.vision_model)
+        if hasattr(vision, "set_grad_checkpointing"):
+            vision.set_grad_checkpointing(enable)
 
     def _init_weights(self, module):
         """Only our own heads are initialised here; backbones keep their weights or their own init."""

@@ -17,6 +17,12 @@ each measured in a fresh process:
 - baseline (`--baseline`, or `--pair all`): `VisionTextDualEncoderModel` trained by
   `transformers.Trainer` the way examples/pytorch/contrastive-image-text/run_clip.py does it, on
   the `vit-bert` shape (the stock model reads the text pooler, which DistilBERT lacks).
+- open_clip (`--open_clip`): open_clip's own CustomTextCLIP of the `vit-bert` shape trained by
+  open_clip_train's step (benchmarks/peers.py), eager and, if any compile setting is asked for,
+  compiled whole (`torch.compile(model)`, as its `--torch-compile`).
+- memory savers for our rows: `--gradient_checkpointing off,on` (each tower's layers recomputed in
+  the backward) and `--grad_cache_chunk 0,N` (GradCache: the batch's towers run N rows at a time,
+  dualencoder/training/grad_cache.py). The GPU peak per sample shows what each saves.
 
 A step is forward + backward + gradient clipping + optimiser and scheduler step on a batch already
 on the device (both loops fetch and copy the next batch outside the timed region; see
@@ -55,6 +61,7 @@ from benchmarks.common import (  # noqa: E402
     median,
     offline_pair_available,
     parse_choices,
+    parse_ints,
     peak_flops,
     pick_device,
     set_threads,
@@ -65,6 +72,7 @@ from benchmarks.common import (  # noqa: E402
     StepClock,
     write_json,
 )
+from dualencoder.training.grad_cache import dual_encoder_grad_cache_backward  # noqa: E402
 
 PAIRS = ("vit-distilbert", "vit-bert", "offline")
 MODES = ("full", "lora", "frozen-vision-cache")
@@ -182,6 +190,8 @@ def run_ours(spec: dict) -> dict:
     device = accelerator.device
     torch.manual_seed(0)
     model, weights = build_ours(spec)
+    if spec.get("gradient_checkpointing") == "on":
+        enable_gradient_checkpointing(model)
     params = parameter_report(model)["all"]
     vision_dim = model.config.vision_feature_dim or model.config.vision_config.hidden_size
     batch = synthetic_batch(spec, model.config.text_config.vocab_size, vision_dim, device)
@@ -192,8 +202,13 @@ def run_ours(spec: dict) -> dict:
     model.train()
     loss_fn = build_loss("clip")
 
+    chunk = spec.get("grad_cache_chunk", 0)
     with count_flops(device) as counter:  # one uncompiled forward + backward, not timed
-        accelerator.backward(batch_loss(loss_fn, model(**batch)))
+        if chunk:  # GradCache's own work (its second forward included); the whole batch at once may not fit
+            dual_encoder_grad_cache_backward(accelerator.unwrap_model(model), loss_fn, batch, chunk,
+                                             autocast=accelerator.autocast)
+        else:
+            accelerator.backward(batch_loss(loss_fn, model(**batch)))
     flops = counter.get_total_flops()
     optimizer.zero_grad(set_to_none=True)
     scope, _, mode = spec["compile"].partition("-")
@@ -202,7 +217,10 @@ def run_ours(spec: dict) -> dict:
     if spec.get("channels_last") == "on":
         model.to(memory_format=torch.channels_last)
         batch = {k: v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 else v for k, v in batch.items()}
-    step = TrainStep(accelerator, model, loss_fn, optimizer, scheduler, max_grad_norm=1.0)  # checked after timing
+    if chunk:
+        step = GradCacheStep(accelerator, model, loss_fn, optimizer, scheduler, chunk, max_grad_norm=1.0)
+    else:
+        step = TrainStep(accelerator, model, loss_fn, optimizer, scheduler, max_grad_norm=1.0)  # checked after timing
 
     reset_peak_memory(device)
     # the kernel choice is made when a graph is traced, so the context spans warm-up (compiling) too
@@ -213,6 +231,42 @@ def run_ours(spec: dict) -> dict:
         if spec.get("profile"):
             row["profile"] = profile_steps(step, batch, device)
     return row
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """`gradient_checkpointing_enable()` with non-reentrant checkpoints (newer transformers name it an alias)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+class GradCacheStep:
+    """TrainStep's step with GradCache in place of forward + backward: chunked towers, one whole-batch loss.
+
+    The towers' forwards (not the backward) run under the Accelerator's autocast, as the wrapped
+    `forward` of a prepared model would.
+    """
+
+    def __init__(self, accelerator, model, loss_fn, optimizer, scheduler, chunk: int, max_grad_norm: float = 1.0):
+        self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
+        self.loss_fn = loss_fn
+        self.chunk, self.max_grad_norm = chunk, max_grad_norm
+        self.unwrapped = accelerator.unwrap_model(model)
+
+    def __call__(self, batch: dict) -> torch.Tensor:
+        loss = dual_encoder_grad_cache_backward(self.unwrapped, self.loss_fn, batch, self.chunk,
+                                                autocast=self.accelerator.autocast)
+        self.accelerator.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.unwrapped.clamp_logit_scale_()
+        return loss
+
+    def check(self) -> None:
+        """Nothing to check: the benchmark's loss is not read (TrainStep's divergence check is for real runs)."""
 
 
 def profile_steps(step, batch: dict, device: torch.device, steps: int = 3) -> str:
@@ -330,12 +384,22 @@ def summarise(spec: dict, device: torch.device, clock: StepClock, flops: int, pa
         "peak_tflops": None if peak is None else peak / 1e12,
         "mfu": None if peak is None else round(achieved / peak, 4),
         "gpu_peak_mib": gpu_peak_memory_mib(device), "host_rss_peak_mib": host_peak_rss_mib(),
+        "gpu_peak_mib_per_sample": per_sample(gpu_peak_memory_mib(device), spec["batch_size"]),
         "torch_threads": torch.get_num_threads(),
     }
 
 
+def per_sample(mib, batch_size: int):
+    """Peak MiB / batch: what one more sample costs, roughly (weights and optimiser state included)."""
+    return None if mib is None else round(mib / batch_size, 2)
+
+
 def run_row(spec: dict) -> dict:
     set_threads(spec.get("threads"))
+    if spec["impl"] == "open-clip":
+        from benchmarks.peers import run_open_clip
+
+        return run_open_clip(spec)
     return run_hf_trainer(spec) if spec["impl"] == "hf-trainer" else run_ours(spec)
 
 
@@ -347,34 +411,47 @@ def plan(args) -> list[dict]:
     compiles = parse_choices(args.compile, COMPILE)
     layouts = parse_choices(args.channels_last, LAYOUTS)
     attentions = parse_choices(args.attention, ATTENTION)
+    checkpointing = parse_choices(args.gradient_checkpointing, LAYOUTS)
+    chunks = parse_ints(args.grad_cache_chunk)
     common = dict(profile=args.profile, size=args.size, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
                   image_size=args.image_size, seq_len=args.seq_len, threads=args.threads)
     specs = [dict(impl="ours", pair=pair, mode=mode, precision=precision, compile=compiled, channels_last=layout,
-                  attention=attention, **common)
+                  attention=attention, gradient_checkpointing=gc, grad_cache_chunk=chunk, **common)
              for pair in pairs for mode in modes for precision in precisions for compiled in compiles
-             for layout in layouts for attention in attentions]
+             for layout in layouts for attention in attentions for gc in checkpointing for chunk in chunks]
     if args.baseline or args.pair == "all":
         for precision in precisions:
             for compiled in [c for c in compiles if c in ("off", "on")]:  # the Trainer compiles whole models, no graphs
                 ours = dict(impl="ours", pair="vit-bert", mode="full", precision=precision, compile=compiled,
-                            channels_last="off", attention="auto", **common)
+                            channels_last="off", attention="auto", gradient_checkpointing="off", grad_cache_chunk=0,
+                            **common)
                 if ours not in specs:
                     specs.append(ours)
                 specs.append(dict(ours, impl="hf-trainer"))
+    if args.open_clip:  # open_clip_train compiles the whole model or nothing
+        for precision in precisions:
+            for compiled in dict.fromkeys("off" if c == "off" else "on" for c in compiles):
+                specs.append(dict(impl="open-clip", pair="vit-bert", mode="full", precision=precision,
+                                  compile=compiled, channels_last="off", attention="auto",
+                                  gradient_checkpointing="off", grad_cache_chunk=0, **common))
     return specs
 
 
+LOOPS = {"ours": "ours", "hf-trainer": "HF Trainer", "open-clip": "open_clip"}
+
+
 def ratios(rows: list[dict]) -> list[dict]:
-    """ours / HF Trainer samples per second for rows of the same shape and precision, each of our
-    compile settings against each of the Trainer's (the Trainer's default is compile off)."""
+    """ours / peer (HF Trainer, open_clip) samples per second for rows of the same shape and precision, each
+    of our compile settings against each of the peer's (the Trainer's default is compile off)."""
     key = ("pair", "size", "mode", "precision", "batch_size", "image_size", "seq_len")
     out = []
     for theirs in rows:
-        if theirs["impl"] != "hf-trainer" or "error" in theirs:
+        if theirs["impl"] == "ours" or "error" in theirs:
             continue
         for ours in rows:
-            if ours["impl"] == "ours" and "error" not in ours and all(ours.get(k) == theirs.get(k) for k in key):
-                out.append({"precision": ours["precision"], "ours_compile": ours["compile"],
+            if (ours["impl"] == "ours" and "error" not in ours and all(ours.get(k) == theirs.get(k) for k in key)
+                    and ours.get("gradient_checkpointing", "off") == "off" and not ours.get("grad_cache_chunk")):
+                out.append({"peer": theirs["impl"], "precision": ours["precision"], "ours_compile": ours["compile"],
                             "ours_attention": ours.get("attention", "auto"),
                             "hf_compile": theirs["compile"], "ours_samples_per_s": ours["samples_per_s"],
                             "hf_samples_per_s": theirs["samples_per_s"],
@@ -383,32 +460,35 @@ def ratios(rows: list[dict]) -> list[dict]:
 
 
 def print_tables(rows: list[dict], ratio_rows: list[dict], batch_size: int) -> None:
-    headers = ["pair", "size", "mode", "precision", "compile", "channels last", "attention", "loop", "weights", "step ms",
-               "samples/s", "wall samples/s", "GFLOP/sample", "TFLOP/s", "MFU %", "GPU peak MiB", "host RSS MiB"]
+    headers = ["pair", "size", "mode", "precision", "compile", "channels last", "attention", "grad ckpt", "GradCache chunk",
+               "loop", "weights", "step ms", "samples/s", "wall samples/s", "GFLOP/sample", "TFLOP/s", "MFU %",
+               "GPU peak MiB", "GPU MiB/sample", "host RSS MiB"]
     table = []
     for row in rows:
         size = "-" if row["pair"] == "offline" else row["size"]
         head = [row["pair"], size, row["mode"], row["precision"], row["compile"], row.get("channels_last", "off"),
-                row.get("attention", "auto"), "HF Trainer" if row["impl"] == "hf-trainer" else "ours"]
+                row.get("attention", "auto"), row.get("gradient_checkpointing", "off"), row.get("grad_cache_chunk") or "–",
+                LOOPS[row["impl"]]]
         if "error" in row:
-            table.append(head + [row.get("weights", "–"), f"error: {row['error']}"] + [""] * 7)
+            table.append(head + [row.get("weights", "–"), f"error: {row['error']}"] + [""] * 8)
             continue
         mfu = None if row["mfu"] is None else 100 * row["mfu"]
         table.append(head + [row["weights"], fmt(1000 * row["step_time_median_s"]), fmt(row["samples_per_s"]),
                              fmt(row.get("wall_samples_per_s")), f"{row['flops_per_sample'] / 1e9:.3g}",
                              f"{row['achieved_tflops']:.3g}", fmt(mfu),
-                             fmt(row["gpu_peak_mib"], 0), fmt(row["host_rss_peak_mib"], 0)])
-    print("\n" + markdown_table(headers, table, right_from=9))
+                             fmt(row["gpu_peak_mib"], 0), fmt(row.get("gpu_peak_mib_per_sample"), 2),
+                             fmt(row["host_rss_peak_mib"], 0)])
+    print("\n" + markdown_table(headers, table, right_from=11))
     print(f"\nFLOPs: torch.utils.flop_counter.FlopCounterMode over one forward+backward at batch {batch_size} "
           "(matmul/conv/attention; element-wise and optimiser work not counted), divided by the batch.")
     if ratio_rows:
-        print("\n" + markdown_table(["precision", "ours compile", "ours attention", "HF compile", "ours samples/s",
-                                     "HF Trainer samples/s", "ours / HF"],
-                                    [[r["precision"], r.get("ours_compile", r.get("compile")),
+        print("\n" + markdown_table(["peer", "precision", "ours compile", "ours attention", "peer compile",
+                                     "ours samples/s", "peer samples/s", "ours / peer"],
+                                    [[LOOPS[r.get("peer", "hf-trainer")], r["precision"], r.get("ours_compile", r.get("compile")),
                                       r.get("ours_attention", "auto"),
                                       r.get("hf_compile", r.get("compile")), fmt(r["ours_samples_per_s"]),
                                       fmt(r["hf_samples_per_s"]), f"{r['ratio']:.2f}x"] for r in ratio_rows],
-                                    right_from=4))
+                                    right_from=5))
 
 
 def parse_args(argv=None):
@@ -428,6 +508,11 @@ def parse_args(argv=None):
     parser.add_argument("--channels_last", default="off",
                         help="channels-last memory format for the model and pixels (pays for conv towers): off, on, or 'all'")
     parser.add_argument("--baseline", action="store_true", help="add HF Trainer + VisionTextDualEncoderModel rows")
+    parser.add_argument("--open_clip", action="store_true",
+                        help="add open_clip CustomTextCLIP rows trained by open_clip_train's step (needs open-clip-torch)")
+    parser.add_argument("--gradient_checkpointing", default="off", help="our rows: off, on, or 'all' (comma list)")
+    parser.add_argument("--grad_cache_chunk", default="0",
+                        help="our rows: GradCache chunk sizes, comma list (0: one forward + backward of the whole batch)")
     parser.add_argument("--size", default="base", choices=SIZES, help="ViT/DistilBERT/BERT size (base = B/16 + DistilBERT)")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20, help="measured steps")
@@ -455,7 +540,8 @@ def main(argv=None) -> dict:
         return row
     rows = []
     for spec in plan(args):
-        label = " ".join(f"{k}={spec[k]}" for k in ("impl", "pair", "size", "mode", "precision", "compile", "attention"))
+        label = " ".join(f"{k}={spec[k]}" for k in ("impl", "pair", "size", "mode", "precision", "compile", "attention",
+                                                     "gradient_checkpointing", "grad_cache_chunk", "batch_size"))
         print(f"--- {label}", flush=True)
         if args.in_process:
             reset_accelerate_state()
@@ -468,15 +554,20 @@ def main(argv=None) -> dict:
             if row.get("profile"):
                 print(row["profile"], flush=True)
         rows.append(row)
-    ratio_rows = ratios(rows)
-    print_tables(rows, ratio_rows, args.batch_size)
-    device = pick_device()
-    result = {**device_info(device), "command": command_line(argv), "offline_weights": offline_pair_available(),
-              "peak_flops_used": {p: peak_flops(device, p) for p in PRECISIONS},
-              "flop_counting": "FlopCounterMode, one forward+backward, math attention; per step and per sample",
-              "rows": rows, "ratios": ratio_rows}
+        write_json(args.out, results(argv, rows, partial=True), quiet=True)  # a run stopped early keeps its rows
+    result = results(argv, rows)
+    print_tables(rows, result["ratios"], args.batch_size)
     write_json(args.out, result)
     return result
+
+
+def results(argv, rows: list[dict], partial: bool = False) -> dict:
+    """The JSON of the run: device facts, command, rows and ratios (`partial`: more rows were to come)."""
+    device = pick_device()
+    return {**device_info(device), "command": command_line(argv), "offline_weights": offline_pair_available(),
+            "peak_flops_used": {p: peak_flops(device, p) for p in PRECISIONS},
+            "flop_counting": "FlopCounterMode, one forward+backward, math attention; per step and per sample",
+            "rows": rows, "ratios": ratios(rows), **({"partial": True} if partial else {})}
 
 
 if __name__ == "__main__":

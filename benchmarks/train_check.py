@@ -28,7 +28,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import command_line, device_info, load_tokenizer, pick_device, write_json  # noqa: E402
 
-ARCHITECTURES = ("offline", "tiny")
+ARCHITECTURES = ("offline", "tiny", "vit-bert", "vit-bert-tiny")
+VIT_BERT = {"vit-bert": ("base", 224), "vit-bert-tiny": ("tiny", 32)}  # throughput.py's size, image size
+
+
+def vit_bert_configs(architecture: str, vocab_size: int):
+    """(ViTConfig, BertConfig) of a `vit-bert` architecture: ViT-B/16 + a 6-layer BERT at base (throughput.py's shapes)."""
+    from benchmarks.throughput import bert_like, distilbert_config, vit_config
+
+    size, image_size = VIT_BERT[architecture]
+    text = bert_like(distilbert_config(size))
+    text.vocab_size = vocab_size
+    return vit_config(size, image_size), text
 
 
 def resplit_flickr(source: str, sizes: list[int], workdir: str) -> str:
@@ -77,6 +88,9 @@ def save_random_model(architecture: str, captions: list[str], path: str, model_a
         text = minilm_like()
         fields = dict(timm_model_name="tf_efficientnet_lite0", image_size=224,
                       image_mean=(0.485, 0.456, 0.406), image_std=(0.229, 0.224, 0.225))
+    elif architecture in VIT_BERT:  # the stock VisionTextDualEncoderModel's shape: both towers read through poolers
+        vision, text = vit_bert_configs(architecture, len(tokenizer))
+        fields = dict(vision_config=vision.to_dict(), image_size=vision.image_size, vision_pooling="pooler")
     else:
         text = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
         fields = dict(timm_model_name="test_efficientnet", image_size=32)
@@ -98,7 +112,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--data", required=True, help="a Flickr8k folder (official layout), or 'synthetic'")
     parser.add_argument("--splits", default="", help="train,dev,test sizes: re-split the folder's test images")
     parser.add_argument("--architecture", default="offline", choices=ARCHITECTURES,
-                        help="offline: EfficientNet-Lite0 + MiniLM-L6 shapes; tiny: seconds-long CPU check")
+                        help="offline: EfficientNet-Lite0 + MiniLM-L6 shapes; tiny: seconds-long CPU check; vit-bert: "
+                             "ViT-B/16 + 6-layer BERT, read through poolers (pass --text_pooling pooler); vit-bert-tiny")
     parser.add_argument("--workdir", default=None, help="where the data lists, model and run go (default: a temp dir)")
     parser.add_argument("--out", default="benchmarks/results/train_check.json")
     args = parser.parse_args(ours)

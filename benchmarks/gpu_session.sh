@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Issue 31's measurements in one GPU session (about 8 minutes on an H200): every JSON goes to $OUT/,
+# every table to stdout. Most important first, each part under its own `timeout`, so a hang or a
+# crash in one leaves the others standing:
+#   1. throughput at batch 256, bf16, vit-bert: ours eager + compiled (blocks-graphs), the HF Trainer
+#      way, open_clip eager + compiled (whole model); GPU peak MiB and MiB per sample on every row
+#   2. gradient checkpointing off/on: ViT-B/16 + DistilBERT at batch 256 (goal: <= 12 GB)
+#   3. GradCache: ViT-B/16 + DistilBERT at batch 4,096 in chunks of 256
+#   4. end to end, 1 epoch each: the run_clip.py way vs run_contrastive.py on the Flickr8k subset
+#
+# Before the session, on a machine with network (once):
+#   bash benchmarks/prepare_gpu_wheels.sh        # .whl/: datasets, open_clip and their missing deps
+#   bash benchmarks/make_flickr_subset.sh        # benchmarks/data/flickr8k_test: 1,000 test images
+# Then run it with carry [".whl", "benchmarks/data"]:
+#   bash benchmarks/gpu_session.sh
+# On a CPU, `--cpu-smoke` runs the same parts at toy shapes and 2 steps (a few minutes), to catch typos.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+SMOKE=0
+[[ "${1:-}" == "--cpu-smoke" ]] && SMOKE=1
+OUT="${OUT:-benchmarks/results/gpu_session}"
+mkdir -p "$OUT"
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false MPLBACKEND=Agg
+PY=python3
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+$PY - <<'EOF'
+import importlib, torch
+print("torch", torch.__version__, "cuda", torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else "")
+for name in ("transformers", "timm", "accelerate", "pyarrow", "fsspec", "datasets", "open_clip"):
+    try:
+        print(name, importlib.import_module(name).__version__)
+    except Exception as err:  # a missing package costs its rows only
+        print(name, "NOT IMPORTABLE:", type(err).__name__, err)
+EOF
+
+if (( SMOKE )); then
+    SHAPE=(--size tiny --image_size 32 --seq_len 8 --steps 2 --warmup 1 --threads 2)
+    BATCH=8; BIG_BATCH=16; CHUNK=4; COMPILE=off  # compiling on a CPU takes minutes; plan() is unit-tested
+    FEW=(--steps 2 --warmup 1); FEWER=(--steps 2 --warmup 1)
+    DATA=/tmp/gpu_session_smoke/flickr
+    rm -rf /tmp/gpu_session_smoke
+    $PY -c "from pathlib import Path; from tests.test_data_flickr8k import make_official; make_official(Path('$DATA'), n=12, splits=(0, 0, 12))"
+    E2E=(--architecture vit-bert-tiny --splits 6,3,3 --batch_size 4 --precision fp32 --max_steps 2 --workers 0)
+    T1=600; T2=300; T3=300; T4=600; OURS_T=300
+else
+    SHAPE=(--size base --image_size 224 --seq_len 32 --steps 20 --warmup 5)
+    BATCH=256; BIG_BATCH=4096; CHUNK=256; COMPILE=off,blocks-graphs
+    FEW=(--steps 5 --warmup 2); FEWER=(--steps 3 --warmup 1)  # a step at batch 4,096 is ~16 of batch 256
+    DATA=benchmarks/data/flickr8k_test
+    E2E=(--architecture vit-bert --splits 800,100,100 --batch_size 256 --precision bf16 --epochs 1 --workers 8)
+    T1=220; T2=45; T3=60; T4=140; OURS_T=90  # with the install: about 8 minutes at most
+fi
+
+part() {  # part NAME SECONDS COMMAND...: run it under a timeout and say how it ended
+    local name=$1 seconds=$2
+    shift 2
+    echo; echo "=== $name (at most $seconds s): $*"
+    local started=$SECONDS
+    timeout --kill-after=10 "$seconds" "$@"
+    echo "=== $name: exit status $?, $((SECONDS - started)) s"
+}
+
+part "1 throughput: ours, HF Trainer, open_clip" "$T1" \
+    $PY benchmarks/throughput.py --pair vit-bert --mode full --precision bf16 --compile "$COMPILE" --baseline --open_clip \
+        --batch_size "$BATCH" "${SHAPE[@]}" --row_timeout $((T1 / 2)) --out "$OUT/throughput_peers.json"
+
+part "2 gradient checkpointing (vit-distilbert)" "$T2" \
+    $PY benchmarks/throughput.py --pair vit-distilbert --mode full --precision bf16 --compile off \
+        --gradient_checkpointing off,on --batch_size "$BATCH" "${SHAPE[@]}" "${FEW[@]}" \
+        --out "$OUT/throughput_checkpointing.json"
+
+part "3 GradCache at batch $BIG_BATCH (vit-distilbert)" "$T3" \
+    $PY benchmarks/throughput.py --pair vit-distilbert --mode full --precision bf16 --compile off \
+        --grad_cache_chunk "$CHUNK" --batch_size "$BIG_BATCH" "${SHAPE[@]}" "${FEWER[@]}" \
+        --out "$OUT/throughput_grad_cache.json"
+
+if [[ -d "$DATA/Flicker8k_Dataset" ]]; then
+    rm -rf /tmp/run_clip_way  # its re-split folder links the images: a second run needs a fresh one
+    part "4 end to end: run_clip way vs run_contrastive" "$T4" \
+        $PY benchmarks/run_clip_way.py --data "$DATA" "${E2E[@]}" --way_timeout "$OURS_T" --workdir /tmp/run_clip_way \
+            --out "$OUT/run_clip_way.json"
+else
+    echo "=== 4 skipped: no $DATA (run benchmarks/make_flickr_subset.sh and carry benchmarks/data)"
+fi
+echo; echo "=== done; JSON files:"; ls -l "$OUT"
