@@ -287,7 +287,7 @@ def print_table(ways: list[dict], target_rsum) -> None:
                      fmt(way["global_step"]), fmt(last.get("rsum")), fmt(epochs[-1].get("eval_loss") if epochs else None, 3),
                      fmt(time_to(way, target_rsum))])
     print("\n" + markdown_table(["way", "wall s", "setup s", "train s / epoch (data loading incl.)", "steps",
-                                 "val RSUM", "val loss", f"s to RSUM {target_rsum}"], rows))
+                                 "val RSUM", "val loss", "s to RSUM " + (fmt(target_rsum) if target_rsum is not None else "(no --target_rsum)")], rows))
 
 
 def parse_args(argv):
