@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
 import math
 import re
 import sys
@@ -343,7 +344,10 @@ def fail(message: str):
 
 
 def option_error(source: str, name: str, value: Any, what: str):
-    shown = value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).strip()
+    if isinstance(value, list) and source == COMMAND_LINE:
+        shown = " ".join(map(str, value))
+    else:
+        shown = value if isinstance(value, str) else json.dumps(value)
     fail(f"error: {source}: --{name} {shown}: {what}")
 
 
@@ -542,7 +546,10 @@ def parse_args(argv: Optional[list[str]] = None):
     namespace, unknown = parser.parse_known_args(argv)  # --help prints the defaults that apply, and exits
     if unknown:
         known = [f"--{name}" for name in option_fields()] + ["--config"]
-        word = next((item for item in unknown if item.startswith("-")), unknown[0])
+        word = unknown[0]
+        if not word.startswith("-"):  # a second value, as in --learning_rate 1e-4 1e-3
+            before = [item for item in argv[:argv.index(word)] if item.startswith("--")]
+            fail(f"error: {COMMAND_LINE}: {before[-1] if before else word} takes one value, got another: {word}")
         fail(f"error: {COMMAND_LINE}: unknown option {word}{did_you_mean(word.split('=')[0], known)} "
              f"(see --help for the valid ones)")
     given = {name: value for name, value in vars(namespace).items() if name != "config"}
