@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import functools
 import json
 import math
 import re
@@ -351,11 +352,13 @@ def option_error(source: str, name: str, value: Any, what: str):
     fail(f"error: {source}: --{name} {shown}: {what}")
 
 
+@functools.cache
 def option_fields() -> dict:
     """Every option's dataclass field, by name."""
     return {f.name: f for cls in ARGUMENT_CLASSES for f in fields(cls)}
 
 
+@functools.cache
 def option_types() -> dict:
     """Every option's (type, optional, is_list), read from the dataclasses' annotations."""
     kinds = {}
