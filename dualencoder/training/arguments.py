@@ -15,6 +15,7 @@ import difflib
 import functools
 import json
 import math
+import operator
 import re
 import sys
 import typing
@@ -379,6 +380,7 @@ def default_value(f) -> Any:
 
 TYPE_WORDS = {int: "a whole number", float: "a number", bool: "true or false", str: "text"}
 METAVARS = {int: "N", float: "X", bool: "BOOL", str: "TEXT"}
+BOUNDS = {"min": (">=", operator.ge), "below": ("<", operator.lt), "max": ("<=", operator.le)}  # metadata key: rule
 TRUE, FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
 
 
@@ -409,10 +411,8 @@ def describe(f, kind: type, optional: bool) -> str:
     if "choices" in meta:
         allowed = f"one of {', '.join(meta['choices'])}"
     else:
-        allowed = TYPE_WORDS[kind]
-        bounds = [f"{word} {meta[key]}" for key, word in (("min", ">="), ("below", "<"), ("max", "<=")) if key in meta]
-        if any(bounds):
-            allowed += " " + " and ".join(bound for bound in bounds if bound)
+        allowed = " ".join([TYPE_WORDS[kind], " and ".join(f"{word} {meta[key]}" for key, (word, _) in BOUNDS.items()
+                                                           if key in meta)]).strip()
     return allowed + (", or none" if optional else "")
 
 
@@ -432,7 +432,7 @@ def check_value(name: str, value: Any, source: str) -> Any:
             option_error(source, name, value, f"expected a list of {' and/or '.join(meta['choices'])}"
                                               f"{did_you_mean(bad[0], meta['choices'])}")
         return items
-    if kind is str and isinstance(value, dict) and "check" in meta and meta["check"] is yaml_mapping:
+    if isinstance(value, dict) and meta.get("check") is yaml_mapping:
         value = yaml.safe_dump(value, default_flow_style=True).strip()  # a mapping in the YAML file stays a mapping
     try:
         converted = scalar(kind, value)
@@ -441,8 +441,7 @@ def check_value(name: str, value: Any, source: str) -> Any:
     if "choices" in meta and converted not in meta["choices"]:
         option_error(source, name, value, f"expected {describe(f, kind, optional)}"
                                           f"{did_you_mean(converted, meta['choices'])}")
-    if not ("min" not in meta or converted >= meta["min"]) or not ("max" not in meta or converted <= meta["max"]) \
-            or not ("below" not in meta or converted < meta["below"]):
+    if not all(within(converted, meta[key]) for key, (_, within) in BOUNDS.items() if key in meta):
         option_error(source, name, value, f"expected {describe(f, kind, optional)}")
     problem = meta["check"](converted) if "check" in meta else None
     if problem:
