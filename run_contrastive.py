@@ -46,12 +46,12 @@ LOWER_IS_BETTER = ("_medr", "_meanr")
 
 
 def main(argv=None) -> dict:
-    model_args, data_args, train_args = parse_args(argv)
+    model_args, data_args, train_args, stated = parse_args(argv, with_sources=True)
     accelerator = start(train_args)
     show = accelerator.is_local_main_process
 
     # --- model, loss, data, and the caches of what does not train
-    model = build_model(model_args)
+    model = build_model(model_args, stated)
     loss_fn = build_training_loss(model_args, model.config)
     cca_init = head_init_options(model_args) if model_args.head_init == "cca" else None  # a bad option fails now
     processor = build_processor(model.config)

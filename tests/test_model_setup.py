@@ -9,7 +9,7 @@ from dualencoder.training.model_setup import (CONFIG_FIELDS, MODEL_OPTIONS, RUNT
 from modeling_dualencoder import DualEncoderConfig
 from tests.tiny import save_tiny_model_dir
 
-# A value for each option that is neither its default nor what the tiny saved model has (checked below).
+# A value for each option that the tiny saved model does not have (checked below).
 OTHER_VALUE = {"image_size": 48, "projection_dim": 24, "projection_head": "mlp", "projection_hidden_dim": 40,
                "projection_dropout": 0.3, "text_pooling": "cls", "logit_scale_init_value": 1.0,
                "logit_bias_init_value": -5.0, "lora_rank": 4, "lora_alpha": 4.0, "lora_dropout": 0.2,
@@ -49,15 +49,17 @@ def test_each_model_option_sets_its_field_of_a_new_model(option, no_config):
 @pytest.mark.parametrize("option", sorted(OTHER_VALUE))
 def test_a_saved_model_applies_a_runtime_option_and_refuses_a_structural_one_by_name(saved_model, option, no_config):
     value = OTHER_VALUE[option]
-    model_args, _, _ = parse_args(no_config + ["--model_name_or_path", saved_model, "--head_init", "random",
-                                   *as_argv(option, value)])
+    model_args, _, _, stated = parse_args(no_config + ["--model_name_or_path", saved_model, "--head_init", "random",
+                                                      *as_argv(option, value)], with_sources=True)
     saved = DualEncoderConfig.from_pretrained(saved_model)
     assert getattr(saved, option, None) != value
     if option in RUNTIME_OPTIONS:
-        assert getattr(build_model(model_args).config, option) == value
+        assert getattr(build_model(model_args, stated).config, option) == value
     else:
         with pytest.raises(SystemExit, match=f"--{option} "):
-            build_model(model_args)
+            build_model(model_args, stated)
+        unstated = build_model(model_args)  # not stated (a default that differs, say): the saved model keeps its own
+        assert getattr(unstated.config, option) == getattr(saved, option)
 
 
 def test_the_loss_is_not_part_of_the_model_a_saved_model_trains_with_any_and_records_it(saved_model, no_config):

@@ -234,7 +234,7 @@ def test_cca_head_init_starts_training_at_the_linear_cca_map_of_the_towers_as_lo
             "--text_model", text_dir, "--image_size", "32", "--projection_head", "mlp", "--projection_dim", "16",
             "--projection_hidden_dim", "32", "--head_init", "cca", "--head_init_options", "{ridge: 1.0, dims: 8, power: 1.0}",
             "--learning_rate", "0", "--head_learning_rate", "0", "--logit_scale_learning_rate", "0",
-            "--freeze_batchnorm", "true", "--num_train_epochs", "1", "--feature_cache_dir", "",
+            "--freeze_batchnorm", "true", "--num_train_epochs", "1", "--feature_cache_dir", "", "--lora_rank", "0",
             "--output_dir", str(tmp_path / "out")]
     run_contrastive.main(args)
     assert "head_init cca: ridge 1.0, dims 8, power 1.0, pairs " in caplog.text

