@@ -1,15 +1,17 @@
-"""Evaluate a saved dual encoder, and/or the untrained zero-shot pair, on a split of an image-caption set.
+"""Evaluate a saved dual encoder, and/or the untrained joined pair, on a split of an image-caption set.
 
     python -m dualencoder.evaluation.evaluate_model --model_dir outputs/default --dataset synthetic \
-        --split test --zero_shot --output_json outputs/default/eval_test.json
+        --split test --untrained --output_json outputs/default/eval_test.json
 
 `--model_dir` is a directory written by `run_contrastive.py` (model + processor), or a Hub id when
-online. `--zero_shot` adds the untrained joined backbones (fresh projection heads) as a baseline:
+online. `--untrained` adds the untrained joined backbones (fresh projection heads) as a baseline
+(its old name `--zero_shot` still works, with a warning: zero-shot means something else to CLIP
+users, classification by prompts, which is `python -m dualencoder.apps.classify`):
 by default the backbones named in the model's config, else the offline pair. The command prints a
 markdown table (`format_metrics_table`) and writes the metrics, the similarity gap and the split
 sizes as JSON.
 
-The helpers here (loading a model or the zero-shot pair, loading a split, embedding it) are what
+The helpers here (loading a model or the untrained pair, loading a split, embedding it) are what
 the figures command, the qualitative report and the demo notebook use too.
 """
 
@@ -19,6 +21,7 @@ import argparse
 import json
 import logging
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
@@ -45,7 +48,7 @@ DEFAULT_NUM_IMAGES = DEFAULT_JOB_NUM_IMAGES  # the default job's synthetic set
 DEFAULT_SYNTHETIC_IMAGE_SIZE = DEFAULT_JOB_IMAGE_SIZE
 DEFAULT_MAX_LENGTH = 32
 DEFAULT_SEED = 42
-# Config fields that shape the projection heads: the zero-shot pair copies them from the trained model.
+# Config fields that shape the projection heads: the untrained pair copies them from the trained model.
 _HEAD_FIELDS = ("projection_dim", "projection_head", "projection_hidden_dim", "text_pooling", "vision_pooling")
 
 
@@ -72,7 +75,7 @@ def load_trained_config(model_dir: str) -> DualEncoderConfig:
 
 
 def zero_shot_backbones(config=None, vision_model: Optional[str] = None, text_model: Optional[str] = None):
-    """Backbones of the zero-shot baseline: the given ones, else the trained config's, else the offline pair."""
+    """Backbones of the untrained baseline: the given ones, else the trained config's, else the offline pair."""
     vision = vision_model or getattr(config, "vision_model_name_or_path", None) or OFFLINE_VISION
     text = text_model or getattr(config, "text_model_name_or_path", None) or OFFLINE_TEXT
     return vision, text
@@ -221,19 +224,33 @@ def add_data_arguments(parser: argparse.ArgumentParser, max_images: Optional[int
 
 def add_zero_shot_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vision_model", default=None,
-                        help="zero-shot vision backbone (default: the model's, else offline:efficientnet-lite0)")
+                        help="untrained baseline's vision backbone (default: the model's, else offline:efficientnet-lite0)")
     parser.add_argument("--text_model", default=None,
-                        help="zero-shot text backbone (default: the model's, else offline:all-minilm-l6-v2)")
+                        help="untrained baseline's text backbone (default: the model's, else offline:all-minilm-l6-v2)")
+
+
+class _DeprecatedZeroShot(argparse.Action):
+    """`--zero_shot`, the old name of `--untrained`: still sets it, with a warning."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        warnings.warn("--zero_shot is deprecated, use --untrained (the untrained joined backbones); zero-shot "
+                      "classification with prompts is `python -m dualencoder.apps.classify`", FutureWarning)
+        setattr(namespace, self.dest, True)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m dualencoder.evaluation.evaluate_model",
         description="Image<->text retrieval metrics (Recall@K, median/mean rank, RSUM) of a saved dual "
-                    "encoder and/or the untrained zero-shot pair, on one split of a data set.")
+                    "encoder and/or the untrained joined pair, on one split of a data set.")
     parser.add_argument("--model_dir", default=None, help="a run's output directory, or a Hub model id")
-    parser.add_argument("--zero_shot", action="store_true",
+    parser.add_argument("--untrained", action="store_true",
                         help="also evaluate the untrained joined backbones (fresh projection heads) as a baseline")
+    parser.add_argument("--zero_shot", action=_DeprecatedZeroShot, dest="untrained",
+                        help="deprecated name of --untrained")
     add_zero_shot_arguments(parser)
     add_data_arguments(parser)
     bank = parser.add_argument_group("querybank normalisation (dualencoder/querybank.py)")
@@ -253,8 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def evaluate(args: argparse.Namespace) -> dict:
     """Run the evaluation the parsed arguments describe; returns what `--output_json` holds."""
-    if not args.model_dir and not args.zero_shot:
-        raise SystemExit("nothing to evaluate: pass --model_dir DIR and/or --zero_shot")
+    if not args.model_dir and not args.untrained:
+        raise SystemExit("nothing to evaluate: pass --model_dir DIR and/or --untrained")
     if args.querybank_split is not None and args.querybank_split == args.split:
         raise SystemExit(f"--querybank_split {args.querybank_split} is the evaluated split: the querybank must be "
                          "other queries (e.g. --querybank_split train), or the test queries would score themselves")
@@ -271,9 +288,9 @@ def evaluate(args: argparse.Namespace) -> dict:
     runs = []
     if args.model_dir:
         runs.append(("model", args.model_dir, lambda: load_model(args.model_dir, args.device)))
-    if args.zero_shot:
+    if args.untrained:
         vision, text = zero_shot_backbones(trained_config, args.vision_model, args.text_model)
-        runs.append(("zero_shot", f"zero-shot ({vision} + {text})",
+        runs.append(("untrained", f"untrained ({vision} + {text})",
                      lambda: load_zero_shot(vision, text, args.device, like=trained_config)))
 
     results = {}
