@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from dualencoder.apps import classify as classify_app
-from dualencoder.apps.classify import DEFAULT_TEMPLATES, class_embeddings, classify, imagefolder_items, load_templates
+from dualencoder.apps.classify import DEFAULT_TEMPLATES, class_embeddings, imagefolder_items, load_templates
 from modeling_dualencoder import DualEncoderModel
 from tests.apps_helpers import COLOURS, photo, save_tiny_app_model, write_photos
 

@@ -63,17 +63,22 @@ class PhotoSearch:
         return self.by_vector(self.index.embeddings[row], top_k)
 
 
+def add_search_arguments(parser: argparse.ArgumentParser) -> None:
+    """--index_dir, --search and the model options: what a `PhotoSearch` is made from (query and serve)."""
+    parser.add_argument("--index_dir", required=True, help="an index made by `python -m dualencoder.apps.index`")
+    parser.add_argument("--search", choices=BACKENDS, default="auto",
+                        help="nearest-neighbour search: faiss, numpy, or auto (faiss when installed)")
+    add_encoder_arguments(parser, model_required=False, batches=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dualencoder.apps.query", description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 2)[2])
-    parser.add_argument("--index_dir", required=True, help="an index made by `python -m dualencoder.apps.index`")
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--text", help="find photos matching this description")
     what.add_argument("--image", help="find photos like this image file")
     parser.add_argument("--top_k", type=int, default=5, help="how many matches to print (default: 5)")
-    parser.add_argument("--search", choices=BACKENDS, default="auto",
-                        help="nearest-neighbour search: faiss, numpy, or auto (faiss when installed)")
-    add_encoder_arguments(parser, model_required=False, batches=False)
+    add_search_arguments(parser)
     return parser
 
 

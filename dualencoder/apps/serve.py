@@ -20,9 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Optional, Sequence
 from urllib.parse import parse_qs, quote, urlparse
 
-from dualencoder.apps.encoders import add_encoder_arguments
-from dualencoder.apps.query import PhotoSearch
-from dualencoder.apps.vector_search import BACKENDS
+from dualencoder.apps.query import PhotoSearch, add_search_arguments
 
 logger = logging.getLogger(__name__)
 HOST = "127.0.0.1"
@@ -136,12 +134,9 @@ def serve(server: ThreadingHTTPServer, stop_after: Optional[float] = None) -> No
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dualencoder.apps.serve", description=__doc__.split("\n\n")[0],
                                      epilog="Listens on 127.0.0.1 only. Stop it with Ctrl-C.")
-    parser.add_argument("--index_dir", required=True, help="an index made by `python -m dualencoder.apps.index`")
     parser.add_argument("--port", type=int, default=8000, help="port on 127.0.0.1 (default: 8000; 0: any free port)")
     parser.add_argument("--stop_after", type=float, default=None, help="stop by itself after this many seconds")
-    parser.add_argument("--search", choices=BACKENDS, default="auto",
-                        help="nearest-neighbour search: faiss, numpy, or auto (faiss when installed)")
-    add_encoder_arguments(parser, model_required=False, batches=False)
+    add_search_arguments(parser)
     return parser
 
 
