@@ -7,6 +7,7 @@ import onnxruntime
 import pytest
 import torch
 
+from dualencoder.apps import classify as classify_app
 from dualencoder.apps import export as export_app
 from dualencoder.apps import index as index_app
 from dualencoder.apps import query as query_app
@@ -76,6 +77,13 @@ def test_the_onnx_encoder_agrees_with_pytorch_and_indexes_photos(exported, tmp_p
     by_torch = query_app.main(["--index_dir", str(tmp_path / "idx"), "--text", "green"])
     assert [hit[0] for hit in by_onnx] == [hit[0] for hit in by_torch]
     np.testing.assert_allclose([h[2] for h in by_onnx], [h[2] for h in by_torch], atol=ATOL)
+
+    classified = {backend: classify_app.main(["--model_dir", model_dir, "--images", str(tmp_path / "photos"), "--labels",
+                                              "red,green,blue", "--backend", backend, "--quiet"])["predictions"]
+                  for backend in ("onnx", "torch")}
+    assert [p["label"] for p in classified["onnx"]] == [p["label"] for p in classified["torch"]]
+    np.testing.assert_allclose([p["score"] for p in classified["onnx"]], [p["score"] for p in classified["torch"]],
+                               atol=ATOL)
 
 
 def test_an_export_of_an_older_model_is_refused(tmp_path):

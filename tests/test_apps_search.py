@@ -93,6 +93,10 @@ def test_reindexing_embeds_only_new_and_changed_files_and_drops_removed_ones(tmp
     np.testing.assert_array_equal(reloaded.embeddings[[e["path"] for e in reloaded.entries].index("a.png")], row_of_a)
     assert len(list((tmp_path / "idx").glob("embeddings-*.npy"))) == 1  # the old embeddings file is gone
 
+    with pytest.raises(SystemExit, match="different model"):
+        PhotoIndex.open_or_create(tmp_path / "idx", folder, tmp_path, "another model")
+    assert PhotoIndex.open_or_create(tmp_path / "idx", folder, tmp_path, "another model", rebuild=True).entries == []
+
 
 def test_a_second_run_of_the_command_embeds_nothing(indexed, model_dir):
     folder, index_dir, _ = indexed
