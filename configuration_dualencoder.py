@@ -138,6 +138,9 @@ class DualEncoderConfig(PretrainedConfig):
         self.lora_text_blocks = lora_text_blocks
         self.vision_model_name_or_path = vision_model_name_or_path
         self.text_model_name_or_path = text_model_name_or_path
+        # `register_for_auto_class` names one auto class; the zero-shot-image-classification pipeline asks this one.
+        kwargs["auto_map"] = {"AutoModelForZeroShotImageClassification": "modeling_dualencoder.DualEncoderModel",
+                              **(kwargs.get("auto_map") or {})}
         super().__init__(**kwargs)
         self.validate()
 

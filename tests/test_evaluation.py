@@ -132,16 +132,23 @@ def test_querybank_rows_score_the_split_against_another_splits_queries(model_dir
         evaluate_model.main([*args, "--querybank_split", "test"])
 
 
-def test_zero_shot_alone_and_beside_the_model(model_dir, zero_shot_args, capsys):
-    alone = evaluate_model.main(["--zero_shot", *zero_shot_args, *DATA])
-    assert list(alone["results"]) == ["zero_shot"]
-    assert set(alone["results"]["zero_shot"]["metrics"]) == METRIC_KEYS
-    assert "timm:test_efficientnet" in alone["results"]["zero_shot"]["name"]
+def test_untrained_alone_and_beside_the_model(model_dir, zero_shot_args, capsys):
+    alone = evaluate_model.main(["--untrained", *zero_shot_args, *DATA])
+    assert list(alone["results"]) == ["untrained"]
+    assert set(alone["results"]["untrained"]["metrics"]) == METRIC_KEYS
+    assert "timm:test_efficientnet" in alone["results"]["untrained"]["name"]
 
-    both = evaluate_model.main(["--model_dir", str(model_dir), "--zero_shot", *zero_shot_args, *DATA])
-    assert list(both["results"]) == ["model", "zero_shot"]
-    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| zero-shot")]
+    both = evaluate_model.main(["--model_dir", str(model_dir), "--untrained", *zero_shot_args, *DATA])
+    assert list(both["results"]) == ["model", "untrained"]
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| untrained")]
     assert len(table) == 2  # one row in each printed table
+
+
+def test_zero_shot_is_a_deprecated_name_of_untrained():
+    with pytest.warns(FutureWarning, match="--zero_shot is deprecated, use --untrained"):
+        args = evaluate_model.build_parser().parse_args(["--zero_shot"])
+    assert args.untrained is True
+    assert evaluate_model.build_parser().parse_args([]).untrained is False
 
 
 def test_zero_shot_backbones_default_to_the_models_then_the_offline_pair():

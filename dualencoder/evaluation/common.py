@@ -36,7 +36,7 @@ DEFAULT_NUM_IMAGES = DEFAULT_JOB_NUM_IMAGES  # the default job's synthetic set
 DEFAULT_SYNTHETIC_IMAGE_SIZE = DEFAULT_JOB_IMAGE_SIZE
 DEFAULT_MAX_LENGTH = 32
 DEFAULT_SEED = 42
-# Config fields that shape the projection heads: the zero-shot pair copies them from the trained model.
+# Config fields that shape the projection heads: the untrained pair copies them from the trained model.
 _HEAD_FIELDS = ("projection_dim", "projection_head", "projection_hidden_dim", "text_pooling", "vision_pooling")
 
 
@@ -63,7 +63,7 @@ def load_trained_config(model_dir: str) -> DualEncoderConfig:
 
 
 def zero_shot_backbones(config=None, vision_model: Optional[str] = None, text_model: Optional[str] = None):
-    """Backbones of the zero-shot baseline: the given ones, else the trained config's, else the offline pair."""
+    """Backbones of the untrained baseline: the given ones, else the trained config's, else the offline pair."""
     vision = vision_model or getattr(config, "vision_model_name_or_path", None) or OFFLINE_VISION
     text = text_model or getattr(config, "text_model_name_or_path", None) or OFFLINE_TEXT
     return vision, text
@@ -208,6 +208,6 @@ def add_data_arguments(parser: argparse.ArgumentParser, max_images: Optional[int
 
 def add_zero_shot_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vision_model", default=None,
-                        help="zero-shot vision backbone (default: the model's, else offline:efficientnet-lite0)")
+                        help="untrained baseline's vision backbone (default: the model's, else offline:efficientnet-lite0)")
     parser.add_argument("--text_model", default=None,
-                        help="zero-shot text backbone (default: the model's, else offline:all-minilm-l6-v2)")
+                        help="untrained baseline's text backbone (default: the model's, else offline:all-minilm-l6-v2)")

@@ -1,10 +1,12 @@
-"""Evaluate a saved dual encoder, and/or the untrained zero-shot pair, on a split of an image-caption set.
+"""Evaluate a saved dual encoder, and/or the untrained joined pair, on a split of an image-caption set.
 
     python -m dualencoder.evaluation.evaluate_model --model_dir outputs/default --dataset synthetic \
-        --split test --zero_shot --output_json outputs/default/eval_test.json
+        --split test --untrained --output_json outputs/default/eval_test.json
 
 `--model_dir` is a directory written by `run_contrastive.py` (model + processor), or a Hub id when
-online. `--zero_shot` adds the untrained joined backbones (fresh projection heads) as a baseline:
+online. `--untrained` adds the untrained joined backbones (fresh projection heads) as a baseline
+(its old name `--zero_shot` still works, with a warning: zero-shot means something else to CLIP
+users, classification by prompts, which is `python -m dualencoder.apps.classify`):
 by default the backbones named in the model's config, else the offline pair. The command prints a
 markdown table (`format_metrics_table`) and writes the metrics, the similarity gap and the split
 sizes as JSON.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import warnings
 from pathlib import Path
 
 from dualencoder.evaluation.common import (add_data_arguments, add_zero_shot_arguments, data_options, describe, embed,
@@ -29,14 +32,28 @@ from dualencoder.querybank import querybank_metrics
 logger = logging.getLogger(__name__)
 
 
+class _DeprecatedZeroShot(argparse.Action):
+    """`--zero_shot`, the old name of `--untrained`: still sets it, with a warning."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        warnings.warn("--zero_shot is deprecated, use --untrained (the untrained joined backbones); zero-shot "
+                      "classification with prompts is `python -m dualencoder.apps.classify`", FutureWarning)
+        setattr(namespace, self.dest, True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m dualencoder.evaluation.evaluate_model",
         description="Image<->text retrieval metrics (Recall@K, median/mean rank, RSUM) of a saved dual "
-                    "encoder and/or the untrained zero-shot pair, on one split of a data set.")
+                    "encoder and/or the untrained joined pair, on one split of a data set.")
     parser.add_argument("--model_dir", default=None, help="a run's output directory, or a Hub model id")
-    parser.add_argument("--zero_shot", action="store_true",
+    parser.add_argument("--untrained", action="store_true",
                         help="also evaluate the untrained joined backbones (fresh projection heads) as a baseline")
+    parser.add_argument("--zero_shot", action=_DeprecatedZeroShot, dest="untrained",
+                        help="deprecated name of --untrained")
     add_zero_shot_arguments(parser)
     add_data_arguments(parser)
     bank = parser.add_argument_group("querybank normalisation (dualencoder/querybank.py)")
@@ -56,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def evaluate(args: argparse.Namespace) -> dict:
     """Run the evaluation the parsed arguments describe; returns what `--output_json` holds."""
-    if not args.model_dir and not args.zero_shot:
-        raise SystemExit("nothing to evaluate: pass --model_dir DIR and/or --zero_shot")
+    if not args.model_dir and not args.untrained:
+        raise SystemExit("nothing to evaluate: pass --model_dir DIR and/or --untrained")
     if args.querybank_split is not None and args.querybank_split == args.split:
         raise SystemExit(f"--querybank_split {args.querybank_split} is the evaluated split: the querybank must be "
                          "other queries (e.g. --querybank_split train), or the test queries would score themselves")
@@ -74,9 +91,9 @@ def evaluate(args: argparse.Namespace) -> dict:
     runs = []
     if args.model_dir:
         runs.append(("model", args.model_dir, lambda: load_model(args.model_dir, args.device)))
-    if args.zero_shot:
+    if args.untrained:
         vision, text = zero_shot_backbones(trained_config, args.vision_model, args.text_model)
-        runs.append(("zero_shot", f"zero-shot ({vision} + {text})",
+        runs.append(("untrained", f"untrained ({vision} + {text})",
                      lambda: load_zero_shot(vision, text, args.device, like=trained_config)))
 
     results = {}
