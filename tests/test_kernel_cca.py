@@ -1,5 +1,7 @@
 """Kernel CCA (Nyström RBF maps + linear CCA): what it finds that linear CCA cannot, and what it costs."""
 
+import json
+
 import torch
 
 from dualencoder.baselines import BASELINES, KernelCCA, LinearCCA, SplitFeatures, build_baseline
@@ -90,7 +92,7 @@ def test_dev_chooses_width_rank_and_ridge_and_the_contract_holds():
 
     train, dev = split(200, 0), split(60, 1)
     model = build_baseline("kernel-cca")
-    model.widths, model.ranks, model.ridges, model.dims = (0.5, 4.0), (16, 64), (1e-2, 1.0), (2, 8)
+    model.widths, model.ranks, model.ridges, model.dims, model.powers = (0.5, 4.0), (16, 64), (1e-2, 1.0), (2, 8), (0.0,)
     model.fit(train.images, train.texts, train.text_to_image, val=dev)
     assert "kernel-cca" in BASELINES
     assert {"width", "rank", "ridge", "k", "power", "val_rsum"} <= set(model.selected)
@@ -100,3 +102,36 @@ def test_dev_chooses_width_rank_and_ridge_and_the_contract_holds():
     assert images.shape[0] == 60 and texts.shape[0] == 120 and images.shape[1] == texts.shape[1]
     torch.testing.assert_close(images.norm(dim=1), torch.ones(60))
     assert model.train_seconds > 0
+
+
+def toy_split(num_images: int, seed: int) -> SplitFeatures:
+    g = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(6, 4, generator=torch.Generator().manual_seed(99))  # the same relation in every split
+    images = torch.randn(num_images, 6, generator=g)
+    text_to_image = torch.arange(num_images).repeat(2)
+    texts = torch.tanh(images[text_to_image] @ mixing) + 0.1 * torch.randn(len(text_to_image), 4, generator=g)
+    return SplitFeatures(images, texts, text_to_image)
+
+
+def test_compare_adds_the_kernel_cca_row_to_a_saved_table_without_refitting_the_others(tmp_path):
+    from dualencoder.baselines.compare import main
+    from dualencoder.baselines.features import feature_key
+
+    data_dir, cache, out = tmp_path / "flickr-toy", tmp_path / "cache", tmp_path / "BASELINES.md"
+    for name, seed in (("train", 0), ("validation", 1), ("test", 2)):
+        toy_split(60 if name == "train" else 30, seed).save(cache / feature_key(data_dir) / f"{name}.safetensors")
+    common = ["--data", str(data_dir), "--out", str(out), "--cache_dir", str(cache)]
+    main(common + ["--baselines", "linear-cca"])
+    saved = json.loads(out.with_suffix(".json").read_text())
+    saved["results"]["linear-cca"]["test"]["rsum"] = 123.0  # a refit would not give this
+    saved["results"]["gone-run"] = {"test": dict(saved["results"]["linear-cca"]["test"], rsum=456.0),
+                                    "kind": "main model", "selected": {}, "train_seconds": 1.0}
+    out.with_suffix(".json").write_text(json.dumps(saved))
+    results = main(common + ["--baselines", "linear-cca", "kernel-cca", "--reuse",
+                             "--main_runs", str(tmp_path / "outputs" / "gone-run")])
+    assert list(results) == ["linear-cca", "kernel-cca", "gone-run"]
+    assert results["linear-cca"]["test"]["rsum"] == 123.0 and results["gone-run"]["test"]["rsum"] == 456.0
+    assert {"width", "rank", "ridge"} <= set(results["kernel-cca"]["selected"])
+    assert results["kernel-cca"]["train_seconds"] > 0
+    page = out.read_text()
+    assert "| kernel-cca |" in page and "| gone-run |" in page
