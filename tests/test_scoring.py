@@ -133,3 +133,40 @@ def test_evaluate_module_loads_from_its_path_and_matches_the_scorer(tiny_pairs):
     got = plain.compute(predictions=captions, images=images, scorer=model_dir)  # a model directory works as well
     assert set(got) == {"clip_score", "clip_scores"}
     assert got["clip_scores"] == pytest.approx(expected["clip_score"].tolist(), abs=1e-5)
+
+
+def test_a_frozen_feature_baseline_scores_through_the_offline_backbones(tiny_pairs, tmp_path, monkeypatch):
+    from dualencoder.baselines import LinearCCA, SplitFeatures
+    from dualencoder.baselines.features import DEFAULT_TEXT, DEFAULT_VISION, feature_key
+    from dualencoder.evaluation.scoring import baseline_scorer
+
+    root, _, rows = tiny_pairs
+    data_dir, cache = tmp_path / "data", tmp_path / "cache"
+    monkeypatch.setenv("DUALENCODER_FEATURE_CACHE", str(cache))
+    g = torch.Generator().manual_seed(0)
+    splits = {}
+    for name, n in (("train", 40), ("validation", 10)):  # features of the offline backbones' widths (1280, 384)
+        images = torch.randn(n, 1280, generator=g)
+        texts = images[:, :384] + 0.1 * torch.randn(n, 384, generator=g)
+        splits[name] = SplitFeatures(images, texts, torch.arange(n))
+        splits[name].save(cache / feature_key(data_dir) / f"{name}.safetensors")
+    selected = {"ridge": 1.0, "k": 8, "power": 0.0, "val_rsum": 1.0}  # a BASELINES.json row's choice
+    scorer = baseline_scorer("linear-cca", data_dir, selected)
+    images = [str(root / image) for image, _, _ in rows]
+    captions = [caption for _, caption, _ in rows]
+    got = scorer.score(images, captions)["clip_score"]
+
+    baseline = LinearCCA(ridges=(1.0,), dims=(8,), powers=(0.0,))
+    baseline.fit(splits["train"].images, splits["train"].texts, val=splits["validation"])
+    backbone = DualEncoderModel.from_vision_text_pretrained(DEFAULT_VISION, DEFAULT_TEXT).eval()
+    processor = build_processor(backbone.config)
+    transform = ImageTransform(processor.image_processor, train=False)
+    tokens = processor.tokenizer(captions, padding="longest", return_tensors="pt")
+    with torch.no_grad():
+        image_embeds = baseline.embed_images(backbone.encode_vision(torch.stack([transform.pixels(Image.open(p))
+                                                                                 for p in images])))
+        text_embeds = baseline.embed_texts(backbone.encode_text(tokens["input_ids"], tokens["attention_mask"]))
+    torch.testing.assert_close(got, 2.5 * (image_embeds * text_embeds).sum(-1).clamp(min=0), atol=1e-5, rtol=0)
+
+    with pytest.raises(ValueError, match="CCA baselines only"):
+        baseline_scorer("deep-cca", data_dir, {"epoch": 3})
