@@ -101,7 +101,7 @@ def judged_pairs(data_dir) -> dict:
 
 def kendall_tau_b(scores, human) -> float:
     """100 x Kendall tau-b of two score lists (ties in either count as in the paper's scipy call)."""
-    return 100.0 * float(kendalltau(torch.as_tensor(scores).tolist(), list(human), variant="b").statistic)
+    return 100.0 * float(kendalltau(torch.as_tensor(scores).tolist(), list(human), variant="b")[0])
 
 
 def correlations(scorer, pairs: dict, w: float = CLIP_S_WEIGHT) -> dict:
