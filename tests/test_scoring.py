@@ -145,11 +145,14 @@ def test_a_frozen_feature_baseline_scores_through_the_offline_backbones(tiny_pai
     monkeypatch.setenv("DUALENCODER_FEATURE_CACHE", str(cache))
     g = torch.Generator().manual_seed(0)
     splits = {}
-    for name, n in (("train", 40), ("validation", 10)):  # features of the offline backbones' widths (1280, 384)
+    for name, n in (("train", 40), ("validation", 10), ("test", 1)):  # the offline backbones' widths (1280, 384)
         images = torch.randn(n, 1280, generator=g)
         texts = images[:, :384] + 0.1 * torch.randn(n, 384, generator=g)
-        splits[name] = SplitFeatures(images, texts, torch.arange(n))
+        splits[name] = SplitFeatures(images, texts, torch.arange(n), [f"{name}{i}.png" for i in range(n)],
+                                     [f"{name} caption {i}" for i in range(n)])
         splits[name].save(cache / feature_key(data_dir) / f"{name}.safetensors")
+    (data_dir / "images").mkdir(parents=True)
+    Image.new("RGB", (32, 32), (0, 200, 0)).save(data_dir / "images" / "test0.png")  # a cached image of the data set
     selected = {"ridge": 1.0, "k": 8, "power": 0.0, "val_rsum": 1.0}  # a BASELINES.json row's choice
     scorer = baseline_scorer("linear-cca", data_dir, selected)
     images = [str(root / image) for image, _, _ in rows]
@@ -167,6 +170,12 @@ def test_a_frozen_feature_baseline_scores_through_the_offline_backbones(tiny_pai
                                                                                  for p in images])))
         text_embeds = baseline.embed_texts(backbone.encode_text(tokens["input_ids"], tokens["attention_mask"]))
     torch.testing.assert_close(got, 2.5 * (image_embeds * text_embeds).sum(-1).clamp(min=0), atol=1e-5, rtol=0)
+
+    # the data set's own image and caption: their cached pooled features, no backbone (those are random
+    # vectors here, which no backbone would give for a green square)
+    cached = scorer.score([str(data_dir / "images" / "test0.png")], ["test caption 0"])["clip_score"]
+    expected = (baseline.embed_images(splits["test"].images) * baseline.embed_texts(splits["test"].texts)).sum(-1)
+    torch.testing.assert_close(cached, 2.5 * expected.clamp(min=0), atol=1e-5, rtol=0)
 
     with pytest.raises(ValueError, match="CCA baselines only"):
         baseline_scorer("deep-cca", data_dir, {"epoch": 3})

@@ -21,7 +21,7 @@ import argparse
 import csv
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -73,10 +73,20 @@ class Scorer:
     name: str = "scorer"
     max_length: int = 64
     batch_size: int = 32
+    # embeddings computed before (a baseline's, from the feature cache), by resolved image path / caption
+    known_images: dict = field(default_factory=dict)
+    known_texts: dict = field(default_factory=dict)
 
-    @torch.no_grad()
     def embed_images(self, images: Sequence) -> torch.Tensor:
         """Images (PIL, paths, or datasets ``{"bytes", "path"}`` dicts) -> ``[N, D]``."""
+        keys = [str(Path(image).resolve()) if isinstance(image, (str, Path)) else None for image in images]
+        return _reuse(keys, images, self.known_images, self._compute_images)
+
+    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        return _reuse(list(texts), texts, self.known_texts, self._compute_texts)
+
+    @torch.no_grad()
+    def _compute_images(self, images: Sequence) -> torch.Tensor:
         transform = ImageTransform(self.processor.image_processor, train=False)
         chunks = []
         for start in range(0, len(images), self.batch_size):
@@ -86,7 +96,7 @@ class Scorer:
         return torch.cat(chunks)
 
     @torch.no_grad()
-    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
+    def _compute_texts(self, texts: Sequence[str]) -> torch.Tensor:
         chunks = []
         for start in range(0, len(texts), self.batch_size * 4):
             tokens = self.processor.tokenizer(list(texts[start:start + self.batch_size * 4]), padding="longest",
@@ -128,6 +138,13 @@ def _unique(keys: list) -> tuple[torch.Tensor, list[int]]:
     return torch.tensor([row_of[key] for key in keys], dtype=torch.long), firsts
 
 
+def _reuse(keys: list, items: Sequence, known: dict, compute: Callable) -> torch.Tensor:
+    """Embeddings of ``items``: ``known[key]`` where there is one, ``compute`` (in one call) for the rest."""
+    missing = [i for i, key in enumerate(keys) if key is None or key not in known]
+    fresh = dict(zip(missing, compute([items[i] for i in missing]))) if missing else {}
+    return torch.stack([fresh[i] if i in fresh else known[key] for i, key in enumerate(keys)])
+
+
 def model_scorer(model, processor, name: str = "model", **options) -> Scorer:
     """A scorer from a ``DualEncoderModel`` (its ``get_image_features`` / ``get_text_features``)."""
     model.eval()
@@ -139,7 +156,8 @@ def baseline_scorer(name: str, data_dir, selected: Optional[dict] = None, seed: 
     """A frozen-feature baseline, fitted on ``data_dir``'s train features and chosen on its dev features.
 
     The frozen backbones are the feature cache's (:mod:`dualencoder.baselines.features`); each image
-    and caption is embedded as ``baseline.embed_*(backbone pooled features)``. ``selected``
+    and caption is embedded as ``baseline.embed_*(pooled features)``, the pooled features read from
+    that cache for the data set's own images and captions (computed once, as for the baselines). ``selected``
     (a ``BASELINES.json`` row's ``"selected"``) fixes a CCA baseline's grid to that dev-chosen
     setting, so the fit takes one setting's time instead of the grid's; the result is the same fit.
     """
@@ -154,14 +172,25 @@ def baseline_scorer(name: str, data_dir, selected: Optional[dict] = None, seed: 
         if key not in _GRID_OF or not hasattr(baseline, _GRID_OF[key]):
             raise ValueError(f"{name}: cannot fix {key!r}; a selected setting applies to the CCA baselines only")
         setattr(baseline, _GRID_OF[key], (value,))
-    features = load_features(data_dir, ("train", "validation"), max_length=options.get("max_length", 64))
+    features = load_features(data_dir, max_length=options.get("max_length", 64))
     train = features["train"]
     baseline.fit(train.images, train.texts, train.text_to_image, val=features["validation"])
     logger.info("%s fitted in %.0f s, selected on dev: %s", name, baseline.train_seconds, baseline.selected)
+    # The pooled features of every image and caption of the data set are cached: their embeddings need
+    # no backbone (images are matched by file, under data_dir only); anything else runs the backbones.
+    wanted = {image_id for split in features.values() for image_id in split.image_ids}
+    files = {path.name: str(path.resolve()) for path in Path(data_dir).rglob("*") if path.name in wanted}
+    known_images, known_texts = {}, {}
+    for split in features.values():
+        for image_id, embedding in zip(split.image_ids, baseline.embed_images(split.images)):
+            if image_id in files:
+                known_images[files[image_id]] = embedding
+        known_texts.update(zip(split.captions, baseline.embed_texts(split.texts)))
     backbone = DualEncoderModel.from_vision_text_pretrained(DEFAULT_VISION, DEFAULT_TEXT).eval()
     return Scorer(lambda pixels: baseline.embed_images(backbone.encode_vision(pixels)),
                   lambda ids, mask: baseline.embed_texts(backbone.encode_text(ids, mask)),
-                  build_processor(backbone.config), f"baseline:{name}", **options)
+                  build_processor(backbone.config), f"baseline:{name}", known_images=known_images,
+                  known_texts=known_texts, **options)
 
 
 def load_scorer(spec: str, data_dir=None, baselines_json: Optional[str] = None, seed: int = 0, **options) -> Scorer:
