@@ -1,4 +1,4 @@
-"""Baselines on frozen backbone features: linear CCA, Corr-AE / cross-modal AE, Deep CCA, InfoNCE heads.
+"""Baselines on frozen backbone features: linear and kernel CCA, Corr-AE / cross-modal AE, Deep CCA, InfoNCE heads.
 
 Features are extracted once per data set and backbone pair and cached (:mod:`.features`); every
 baseline fits on the training split, selects its hyperparameter or epoch on validation RSUM, and
@@ -15,6 +15,7 @@ from .cca import LinearCCA, fit_cca
 from .corr_ae import CorrAE
 from .dcca import DeepCCA, total_correlation
 from .features import SplitFeatures, load_features
+from .kernel_cca import KernelCCA
 from .projection_head import ContrastiveHeads
 
 
@@ -32,6 +33,7 @@ def build_baseline(name: str, options: TrainOptions | None = None) -> Baseline:
 
 BASELINES = {
     "linear-cca": lambda options: LinearCCA(),
+    "kernel-cca": lambda options: KernelCCA(seed=options.seed),
     "corr-ae-mse": lambda options: CorrAE("corr", "mse", options=options),
     "corr-ae-contrastive": lambda options: CorrAE("corr", "contrastive", options=options),
     "cross-ae-mse": lambda options: CorrAE("cross", "mse", options=options),
@@ -46,6 +48,7 @@ __all__ = [
     "ContrastiveHeads",
     "CorrAE",
     "DeepCCA",
+    "KernelCCA",
     "LinearCCA",
     "SplitFeatures",
     "TrainOptions",

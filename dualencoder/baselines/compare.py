@@ -7,7 +7,8 @@ Features are read from the cache (``dualencoder.baselines.features``; extracted 
 Each baseline fits on ``train``, picks its hyperparameter / epoch by ``validation`` RSUM and is
 scored on ``test`` (all images against all captions). ``--main_runs`` adds the ``test`` section of
 each run's ``metrics.json`` (from run_contrastive.py) as a row; with ``--reuse`` the baselines
-already in the JSON are not refitted (adding main runs then takes seconds). Writes the markdown page ``--out``
+already in the JSON are not refitted (adding main runs, or one new baseline, then takes only their
+time), nor main runs whose directory is gone. Writes the markdown page ``--out``
 and the same numbers as JSON (``--json``, default: ``--out`` with ``.json``), rewritten after every
 baseline so an interrupted run keeps what it finished.
 """
@@ -55,8 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the machine may be shared)")
     parser.add_argument("--reuse", action="store_true",
-                        help="take the results of baselines already in --json instead of refitting them "
-                             "(e.g. to add --main_runs rows in seconds)")
+                        help="take the results of baselines (and of main runs without a metrics.json here) already in "
+                             "--json instead of refitting them (e.g. to add one baseline's row)")
     return parser.parse_args(argv)
 
 
@@ -131,6 +132,11 @@ at most {meta['epochs']} epochs, early stop after {meta['patience']} epochs with
   a ridge relative to their mean eigenvalue, whitening, SVD; both sides projected to k dims,
   each direction weighted by its canonical correlation to the power p; cosine retrieval. Grid on
   dev: ridge in {{1e-3 .. 100}}, k in {{64, 128, 256, 384}}, p in {{0, 1, 2}}.
+* **kernel-cca**: regularised kernel CCA with RBF kernels (`dualencoder/baselines/kernel_cca.py`):
+  each view z-scored and mapped by a rank-m Nyström approximation of its kernel (m random training
+  rows as landmarks, width s times the median landmark distance), then linear CCA as above on the
+  m-dim mapped features (memory O(n m), not O(n^2)). Grid on dev: s in {{0.5, 1, 2}},
+  m in {{512, 1024, 2048}}, ridge in {{0.01, 0.1, 1}}, k in {{256, 512, 1024}}, p in {{0, 1, 2}}.
 * **corr-ae-mse / corr-ae-contrastive**: correspondence autoencoder (Feng et al. 2014): an
   autoencoder per modality (image {meta['image_dim']}→1024→512, text {meta['text_dim']}→512→512, mirrored decoders,
   ReLU, dropout 0.3), loss = self-reconstruction MSE of both + alignment of the 512-d codes, either
@@ -241,7 +247,12 @@ def main(argv=None) -> dict:
         logger.info("%s (%.0f s): %s", name, time.time() - started, format_metrics_table({name: metrics}))
         write()
     for directory in args.main_runs:
-        results[Path(directory).name] = read_main_run(directory)
+        name = Path(directory).name
+        if args.reuse and not (Path(directory) / "metrics.json").exists() and name in previous:
+            logger.info("%s: no metrics.json here, reusing the row in %s", directory, json_path)
+            results[name] = previous[name]
+        else:
+            results[name] = read_main_run(directory)
     write()
     print(format_metrics_table({name: row["test"] for name, row in results.items()}))
     return results

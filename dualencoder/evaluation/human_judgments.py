@@ -1,0 +1,158 @@
+"""How well a scorer agrees with people: Kendall tau-b against the Flickr8K-CF judgments.
+
+    python -m dualencoder.evaluation.human_judgments --scorer baseline:linear-cca \
+        --data ../shared/data/flickr8k --out doc/HUMAN_JUDGMENTS.json
+
+Flickr8K-CF (Hodosh et al. 2013; ``Flickr8k_text/CrowdFlowerAnnotations.txt``) holds 47,830
+(test image, caption) pairs, each with the share of at least 3 CrowdFlower judges who said the
+caption describes the image. The protocol is the CLIPScore paper's (Hessel et al. 2021, appendix A):
+Kendall tau-b (``scipy.stats.kendalltau(variant="b")``, times 100) between the scorer's CLIP-S or
+RefCLIP-S and that share, over all pairs. An image's references are its own captions minus every
+caption judged with it, so no candidate is its own reference. Published, for a CLIP trained on 400M
+pairs: CLIP-S 34.4, RefCLIP-S 36.4.
+
+These are test images and report-only data: nothing is trained or chosen on them. Each run adds its
+scorer's entry to ``--out`` (JSON) and rewrites the markdown table beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from scipy.stats import kendalltau
+
+from data_scripts.captions import parse_token_file
+from data_scripts.report import DatasetFormatError
+from dualencoder.evaluation.scoring import CLIP_S_WEIGHT, load_scorer
+
+logger = logging.getLogger(__name__)
+
+CROWDFLOWER = "Flickr8k_text/CrowdFlowerAnnotations.txt"
+TOKENS = "Flickr8k_text/Flickr8k.token.txt"
+IMAGES = "Flicker8k_Dataset"
+PUBLISHED = {"clip_score": 34.4, "ref_clip_score": 36.4}  # CLIP ViT-B/32, Hessel et al. 2021, Table 2
+
+
+@dataclass(frozen=True)
+class Judgment:
+    """One line of CrowdFlowerAnnotations.txt: the image, the judged caption's id, the judges' verdicts."""
+
+    image: str  # file name, e.g. 1056338697_4f7d7ce270.jpg
+    caption_id: str  # <image>#<n>: the n-th caption of (possibly another) image
+    share_yes: float
+    yes: int
+    no: int
+
+
+def read_crowdflower(path) -> list[Judgment]:
+    """Parse ``image TAB caption id TAB share of yes TAB yes TAB no`` lines; a malformed line is an error."""
+    judgments = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        try:
+            image, caption_id, share, yes, no = fields
+            judgment = Judgment(image.strip(), caption_id.strip(), float(share), int(yes), int(no))
+        except ValueError as error:
+            raise DatasetFormatError(f"{path}, line {number}: expected image, caption id, share of yes, yes, no "
+                                     f"separated by TABs; got {line[:80]!r} ({error})") from error
+        if judgment.yes + judgment.no and abs(judgment.share_yes - judgment.yes / (judgment.yes + judgment.no)) > 1e-3:
+            raise DatasetFormatError(f"{path}, line {number}: share {share} is not yes / (yes + no) = {yes}/{int(yes) + int(no)}")
+        judgments.append(judgment)
+    if not judgments:
+        raise DatasetFormatError(f"{path}: no judgments")
+    return judgments
+
+
+def judged_pairs(data_dir) -> dict:
+    """Images (paths), captions, references and human scores of every Flickr8K-CF pair, in file order."""
+    data_dir = Path(data_dir)
+    judgments = read_crowdflower(data_dir / CROWDFLOWER)
+
+    def report(problem):
+        logger.warning("%s", problem)
+
+    table = parse_token_file(data_dir / TOKENS, report)
+    captions_of = {image: {index: " ".join(text.split()) for index, text, _ in entries} for image, entries in table.items()}
+
+    def caption(caption_id: str) -> str:
+        image, _, index = caption_id.rpartition("#")
+        return captions_of[image][int(index)]
+
+    judged_with: dict[str, set] = {}
+    for j in judgments:
+        judged_with.setdefault(j.image, set()).add(caption(j.caption_id))
+    references = {image: [c for c in captions_of[image].values() if c not in judged] for image, judged in judged_with.items()}
+    return {
+        "images": [str(data_dir / IMAGES / j.image) for j in judgments],
+        "captions": [caption(j.caption_id) for j in judgments],
+        "references": [references[j.image] for j in judgments],
+        "human": [j.share_yes for j in judgments],
+    }
+
+
+def kendall_tau_b(scores, human) -> float:
+    """100 x Kendall tau-b of two score lists (ties in either count as in the paper's scipy call)."""
+    return 100.0 * float(kendalltau(torch.as_tensor(scores).tolist(), list(human), variant="b")[0])
+
+
+def correlations(scorer, pairs: dict, w: float = CLIP_S_WEIGHT) -> dict:
+    """Tau-b of the scorer's CLIP-S and RefCLIP-S against the human scores of ``pairs`` (from :func:`judged_pairs`)."""
+    scores = scorer.score(pairs["images"], pairs["captions"], pairs["references"], w=w)
+    return {f"{key}_tau_b": kendall_tau_b(values, pairs["human"]) for key, values in scores.items()}
+
+
+def render_markdown(results: dict) -> str:
+    rows = ["| scorer | CLIP-S tau-b | RefCLIP-S tau-b | pairs | seconds | command |", "| --- | ---: | ---: | ---: | ---: | --- |"]
+    rows.append(f"| CLIP ViT-B/32, 400M pairs (published) | {PUBLISHED['clip_score']} | {PUBLISHED['ref_clip_score']} "
+                "| 47830 | - | Hessel et al. 2021, Table 2 |")
+    for name, row in results.items():
+        rows.append(f"| {name} | {row['clip_score_tau_b']:.1f} | {row['ref_clip_score_tau_b']:.1f} | {row['pairs']} | "
+                    f"{row['seconds']:.0f} | `{row['command']}` |")
+    return ("# Agreement with human judgments (Flickr8K-CF)\n\n"
+            "Generated by `python -m dualencoder.evaluation.human_judgments` from the JSON beside this page "
+            "(do not edit by hand). Kendall tau-b x 100 between each scorer's CLIP-S (w = 2.5) or RefCLIP-S and "
+            "the share of CrowdFlower judges who said the caption describes the image, over all judged pairs of "
+            "the 1,000 Flickr8k test images (the CLIPScore paper's protocol; references: the image's captions "
+            "minus those judged with it). Report-only data: nothing was trained or chosen on it. Baselines are "
+            "fitted on Flickr8k train features at the setting chosen on dev (doc/BASELINES.json).\n\n"
+            + "\n".join(rows) + "\n")
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scorer", required=True, help="a model directory, 'untrained', or 'baseline:<name>'")
+    parser.add_argument("--data", default="../shared/data/flickr8k", help="Flickr8k directory (official layout)")
+    parser.add_argument("--out", default="doc/HUMAN_JUDGMENTS.json", help="JSON to add this scorer's entry to (and .md beside)")
+    parser.add_argument("--name", default=None, help="the entry's name (default: --scorer)")
+    parser.add_argument("--baselines_json", default=None, help="refit a baseline at the dev-chosen setting recorded here")
+    parser.add_argument("--max_length", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the machine may be shared)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
+    started = time.time()
+    pairs = judged_pairs(args.data)
+    scorer = load_scorer(args.scorer, args.data, args.baselines_json, max_length=args.max_length)
+    result = {**correlations(scorer, pairs), "pairs": len(pairs["human"]), "seconds": time.time() - started,
+              "command": "python -m dualencoder.evaluation.human_judgments " + " ".join(argv if argv is not None else sys.argv[1:])}
+    out = Path(args.out)
+    saved = json.loads(out.read_text()) if out.exists() else {}
+    saved[args.name or args.scorer] = result
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(saved, indent=2))
+    out.with_suffix(".md").write_text(render_markdown(saved))
+    print(json.dumps({args.name or args.scorer: result}, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
