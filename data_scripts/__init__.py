@@ -23,6 +23,7 @@ from .pixel_store import PixelStore, build_pixel_store
 from .preprocessing import ImageSpec, ImageTransform, apply_image_transforms, make_image_transform
 from .rows import TransformedRows
 from .report import DatasetFormatError, LoadReport, Problem
+from .shard_writer import write_shards
 from .samplers import ImageGroupBatchSampler, UniqueImageBatchSampler
 from .streaming import HubStream, WebDatasetStream, build_stream, expand_shards
 from .synthetic import build_synthetic_dataset
@@ -61,4 +62,5 @@ __all__ = [
     "to_image_view",
     "to_pair_view",
     "undecoded_images",
+    "write_shards",
 ]

@@ -222,8 +222,9 @@ class WebDatasetStream(_Stream):
     """Pair-view rows from webdataset shards: ``KEY.jpg`` (or png, webp...) + ``KEY.txt`` and/or ``KEY.json``.
 
     A json's ``captions`` (a list), ``caption`` or ``text`` field wins over the txt; each caption is one
-    row, with ``image_id`` = the sample's key (webdataset's ``__key__``, unique across shards as
-    img2dataset writes them) and ``caption_index`` 0, 1, ... Bad samples (a jpg without caption, a
+    row, with ``image_id`` = the json's ``image_id`` when it has one (as :func:`write_shards` writes),
+    else the sample's key (webdataset's ``__key__``, unique across shards as img2dataset writes them),
+    and ``caption_index`` 0, 1, ... Bad samples (a jpg without caption, a
     caption without image, undecodable image bytes, a corrupt or truncated tar) are named by shard and
     member and raised or skipped with a count per ``on_bad_image``; the rest of a corrupt shard is
     unreadable and skipped. Without a ``transform``, ``verify_images`` decodes each image (at 1/8 size
@@ -253,9 +254,10 @@ class WebDatasetStream(_Stream):
             sink(Problem(shard, f"sample '{key}' has {', '.join(key + '.' + e for e in members)} but no image "
                          f"({'/'.join(IMAGE_EXTENSIONS)})", hint="Add the image or remove the sample's members"))
             return
-        captions = _member_captions(shard, key, members, sink)
-        if captions is None:
+        found = _member_captions(shard, key, members, sink)
+        if found is None:
             return
+        captions, image_id = found
         if not captions:
             sink(Problem(shard, f"member '{key}.{image_ext}' has no caption (no non-empty {key}.txt, nor a "
                          f"captions/caption/text field in {key}.json)", hint="Add its caption or remove the image"))
@@ -268,7 +270,7 @@ class WebDatasetStream(_Stream):
                 return
         image = {"bytes": data, "path": f"{key}.{image_ext}"}
         for index, caption in enumerate(captions):
-            yield {"image": image, "image_id": key, "caption": caption, "caption_index": index}
+            yield {"image": image, "image_id": image_id, "caption": caption, "caption_index": index}
 
 
 def _tar_samples(shard: str, sink: ProblemSink) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -320,9 +322,12 @@ def _check_tar_end(shard: str, end: int, last: Optional[str], sink: ProblemSink)
                 return
 
 
-def _member_captions(shard: str, key: str, members: dict[str, bytes], sink: ProblemSink) -> Optional[list[str]]:
-    """The sample's captions (json's list or string, else the txt), or None after reporting a bad json."""
+def _member_captions(shard: str, key: str, members: dict[str, bytes],
+                     sink: ProblemSink) -> Optional[tuple[list[str], str]]:
+    """The sample's captions (json's list or string, else the txt) and image id (json's, else the key),
+    or None after reporting a bad json."""
     captions: list[str] = []
+    image_id = key
     if "json" in members:
         try:
             meta = json.loads(members["json"].decode("utf-8"))
@@ -331,11 +336,12 @@ def _member_captions(shard: str, key: str, members: dict[str, bytes], sink: Prob
             return None
         field = next((f for f in ("captions", "caption", "text") if isinstance(meta, dict) and meta.get(f)), None)
         captions = caption_list(meta[field]) if field else []
+        image_id = str(meta.get("image_id") or key) if isinstance(meta, dict) else key
     if not captions and "txt" in members:
         captions = [members["txt"].decode("utf-8", errors="replace").strip()]
     if captions and not all(captions):
         sink(Problem(shard, f"sample '{key}': {captions.count('')} empty caption(s)", hint="Remove the empty entries"))
-    return [c for c in captions if c]
+    return [c for c in captions if c], image_id
 
 
 class HubStream(_Stream):

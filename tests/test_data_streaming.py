@@ -13,8 +13,9 @@ from datasets import Dataset, Image as ImageFeature
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from data_scripts import ContrastiveCollator, DatasetFormatError, ImageTransform
+from data_scripts import ContrastiveCollator, DatasetFormatError, ImageTransform, load_image_caption_dataset, write_shards
 from data_scripts.streaming import HubStream, WebDatasetStream, build_stream, expand_shards
+from tests.test_data_sources import imagefolder
 
 
 def png(i: int) -> bytes:
@@ -97,6 +98,21 @@ def test_rows_follow_the_pair_view_contract_with_captions_of_one_image_together(
         where = [i for i, k in enumerate(order) if k == key]
         assert where == list(range(where[0], where[0] + len(where)))
         assert [rows[i]["caption"] for i in where] == captions_of(key)
+
+
+def test_shards_written_from_a_loaded_set_stream_the_same_rows(tmp_path):
+    """The map-style pair view and the stream of its shards hold the same (image_id, caption, caption_index)
+    rows and the same image bytes, so either feeds the same transform and collator."""
+    pairs = load_image_caption_dataset(str(imagefolder(tmp_path / "mine")), verify_images=False)["train"]
+    paths = write_shards(pairs, tmp_path / "shards", images_per_shard=2)
+    assert len(paths) == (len(set(pairs["image_id"])) + 1) // 2
+    streamed = list(build_stream(str(tmp_path / "shards" / "*.tar"), verify_images=False))
+    key = lambda r: (r["image_id"], r["caption_index"])  # noqa: E731
+    mapped = sorted(pairs.cast_column("image", ImageFeature(decode=False)), key=key)
+    assert [(r["image_id"], r["caption"], r["caption_index"]) for r in sorted(streamed, key=key)] == \
+        [(r["image_id"], r["caption"], r["caption_index"]) for r in mapped]
+    assert streamed[0]["image"]["bytes"] == Path(next(r for r in mapped if r["image_id"] == streamed[0]["image_id"])
+                                                 ["image"]["path"]).read_bytes()
 
 
 def test_two_processes_with_two_workers_see_every_sample_exactly_once(shards):
@@ -234,3 +250,16 @@ def test_streaming_load_dataset_folder_split_across_processes_and_workers(tmp_pa
     resumed = build_stream(str(tmp_path / "repo"), seed=0)
     resumed.load_state_dict(first.state_dict())
     assert head + read_all(resumed) == read_all(build_stream(str(tmp_path / "repo"), seed=0))
+
+
+def test_data_loading_benchmark_times_the_stream_beside_the_map_style_path(tmp_path):
+    from benchmarks import data_loading
+    from tests.test_data_flickr8k import make_official
+
+    root = make_official(tmp_path / "flickr")
+    result = data_loading.main(["--data", str(root), "--num_images", "8", "--batch_size", "4", "--workers", "0",
+                                "--image_size", "16", "--streaming", "--shard_dir", str(tmp_path / "shards"),
+                                "--images_per_shard", "3", "--out", str(tmp_path / "data.json")])
+    assert [(row["input"], row["workers"]) for row in result["rows"]] == [("map-style", 0), ("webdataset stream", 0)]
+    assert all(row["images"] == 8 and row["batches"] == 2 and row["images_per_s"] > 0 for row in result["rows"])
+    assert len(list((tmp_path / "shards").glob("*.tar"))) == 3
