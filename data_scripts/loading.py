@@ -27,6 +27,7 @@ from .hub import load_hub_dataset, normalise_hub_dataset
 from .layout import detect_layout
 from .report import DatasetFormatError
 from .sources import find_metadata, is_table_file, load_tables
+from .streaming import is_shard_pattern
 from .synthetic import build_synthetic_dataset
 from .views import check_view, quiet_datasets
 
@@ -74,8 +75,11 @@ def load_image_caption_dataset(
     hub = dict(columns, seed=seed, cache_dir=cache_dir, name=dataset_config_name, **kwargs)
     split_files = {split: f for split, f in (("train", train_file), ("validation", validation_file),
                                              ("test", test_file)) if f}
-    if split_files and split_files.keys() != {"train"} and "train" not in split_files:
+    if split_files and "train" not in split_files:
         raise DatasetFormatError(f"got {', '.join(s + '_file' for s in split_files)} but no train_file")
+    if is_shard_pattern(source) and not split_files:
+        raise DatasetFormatError(f"{source}: webdataset shards are read as a stream (build_stream, run_contrastive.py "
+                                 "--streaming true), not loaded whole; see doc/OWN_DATA.md")
     if source.lower() == "synthetic" and not split_files:
         data = build_synthetic_dataset(seed=seed, view=view, cache_dir=cache_dir, **kwargs)
         report = data.load_report

@@ -362,8 +362,8 @@ class HubStream(_Stream):
         columns = list(dataset.column_names or next(iter(dataset)).keys())
         self.image_column = pick_column(columns, image_column, tuple(dict.fromkeys(IMAGE_COLUMNS + (
             "file_name", "image_path", "filepath"))), "image", name)
-        self.caption_column = pick_column(columns, caption_column, tuple(dict.fromkeys(
-            TEXT_CAPTION_COLUMNS + LIST_CAPTION_COLUMNS)), "caption", name)
+        self.caption_column = pick_column(columns, caption_column, tuple(dict.fromkeys(  # txt: webdataset repos
+            TEXT_CAPTION_COLUMNS + LIST_CAPTION_COLUMNS + ("txt",))), "caption", name)
         self.id_column = next((c for c in ID_COLUMNS if c in columns and c != self.image_column), None)
         if isinstance((dataset.features or {}).get(self.image_column), Image):
             dataset = dataset.cast_column(self.image_column, Image(decode=False))

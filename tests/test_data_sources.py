@@ -235,3 +235,8 @@ def test_repository_layout_folder_with_configs_through_load_dataset(tmp_path):
     with pytest.raises(DatasetFormatError, match=r"no column 'caption_en' \(caption_column\); columns found: "
                                                  r"\['image', 'name', 'description'\]"):
         load_image_caption_dataset(str(repo), dataset_config_name="small", caption_column="caption_en")
+
+
+def test_shards_passed_to_the_map_style_loader_point_to_streaming(tmp_path):
+    with pytest.raises(DatasetFormatError, match=r"webdataset shards are read as a stream .*--streaming true"):
+        load_image_caption_dataset(str(tmp_path / "shards" / "{000000..000009}.tar"))
