@@ -87,7 +87,8 @@ def load_tables(
     if "train" not in files:
         raise DatasetFormatError(f"no training table among {sorted(files)}: pass train_file (a CSV, JSON or "
                                  "JSONL file of image path + caption)")
-    root = Path(os.path.commonpath([str(p.resolve().parent) for p in files.values()]))
+    # abspath, not resolve: an image folder that is a symbolic link keeps its name in the image ids
+    root = Path(os.path.commonpath([os.path.abspath(p.parent) for p in files.values()]))
     report = LoadReport(source=source or str(root), layout=layout,
                         found={f"{split} table": _rel(path, root) for split, path in files.items()})
     sink = ProblemSink(on_bad_image, report)
@@ -166,7 +167,7 @@ def _read_records(path: Path, root: Path, image_column, caption_column,
         if not isinstance(name, str) or not name.strip():
             sink(Problem(str(path), f"no image path in column '{image_col}'", line, "Fill it in or delete the row"))
             continue
-        file = (path.parent / name.strip()).resolve()
+        file = Path(os.path.abspath(path.parent / name.strip()))
         image_id = _rel(file, root)
         if image_id in missing_files:
             continue  # told once per image

@@ -181,7 +181,7 @@ class _Stream(IterableDataset):
             return row
         try:
             out = self.transform({key: [value] for key, value in row.items()})
-        except Exception as exc:  # a member that is no image: PIL's OSError, SyntaxError, ...
+        except (OSError, SyntaxError, ValueError) as exc:  # what PIL raises for bytes that are no image
             sink(Problem(str(unit), f"sample '{row['image_id']}': cannot decode image ({type(exc).__name__}: {exc})",
                          hint="Replace or remove the sample"))
             return None
