@@ -238,10 +238,7 @@ def _csv_rows(path: Path, reader: csv.DictReader, width: int):
         if None in row:  # more cells than the header names
             yield reader.line_num, Problem(str(path), f"{width + len(row[None])} cells, but the header has {width} "
                                            "columns", reader.line_num, "Quote cells holding commas")
-        elif any(value is None for value in row.values()):
-            yield reader.line_num, Problem(str(path), f"fewer cells than the header's {width} columns",
-                                           reader.line_num, "Fill in the row or delete it")
-        elif any(v.strip() for v in row.values()):
+        elif any((value or "").strip() for value in row.values()):  # a short row: its missing cells are None
             yield reader.line_num, row
 
 

@@ -179,6 +179,13 @@ def test_bad_rows_are_skipped_counted_and_logged(damaged, caplog):
     assert sum(len(d) for d in data.values()) == 14
 
 
+def test_a_short_row_is_named_by_what_it_lacks(tmp_path):
+    write_image(tmp_path / "a.png", 0)
+    (tmp_path / "t.csv").write_text("file_name,text,source\na.png,a caption\na.png\n")
+    with pytest.raises(DatasetFormatError, match=r"t.csv, line 3: empty caption for image 'a.png' in column 'text'"):
+        load_image_caption_dataset(str(tmp_path / "t.csv"))
+
+
 def test_a_missing_image_file_with_verify_off_is_still_named(tmp_path):
     write_csv(tmp_path / "t.csv", ["image_path", "caption"], [["nope.jpg", "x"]])
     with pytest.raises(DatasetFormatError, match=r"t.csv, line 2: image 'nope.jpg' does not exist"):
