@@ -149,7 +149,8 @@ def parse_args(argv=None):
     parser.add_argument("--store_dir", default=None, help="where pixel stores are built (default: a temporary folder)")
     parser.add_argument("--streaming", action="store_true",
                         help="also time the webdataset stream of the same images (shards written once)")
-    parser.add_argument("--shard_dir", default=None, help="where --streaming writes its shards (default: a temporary folder)")
+    parser.add_argument("--shard_dir", default=None,
+                        help="where --streaming writes its shards (default: a temporary folder)")
     parser.add_argument("--images_per_shard", type=int, default=64)
     add_threads_argument(parser)
     parser.add_argument("--out", default="benchmarks/results/data_loading.json")
@@ -195,9 +196,10 @@ def main(argv=None) -> dict:
                 results.append(measure_stream(shards, transform, collator, workers, args, pin))
                 print(f"    {results[-1]['images_per_s']} images/s", flush=True)
 
-    headers = ["input", "pixel store", "workers", "pin memory", "images", "batches", "seconds", "first batch s", "images/s",
-               "steady images/s"]
-    print("\n" + markdown_table(headers, [[r["input"], f"{r['pixel_store']} px" if r["pixel_store"] else "off", r["workers"],
+    headers = ["input", "pixel store", "workers", "pin memory", "images", "batches", "seconds", "first batch s",
+               "images/s", "steady images/s"]
+    print("\n" + markdown_table(headers, [[r["input"], f"{r['pixel_store']} px" if r["pixel_store"] else "off",
+                                           r["workers"],
                                            "on" if r["pin_memory"] else "off", r["images"], r["batches"],
                                            fmt(r["seconds"], 2), fmt(r["first_batch_s"], 2), fmt(r["images_per_s"]),
                                            fmt(r["steady_images_per_s"])] for r in results]))

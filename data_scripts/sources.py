@@ -206,7 +206,8 @@ def _read_rows(path: Path) -> tuple[list[str], Iterator[tuple[Optional[int], obj
             try:
                 objects.append((number, json.loads(line)))
             except json.JSONDecodeError as exc:
-                objects.append((number, Problem(str(path), f"invalid JSON ({exc.msg})", number, "Fix or delete the line")))
+                objects.append((number, Problem(str(path), f"invalid JSON ({exc.msg})", number,
+                                                "Fix or delete the line")))
     elif suffix == ".json":
         try:
             data = json.loads(path.read_text(encoding="utf-8-sig"))
@@ -245,7 +246,8 @@ def _csv_rows(path: Path, reader: csv.DictReader, width: int):
 def _carve(records: dict[str, list[ImageRecord]], missing: list[str], seed: int, split_sizes,
            report: LoadReport) -> dict[str, list[ImageRecord]]:
     labels = carve_labels([r.image_id for r in records["train"]], missing, seed, split_sizes, report)
-    carved = {split: [r for r, label in zip(records["train"], labels) if label == split] for split in ["train"] + missing}
+    carved = {split: [r for r, label in zip(records["train"], labels) if label == split]
+              for split in ["train"] + missing}
     return {**records, **carved}
 
 

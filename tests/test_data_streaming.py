@@ -13,7 +13,8 @@ from datasets import Dataset, Image as ImageFeature
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from data_scripts import ContrastiveCollator, DatasetFormatError, ImageTransform, load_image_caption_dataset, write_shards
+from data_scripts import (ContrastiveCollator, DatasetFormatError, ImageTransform, load_image_caption_dataset,
+                          write_shards)
 from data_scripts.streaming import HubStream, WebDatasetStream, build_stream, expand_shards
 from tests.test_data_sources import imagefolder
 
@@ -40,8 +41,9 @@ def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
 def sample_members(key: str, i: int) -> list[tuple[str, bytes]]:
     """jpg + txt for one caption, jpg + json list for several (as img2dataset or a caption list)."""
     caps = captions_of(key)
-    text = (f"{key}.txt", caps[0].encode()) if len(caps) == 1 else (f"{key}.json", json.dumps({"captions": caps}).encode())
-    return [(f"{key}.png", png(i)), text]
+    if len(caps) == 1:
+        return [(f"{key}.png", png(i)), (f"{key}.txt", caps[0].encode())]
+    return [(f"{key}.png", png(i)), (f"{key}.json", json.dumps({"captions": caps}).encode())]
 
 
 def make_shards(folder: Path, n_shards: int = 6, per_shard: int = 3) -> list[str]:
