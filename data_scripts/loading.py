@@ -6,7 +6,7 @@
 * ``"flickr8k"``: the shared copy at :func:`default_flickr8k_dir`;
 * ``train_file`` (and ``validation_file`` / ``test_file``) given: CSV/JSON/JSONL tables of image path +
   caption (relative ``*_file`` paths are looked up in ``source`` when it is a folder); with a Hub id as
-  ``source`` they are that repository's ``data_files`` instead;
+  ``source``, or files that are no such table (``big/*.parquet``), they are ``load_dataset``'s ``data_files``;
 * a CSV/JSON/JSONL file: the training table (other splits carved from it);
 * an existing directory, by what it holds: an ``imagefolder`` (``metadata.csv`` / ``.jsonl``), a data
   set saved with ``save_to_disk``, Flickr8k in the official, Kaggle or Karpathy layout, or data files
@@ -26,7 +26,7 @@ from .flickr8k import default_flickr8k_dir, load_flickr8k
 from .hub import load_hub_dataset, normalise_hub_dataset
 from .layout import detect_layout
 from .report import DatasetFormatError
-from .sources import find_metadata, is_table_file, load_tables
+from .sources import TABLE_EXTENSIONS, find_metadata, is_table_file, load_tables
 from .streaming import is_shard_pattern
 from .synthetic import build_synthetic_dataset
 from .views import check_view, quiet_datasets
@@ -83,8 +83,8 @@ def load_image_caption_dataset(
     if source.lower() == "synthetic" and not split_files:
         data = build_synthetic_dataset(seed=seed, view=view, cache_dir=cache_dir, **kwargs)
         report = data.load_report
-    elif split_files and source and not Path(source).expanduser().exists() and not _looks_like_path(source):
-        data, report = load_hub_dataset(source, view, data_files=split_files, **hub)
+    elif split_files and _hub_data_files(source, split_files):
+        data, report = load_hub_dataset(source or ".", view, data_files=split_files, **hub)
     elif split_files:
         base = Path(source).expanduser() if source else Path(".")
         files = {split: _table_path(f, base) for split, f in split_files.items()}
@@ -131,6 +131,14 @@ def _files_below(directory: Path, depth: int = 2):
     """Files up to ``depth`` folder levels below ``directory`` (the Hub layout keeps data in ``data/``)."""
     for level in range(depth + 1):
         yield from (p for p in directory.glob("/".join(["*"] * (level + 1))) if p.is_file())
+
+
+def _hub_data_files(source: str, split_files: dict[str, str]) -> bool:
+    """Whether the ``*_file`` options are ``data_files`` for ``load_dataset``: of a Hub id, or files that are no
+    CSV/JSON table of image paths (``data/train-*.parquet`` of a local repository-layout folder)."""
+    if source and not Path(source).expanduser().exists() and not _looks_like_path(source):
+        return True
+    return any(not f.lower().endswith(TABLE_EXTENSIONS) for f in split_files.values())
 
 
 def _table_path(file: str, base: Path) -> Path:

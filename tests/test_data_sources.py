@@ -242,6 +242,10 @@ def test_repository_layout_folder_with_configs_through_load_dataset(tmp_path):
     with pytest.raises(DatasetFormatError, match=r"no column 'caption_en' \(caption_column\); columns found: "
                                                  r"\['image', 'name', 'description'\]"):
         load_image_caption_dataset(str(repo), dataset_config_name="small", caption_column="caption_en")
+    # train_file / test_file that are no CSV/JSON tables are the folder's data_files, as for a Hub id
+    files = load_image_caption_dataset(str(repo), train_file="big/*.parquet", test_file="small/*.parquet",
+                                       caption_column="description", view="images")
+    assert [len(files[s]) for s in ("train", "validation", "test")] == [7, 1, 4]
 
 
 def test_shards_passed_to_the_map_style_loader_point_to_streaming(tmp_path):
