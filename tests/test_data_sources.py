@@ -121,6 +121,16 @@ def test_a_csv_cell_holding_a_json_list_is_several_captions(tmp_path):
     assert [(r["caption"], r["caption_index"]) for r in data["train"]] == [("one", 0), ("two", 1)]
 
 
+def test_summary_command_takes_the_same_options(tmp_path, capsys):
+    from data_scripts.summary import main
+
+    root = imagefolder(tmp_path / "mine")
+    assert main(["summary", str(root), "--caption_column", "text", "--image_column", "file_name"]) == 0
+    assert "imagefolder" in capsys.readouterr().out
+    assert main(["summary", str(root), "--caption_column", "caption_en"]) == 2
+    assert "no column 'caption_en'" in capsys.readouterr().err
+
+
 def test_missing_named_column_is_named_with_the_columns_found(tmp_path):
     root = imagefolder(tmp_path / "mine")
     with pytest.raises(DatasetFormatError, match=r"no column 'caption_en' \(caption_column\); columns found: "
