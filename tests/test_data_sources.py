@@ -189,24 +189,18 @@ def test_bad_rows_are_skipped_counted_and_logged(damaged, caplog):
     assert sum(len(d) for d in data.values()) == 14
 
 
-def test_a_short_row_is_named_by_what_it_lacks(tmp_path):
+@pytest.mark.parametrize("name, text, message", [
+    ("t.csv", "file_name,text,source\na.png,a caption\na.png\n",  # a short row: told by what it lacks
+     r"t.csv, line 3: empty caption for image 'a.png' in column 'text'"),
+    ("t.csv", "image_path,caption\nnope.jpg,x\n", r"t.csv, line 2: image 'nope.jpg' does not exist"),
+    ("t.jsonl", '{"file_name": "a.png", "text": "fine"}\n{"file_name": "a.png", "text"\n',
+     r"t.jsonl, line 2: invalid JSON"),
+])
+def test_a_bad_row_of_a_table_is_named_by_file_and_line(tmp_path, name, text, message):
     write_image(tmp_path / "a.png", 0)
-    (tmp_path / "t.csv").write_text("file_name,text,source\na.png,a caption\na.png\n")
-    with pytest.raises(DatasetFormatError, match=r"t.csv, line 3: empty caption for image 'a.png' in column 'text'"):
-        load_image_caption_dataset(str(tmp_path / "t.csv"))
-
-
-def test_a_missing_image_file_with_verify_off_is_still_named(tmp_path):
-    write_csv(tmp_path / "t.csv", ["image_path", "caption"], [["nope.jpg", "x"]])
-    with pytest.raises(DatasetFormatError, match=r"t.csv, line 2: image 'nope.jpg' does not exist"):
-        load_image_caption_dataset(str(tmp_path / "t.csv"), verify_images=False)
-
-
-def test_jsonl_bad_line_is_named(tmp_path):
-    write_image(tmp_path / "a.png", 0)
-    (tmp_path / "t.jsonl").write_text('{"file_name": "a.png", "text": "fine"}\n{"file_name": "a.png", "text"\n')
-    with pytest.raises(DatasetFormatError, match=r"t.jsonl, line 2: invalid JSON"):
-        load_image_caption_dataset(str(tmp_path / "t.jsonl"))
+    (tmp_path / name).write_text(text)
+    with pytest.raises(DatasetFormatError, match=message):
+        load_image_caption_dataset(str(tmp_path / name), verify_images=False)
 
 
 def test_an_unknown_directory_lists_every_layout_tried(tmp_path):
