@@ -20,15 +20,17 @@ and loader worker ``w`` every W-th of those. All captions of one image are conse
 image's json may hold a list of captions), so they share its ``image_id`` as positives of one
 another. There is no shuffle buffer: make shards in random order (img2dataset does).
 
-The position is resumable: each row carries ``stream_position`` = (worker, shards done, rows into
-the current shard); :meth:`collate` moves the last row's into the batch, the training loop hands it
+The position is resumable: each row carries ``stream_position`` = (loader worker, number of loader
+workers, shards this worker has done, rows read into its current shard); :meth:`collate` moves the last row's into the batch, the training loop hands it
 to :meth:`update`, and :meth:`state_dict` / :meth:`load_state_dict` save and restore it. A resumed
 webdataset stream skips finished shards without opening them and re-reads the current one up to the
 position (tar in stream mode cannot seek); a Hub stream cannot seek at all and re-reads its rows up
 to the position (logged).
 
 The training loop (one stream per process; not passed through ``accelerator.prepare``, whose own
-sharding of iterable data sets would split the data a second time)::
+sharding of iterable data sets would split the data a second time; no ``persistent_workers``, which
+would keep epoch 0's shard order; an augmenting transform should draw its crops per (seed, epoch,
+image) through ``crop_draw=RandomFeatureCrop(...)``, as the map-style path does, for an exact resume)::
 
     stream = build_stream(args.dataset, rank=accelerator.process_index, world_size=accelerator.num_processes,
                           seed=args.seed, transform=ImageTransform(image_processor, train=True))
