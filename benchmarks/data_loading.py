@@ -7,12 +7,18 @@ captions) through a DataLoader with N worker processes and pinned memory (when C
 for each N asked for. Compare the steady images/s with throughput.py's samples/s: below it, the
 GPU waits for data and more workers (or the frozen-feature cache) are needed.
 
+`--streaming` also times the streaming path (data_scripts/streaming.py) on the same images: they are
+written once as webdataset shards (a temporary folder, or `--shard_dir`) and read back through
+WebDatasetStream with the same transform and collator; the table's "input" column tells them apart.
+
 `--pixel_store 0,256` also times the pipeline reading pre-resized uint8 pixels from the pixel store
 (data_scripts/pixel_store.py, run_contrastive.py --pixel_store_size) instead of decoding the JPEGs;
 0 is decoding the files. The store's one-off build time is reported beside it.
 
     python benchmarks/data_loading.py --data ../shared/data/flickr8k --num_images 2048 --workers 0,2,4,8,12 \
         --out benchmarks/results/data_loading_h100.json
+    python benchmarks/data_loading.py --data ../shared/data/flickr8k --num_images 512 --workers 0,2 --streaming \
+        --out /tmp/data_loading_streaming.json
 """
 
 from __future__ import annotations
@@ -93,18 +99,33 @@ def warm_page_cache(rows) -> None:
 
 
 def measure(rows, transform, collator, workers: int, args, pin: bool, store_size: int = 0) -> dict:
-    """One pass over `rows`: time to the first batch (worker start-up) and overall/steady images/s."""
+    """One pass over `rows` (map-style): time to the first batch (worker start-up) and overall/steady images/s."""
     loader = DataLoader(rows.with_transform(transform), batch_size=args.batch_size, shuffle=False, num_workers=workers,
                         pin_memory=pin, collate_fn=collator, prefetch_factor=args.prefetch_factor if workers else None)
-    images, first_images, first = 0, 0, None
+    return {"input": "map-style", **time_loader(loader, workers, pin, store_size)}
+
+
+def measure_stream(shards, transform, collator, workers: int, args, pin: bool) -> dict:
+    """One pass over webdataset `shards` through the stream the training loop would build."""
+    from data_scripts import WebDatasetStream
+
+    stream = WebDatasetStream(shards, transform=transform)
+    loader = DataLoader(stream, batch_size=args.batch_size, num_workers=workers, pin_memory=pin,
+                        collate_fn=stream.collate(collator), prefetch_factor=args.prefetch_factor if workers else None)
+    return {"input": "webdataset stream", **time_loader(loader, workers, pin, 0)}
+
+
+def time_loader(loader, workers: int, pin: bool, store_size: int) -> dict:
+    images, batches, first_images, first = 0, 0, 0, None
     started = time.perf_counter()
     for batch in loader:
         images += batch["pixel_values"].shape[0]
+        batches += 1
         if first is None:
             first, first_images = time.perf_counter() - started, images
     total = time.perf_counter() - started
     steady = (images - first_images) / (total - first) if images > first_images else None
-    return {"pixel_store": store_size, "workers": workers, "pin_memory": pin, "images": images, "batches": len(loader),
+    return {"pixel_store": store_size, "workers": workers, "pin_memory": pin, "images": images, "batches": batches,
             "seconds": round(total, 3), "first_batch_s": round(first, 3),
             "images_per_s": round(images / total, 1), "steady_images_per_s": None if steady is None else round(steady, 1)}
 
@@ -126,13 +147,18 @@ def parse_args(argv=None):
     parser.add_argument("--pixel_store", default="0",
                         help="comma list of pixel store sizes (shorter side, px) to time; 0: decode the image files")
     parser.add_argument("--store_dir", default=None, help="where pixel stores are built (default: a temporary folder)")
+    parser.add_argument("--streaming", action="store_true",
+                        help="also time the webdataset stream of the same images (shards written once)")
+    parser.add_argument("--shard_dir", default=None,
+                        help="where --streaming writes its shards (default: a temporary folder)")
+    parser.add_argument("--images_per_shard", type=int, default=64)
     add_threads_argument(parser)
     parser.add_argument("--out", default="benchmarks/results/data_loading.json")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> dict:
-    from data_scripts import ContrastiveCollator, ImageTransform, build_pixel_store, undecoded_images
+    from data_scripts import ContrastiveCollator, ImageTransform, build_pixel_store, undecoded_images, write_shards
 
     args = parse_args(argv)
     set_threads(args.threads)
@@ -159,10 +185,21 @@ def main(argv=None) -> dict:
                 print(f"--- pixel store {store_size or 'off'}, {workers} workers", flush=True)
                 results.append(measure(timed_rows, transform, collator, workers, args, pin, store_size))
                 print(f"    {results[-1]['images_per_s']} images/s", flush=True)
+        if args.streaming:
+            shards = write_shards(rows, args.shard_dir or os.path.join(scratch, "shards"), args.images_per_shard)
+            transform = ImageTransform(image_processor(args.image_size), train=not args.eval_transform)
+            for path in shards:  # the same warm page cache as the image files
+                with open(path, "rb") as handle:
+                    handle.read()
+            for workers in parse_ints(args.workers):
+                print(f"--- webdataset stream ({len(shards)} shards), {workers} workers", flush=True)
+                results.append(measure_stream(shards, transform, collator, workers, args, pin))
+                print(f"    {results[-1]['images_per_s']} images/s", flush=True)
 
-    headers = ["pixel store", "workers", "pin memory", "images", "batches", "seconds", "first batch s", "images/s",
-               "steady images/s"]
-    print("\n" + markdown_table(headers, [[f"{r['pixel_store']} px" if r["pixel_store"] else "off", r["workers"],
+    headers = ["input", "pixel store", "workers", "pin memory", "images", "batches", "seconds", "first batch s",
+               "images/s", "steady images/s"]
+    print("\n" + markdown_table(headers, [[r["input"], f"{r['pixel_store']} px" if r["pixel_store"] else "off",
+                                           r["workers"],
                                            "on" if r["pin_memory"] else "off", r["images"], r["batches"],
                                            fmt(r["seconds"], 2), fmt(r["first_batch_s"], 2), fmt(r["images_per_s"]),
                                            fmt(r["steady_images_per_s"])] for r in results]))

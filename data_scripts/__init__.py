@@ -4,10 +4,13 @@ Data code knows nothing of models: it yields rows of images and captions (see th
 contract in doc/ARCHITECTURE.md) and turns them into tensors given the backbones' processors.
 
     from data_scripts import load_image_caption_dataset, ImageTransform, ContrastiveCollator
-    splits = load_image_caption_dataset("synthetic")            # or a Flickr8k dir, or a Hub id
+    splits = load_image_caption_dataset("synthetic")   # or a Flickr8k dir, an imagefolder, a CSV, a Hub id
     train = splits["train"].with_transform(ImageTransform(image_processor, train=True))
     loader = DataLoader(train, batch_sampler=UniqueImageBatchSampler(splits["train"], 64),
                         collate_fn=ContrastiveCollator(tokenizer, max_length=64))
+
+Data that does not fit streams instead (``build_stream``, data_scripts/streaming.py); doc/OWN_DATA.md
+shows every source.
 """
 
 from .collator import ContrastiveCollator, image_ids_to_tensor
@@ -21,6 +24,8 @@ from .preprocessing import ImageSpec, ImageTransform
 from .rows import TransformedRows
 from .report import DatasetFormatError, LoadReport, Problem
 from .samplers import ImageGroupBatchSampler, SeededBatchSampler, UniqueImageBatchSampler
+from .shard_writer import write_shards
+from .streaming import HubStream, WebDatasetStream, build_stream, expand_shards
 from .synthetic import build_synthetic_dataset
 from .views import IMAGE_FEATURES, PAIR_FEATURES, convert_view, to_image_view, to_pair_view
 
@@ -33,6 +38,7 @@ __all__ = [
     "LoadReport",
     "PAIR_FEATURES",
     "Problem",
+    "HubStream",
     "ImageGroupBatchSampler",
     "PixelStore",
     "RandomFeatureCrop",
@@ -40,10 +46,13 @@ __all__ = [
     "SeededBatchSampler",
     "TransformedRows",
     "UniqueImageBatchSampler",
+    "WebDatasetStream",
     "build_pixel_store",
+    "build_stream",
     "build_synthetic_dataset",
     "convert_view",
     "default_flickr8k_dir",
+    "expand_shards",
     "image_ids_to_tensor",
     "images_fingerprint",
     "images_with_sided_captions",
@@ -52,4 +61,5 @@ __all__ = [
     "to_image_view",
     "to_pair_view",
     "undecoded_images",
+    "write_shards",
 ]

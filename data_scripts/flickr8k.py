@@ -181,6 +181,20 @@ def seeded_split(names: list[str], seed: int, split_sizes: tuple[int, int],
     return split_of
 
 
+def carve_labels(names: list[str], missing: list[str], seed: int, split_sizes: tuple[int, int],
+                 report: LoadReport) -> list[str]:
+    """The split of each of train's image ``names`` when the ``missing`` evaluation split(s) are made from it.
+
+    By image (every caption of an image goes with it), with :func:`seeded_split`; a split that exists
+    keeps its own images, so train takes back the share the seeded split would have given it.
+    """
+    assignment = seeded_split(names, seed, split_sizes, report)
+    labels = [assignment[name] for name in names]
+    labels = [label if label == "train" or label in missing else "train" for label in labels]
+    report.notes.append(f"made {', '.join(missing)} from train (seeded split by image, seed={seed})")
+    return labels
+
+
 def _note_unused(layout, captions, assignment, on_disk, report) -> None:
     """Report captions that no split uses and images that nothing describes (these drop nothing)."""
     unused = [name for name in captions if name not in assignment]
@@ -217,4 +231,4 @@ def _note_caption_counts(records: dict[str, list[ImageRecord]], report: LoadRepo
         )
 
 
-__all__ = ["default_flickr8k_dir", "load_flickr8k", "seeded_split", "SPLIT_FILES"]
+__all__ = ["carve_labels", "default_flickr8k_dir", "load_flickr8k", "seeded_split", "SPLIT_FILES"]

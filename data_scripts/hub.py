@@ -18,7 +18,7 @@ from typing import Optional
 import datasets
 from datasets import Dataset, DatasetDict, Image, Sequence, Value
 
-from .flickr8k import DEFAULT_SPLIT_SIZES, seeded_split
+from .flickr8k import DEFAULT_SPLIT_SIZES, carve_labels
 from .report import DatasetFormatError, LoadReport
 from .views import IMAGE_FEATURES, convert_view, quiet_datasets
 
@@ -32,9 +32,14 @@ TEXT_CAPTION_COLUMNS = ("caption", "text", "sentence")
 
 
 def load_hub_dataset(hub_id: str, view: str = "pairs", *, seed: int = 42, cache_dir: Optional[str] = None,
-                     split_sizes: tuple[int, int] = DEFAULT_SPLIT_SIZES,
+                     split_sizes: tuple[int, int] = DEFAULT_SPLIT_SIZES, image_column: Optional[str] = None,
+                     caption_column: Optional[str] = None,
                      **load_kwargs) -> tuple[DatasetDict, LoadReport]:
-    """``load_dataset(hub_id, **load_kwargs)``, then normalised columns and train/validation/test splits."""
+    """``load_dataset(hub_id, **load_kwargs)``, then normalised columns and train/validation/test splits.
+
+    ``hub_id`` may also be a local folder in the Hub's repository layout (data files such as
+    ``data/train-*.parquet``, optionally a README declaring configs): the same code reads it.
+    """
     try:
         raw = datasets.load_dataset(hub_id, cache_dir=cache_dir, **load_kwargs)
     except Exception as exc:  # offline, unknown id, gated...: say what was tried
@@ -42,11 +47,16 @@ def load_hub_dataset(hub_id: str, view: str = "pairs", *, seed: int = 42, cache_
             f"'{hub_id}' is not a local directory, and loading it from the Hugging Face Hub failed "
             f"({type(exc).__name__}: {exc}). Pass an existing directory, 'synthetic', or a valid Hub id"
         ) from exc
-    return normalise_hub_dataset(raw, hub_id, view, seed=seed, split_sizes=split_sizes)
+    return normalise_hub_dataset(raw, hub_id, view, seed=seed, split_sizes=split_sizes,
+                                 image_column=image_column, caption_column=caption_column)
 
 
 def normalise_hub_dataset(raw, source: str, view: str = "pairs", *, seed: int = 42,
-                          split_sizes: tuple[int, int] = DEFAULT_SPLIT_SIZES) -> tuple[DatasetDict, LoadReport]:
+                          split_sizes: tuple[int, int] = DEFAULT_SPLIT_SIZES, image_column: Optional[str] = None,
+                          caption_column: Optional[str] = None) -> tuple[DatasetDict, LoadReport]:
+    """``raw`` (a Dataset or DatasetDict) with our columns and splits; ``image_column`` / ``caption_column``
+    name the columns when guessing by name and type would not find them. An image column of path strings
+    is read as image files, relative paths from ``source`` when it is a local folder."""
     if isinstance(raw, Dataset):
         raw = DatasetDict({"train": raw})
     report = LoadReport(source=source, layout="hub")
@@ -57,7 +67,8 @@ def normalise_hub_dataset(raw, source: str, view: str = "pairs", *, seed: int = 
             report.notes.append(f"split '{name}' ignored")
             continue
         with quiet_datasets():
-            splits[target] = _to_image_view(split, f"{source}[{name}]", name)
+            split = _image_column_as_images(split, image_column, f"{source}[{name}]", source)
+            splits[target] = _to_image_view(split, f"{source}[{name}]", name, image_column, caption_column)
         report.found[target] = name
     if "train" not in splits:
         raise DatasetFormatError(f"{source}: no train split (found {list(raw)}); pass split names that include 'train'")
@@ -71,17 +82,41 @@ def normalise_hub_dataset(raw, source: str, view: str = "pairs", *, seed: int = 
         return convert_view(images, view), report
 
 
-def _to_image_view(split: Dataset, where: str, split_name: str) -> Dataset:
+def _image_column_as_images(split: Dataset, image_column: Optional[str], where: str, source: str) -> Dataset:
+    """A named image column of path strings (a CSV or JSON data set) cast to ``datasets.Image``."""
+    if not image_column:
+        return split
+    _require_column(split, image_column, "image_column", where)
+    if isinstance(split.features[image_column], Image):
+        return split
+    base = source if os.path.isdir(source) else ""
+    split = split.map(lambda paths: {image_column: [os.path.join(base, p) if p else p for p in paths]},
+                      input_columns=image_column, batched=True)
+    return split.cast_column(image_column, Image())
+
+
+def _require_column(split: Dataset, column: str, option: str, where: str) -> None:
+    if column not in split.column_names:
+        raise DatasetFormatError(f"{where}: no column '{column}' ({option}); columns found: {split.column_names}")
+
+
+def _to_image_view(split: Dataset, where: str, split_name: str, image_column: Optional[str] = None,
+                   caption_column: Optional[str] = None) -> Dataset:
     """One row per image with columns image / image_id / captions, whatever the Hub columns were."""
     columns = split.column_names
-    image_col = next((c for c in IMAGE_COLUMNS if c in columns and isinstance(split.features[c], Image)), None)
+    image_col = next((c for c in ((image_column,) if image_column else IMAGE_COLUMNS)
+                      if c in columns and isinstance(split.features[c], Image)), None)
     if image_col is None:
         raise DatasetFormatError(f"{where}: no image column (looked for an Image feature named one of "
-                                 f"{IMAGE_COLUMNS}; columns are {columns})")
+                                 f"{(image_column,) if image_column else IMAGE_COLUMNS}; columns are {columns}); "
+                                 "name it with image_column")
     numbered = sorted((c for c in columns if re.fullmatch(r"(caption|sentence)_?\d+", c)),
                       key=lambda c: int(re.search(r"\d+$", c).group()))
     # a caption column is read by its type, whatever its name: a list of captions, or one caption per row
     named = [c for c in LIST_CAPTION_COLUMNS + TEXT_CAPTION_COLUMNS if c in columns]
+    if caption_column:
+        _require_column(split, caption_column, "caption_column", where)
+        numbered, named = [], [caption_column]
     list_col = next((c for c in named if _is_list(split.features[c])), None)
     text_col = next((c for c in named if not _is_list(split.features[c])), None)
     one_caption_per_row = not numbered and not list_col and text_col is not None
@@ -142,14 +177,8 @@ def _caption_text(value) -> str:
 def _carve(splits: dict[str, Dataset], missing: list[str], seed: int, split_sizes, report) -> dict[str, Dataset]:
     """Make the missing evaluation split(s) from train, by image, deterministically."""
     train = splits["train"]
-    assignment = seeded_split(train["image_id"], seed, split_sizes, report)
-    if "test" in missing and "validation" not in missing:  # only test missing: train keeps validation's share
-        assignment = {k: ("train" if v == "validation" else v) for k, v in assignment.items()}
-    if "validation" in missing and "test" not in missing:
-        assignment = {k: ("train" if v == "test" else v) for k, v in assignment.items()}
-    labels = [assignment[i] for i in train["image_id"]]
+    labels = carve_labels(list(train["image_id"]), missing, seed, split_sizes, report)
     with quiet_datasets():
         for split in ["train"] + missing:
             splits[split] = train.select([row for row, label in enumerate(labels) if label == split]).flatten_indices()
-    report.notes.append(f"made {', '.join(missing)} from train (seeded split by image, seed={seed})")
     return splits

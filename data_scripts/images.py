@@ -32,17 +32,21 @@ def check_image_file(path: str) -> tuple[Optional[str], str]:
             data = f.read()
     except OSError as exc:
         return f"cannot read file ({exc.strerror or exc})", ""
-    digest = hashlib.blake2b(data, digest_size=16).hexdigest()
+    return check_image_bytes(data), hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def check_image_bytes(data: bytes) -> Optional[str]:
+    """Decode one encoded image (at 1/8 size for a JPEG); return an error message, or None when it decodes."""
     if not data:
-        return "file is empty (0 bytes)", digest
+        return "file is empty (0 bytes)"
     try:
         with Image.open(io.BytesIO(data)) as img:
             if img.format == "JPEG":
                 img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
             img.load()
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-        return f"cannot decode image ({type(exc).__name__}: {exc})", digest
-    return None, digest
+        return f"cannot decode image ({type(exc).__name__}: {exc})"
+    return None
 
 
 def check_images(

@@ -36,6 +36,10 @@ captions.txt) or with Karpathy's dataset_flickr8k.json, or a Hugging Face Hub da
 """
 
 
+SOURCE_OPTIONS = ("train_file", "validation_file", "test_file", "image_column", "caption_column",
+                  "dataset_config_name")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m data_scripts",
@@ -62,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"synthetic: image side in pixels (default {DEFAULT_JOB_IMAGE_SIZE}, the default job's)")
     summary.add_argument("--cache-dir", default=None, help="synthetic / Hub cache folder")
     summary.add_argument("--examples", type=int, default=3, help="example captions to show per split (default 3)")
+    for option in SOURCE_OPTIONS:  # as training takes them (doc/OWN_DATA.md)
+        summary.add_argument(f"--{option}", default=None, help=f"{option} of load_image_caption_dataset")
     return parser
 
 
@@ -126,7 +132,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         data = load_image_caption_dataset(args.source, "images", on_bad_image=args.on_bad_image,
                                           verify_images=args.verify_images, seed=args.seed,
-                                          cache_dir=args.cache_dir, **extra)
+                                          cache_dir=args.cache_dir, **extra,
+                                          **{option: getattr(args, option) for option in SOURCE_OPTIONS})
     except DatasetFormatError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
