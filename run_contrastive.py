@@ -59,6 +59,8 @@ def main(argv=None) -> dict:
     data = build_data(data_args, processor, seed=train_args.seed, image_size=model.config.image_size,
                       store_dir=train_args.feature_cache_dir or train_args.output_dir,
                       main_process_first=accelerator.main_process_first, show_progress=show)
+    if train_args.gradient_checkpointing:  # the trained towers recompute their activations in the backward pass
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(accelerator.device)
     loss_fn.to(accelerator.device)
     if train_args.channels_last:  # convolutions then run in NHWC (caching included), whatever the input's layout
@@ -274,10 +276,5 @@ class TrainingClock:
 
 
 
-def cli() -> None:
-    """The console entry point (`pyproject.toml`): `main` returns its results, which a shell does not want."""
-    main()
-
-
 if __name__ == "__main__":
-    cli()
+    main()

@@ -12,20 +12,17 @@ This times `torch.nn.functional.scaled_dot_product_attention` forced onto each b
 FLOPs: forward 4·B·H·L²·D (QKᵀ and PV); backward 2.5× the forward (five L²·D matmuls against
 two), the count FlashAttention's papers use.
 
-    python benchmarks/attention_kernels.py --batch_size 256 --out benchmarks/results/attention_kernels_h100.json
+    python -m benchmarks.attention_kernels --batch_size 256 --out benchmarks/results/attention_kernels_h100.json
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
+import torch
 
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (
     add_threads_argument,
     clock_calls,
     command_line,

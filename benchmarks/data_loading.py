@@ -15,9 +15,9 @@ WebDatasetStream with the same transform and collator; the table's "input" colum
 (data_scripts/pixel_store.py, run_contrastive.py --pixel_store_size) instead of decoding the JPEGs;
 0 is decoding the files. The store's one-off build time is reported beside it.
 
-    python benchmarks/data_loading.py --data ../shared/data/flickr8k --num_images 2048 --workers 0,2,4,8,12 \
+    python -m benchmarks.data_loading --data ../shared/data/flickr8k --num_images 2048 --workers 0,2,4,8,12 \
         --out benchmarks/results/data_loading_h100.json
-    python benchmarks/data_loading.py --data ../shared/data/flickr8k --num_images 512 --workers 0,2 --streaming \
+    python -m benchmarks.data_loading --data ../shared/data/flickr8k --num_images 512 --workers 0,2 --streaming \
         --out /tmp/data_loading_streaming.json
 """
 
@@ -25,16 +25,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
+import torch
+from torch.utils.data import DataLoader
 
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (
     add_threads_argument,
     command_line,
     device_info,

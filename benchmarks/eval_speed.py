@@ -9,7 +9,7 @@ model directory. Stage 2 ranks random L2-normalised embeddings (100k images, 1 c
 default, D=512) with the chunked retrieval_metrics: the cost of a large index is matmul + ranking,
 independent of the model.
 
-    python benchmarks/eval_speed.py --batch_size 256 --precision bf16 --out benchmarks/results/eval_speed_h100.json
+    python -m benchmarks.eval_speed --batch_size 256 --precision bf16 --out benchmarks/results/eval_speed_h100.json
 """
 
 from __future__ import annotations
@@ -17,15 +17,13 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
+import torch
 
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (
     add_threads_argument,
     command_line,
     device_info,

@@ -4,7 +4,7 @@
 The vision tower is frozen (no adapters); without the cache every step runs EfficientNet-Lite0
 on decoded images, with it the features are computed once. Prints a table and writes JSON.
 
-    python benchmarks/frozen_cache.py --epochs 2 --num_images 300 --out benchmarks/results/frozen_cache_cpu.json
+    python -m benchmarks.frozen_cache --epochs 2 --num_images 300 --out benchmarks/results/frozen_cache_cpu.json
 """
 
 import argparse
@@ -15,11 +15,10 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
+import torch
 
-import run_contrastive  # noqa: E402
+import run_contrastive
 
 
 def run(cache: bool, args, workdir) -> dict:

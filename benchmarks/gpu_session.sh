@@ -64,23 +64,23 @@ part() {  # part NAME SECONDS COMMAND...: run it under a timeout and say how it 
 }
 
 part "1 throughput: ours, HF Trainer, open_clip" "$T1" \
-    $PY benchmarks/throughput.py --pair vit-bert --mode full --precision bf16 --compile "$COMPILE" --baseline --open_clip \
+    $PY -m benchmarks.throughput --pair vit-bert --mode full --precision bf16 --compile "$COMPILE" --baseline --open_clip \
         --batch_size "$BATCH" "${SHAPE[@]}" --row_timeout $((T1 / 2)) --out "$OUT/throughput_peers.json"
 
 part "2 gradient checkpointing (vit-distilbert)" "$T2" \
-    $PY benchmarks/throughput.py --pair vit-distilbert --mode full --precision bf16 --compile off \
+    $PY -m benchmarks.throughput --pair vit-distilbert --mode full --precision bf16 --compile off \
         --gradient_checkpointing off,on --batch_size "$BATCH" "${SHAPE[@]}" "${FEW[@]}" \
         --out "$OUT/throughput_checkpointing.json"
 
 part "3 GradCache at batch $BIG_BATCH (vit-distilbert)" "$T3" \
-    $PY benchmarks/throughput.py --pair vit-distilbert --mode full --precision bf16 --compile off \
+    $PY -m benchmarks.throughput --pair vit-distilbert --mode full --precision bf16 --compile off \
         --grad_cache_chunk "$CHUNK" --batch_size "$BIG_BATCH" "${SHAPE[@]}" "${FEWER[@]}" \
         --out "$OUT/throughput_grad_cache.json"
 
 if [[ -d "$DATA/Flicker8k_Dataset" ]]; then
     rm -rf /tmp/run_clip_way  # its re-split folder links the images: a second run needs a fresh one
     part "4 end to end: run_clip way vs run_contrastive" "$T4" \
-        $PY benchmarks/run_clip_way.py --data "$DATA" "${E2E[@]}" --way_timeout "$OURS_T" --workdir /tmp/run_clip_way \
+        $PY -m benchmarks.run_clip_way --data "$DATA" "${E2E[@]}" --way_timeout "$OURS_T" --workdir /tmp/run_clip_way \
             --out "$OUT/run_clip_way.json"
 else
     echo "=== 4 skipped: no $DATA (run benchmarks/make_flickr_subset.sh and carry benchmarks/data)"

@@ -25,7 +25,7 @@ the model's embeddings of the validation images and captions, computed outside t
 so `--target_rsum` gives the training seconds each way took to reach a validation RSUM. Random
 weights learn little in one epoch: the times are the result, the recalls a sanity check.
 
-    python benchmarks/run_clip_way.py --data benchmarks/data/flickr8k_test --splits 800,100,100 \\
+    python -m benchmarks.run_clip_way --data benchmarks/data/flickr8k_test --splits 800,100,100 \\
         --batch_size 256 --precision bf16 --epochs 1 --workers 8 --out $OUT/run_clip_way.json
 """
 
@@ -40,12 +40,11 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
+import torch
 
-from benchmarks.common import command_line, device_info, fmt, markdown_table, pick_device, write_json  # noqa: E402
-from benchmarks.train_check import VIT_BERT, captions_of, resplit_flickr, save_random_model, vit_bert_configs  # noqa: E402
+from benchmarks.common import command_line, device_info, fmt, markdown_table, pick_device, write_json
+from benchmarks.train_check import VIT_BERT, captions_of, resplit_flickr, save_random_model, vit_bert_configs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WAYS = ("run_clip", "run_contrastive")

@@ -31,7 +31,7 @@ warm-up, each step timed by CUDA events (common.StepClock; the host never waits 
 torch.utils.flop_counter.FlopCounterMode (forward + backward); MFU = achieved FLOP/s / the device's
 dense peak (GPU only).
 
-    python benchmarks/throughput.py --pair all --mode all --precision all --batch_size 256 \
+    python -m benchmarks.throughput --pair all --mode all --precision all --batch_size 256 \
         --out benchmarks/results/throughput_h100.json
 """
 
@@ -40,15 +40,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
+import torch
 
-from benchmarks.attention_kernels import BACKENDS, sdpa_backend  # noqa: E402
-from benchmarks.common import (  # noqa: E402
+from benchmarks.attention_kernels import BACKENDS, sdpa_backend
+from benchmarks.common import (
     add_threads_argument,
     clock_calls,
     command_line,
@@ -72,7 +70,7 @@ from benchmarks.common import (  # noqa: E402
     StepClock,
     write_json,
 )
-from dualencoder.training.grad_cache import dual_encoder_grad_cache_backward  # noqa: E402
+from dualencoder.training.grad_cache import dual_encoder_grad_cache_backward
 
 PAIRS = ("vit-distilbert", "vit-bert", "offline")
 MODES = ("full", "lora", "frozen-vision-cache")

@@ -8,7 +8,7 @@ the training path works where the tests cannot reach (CUDA, mixed precision, com
 several steps, a checkpoint, validation, the exported model. Random weights learn little in a few
 epochs, so the recall it prints is a sanity check, not a result.
 
-    python benchmarks/train_check.py --data benchmarks/data/flickr8k_test --splits 800,100,100 \\
+    python -m benchmarks.train_check --data benchmarks/data/flickr8k_test --splits 800,100,100 \\
         --out $OUT/train_check.json -- --mixed_precision bf16 --torch_compile true --channels_last true
 
 `--splits` re-splits a Flickr8k folder's test images (e.g. the 1,000-image copy that
@@ -24,9 +24,8 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import command_line, device_info, load_tokenizer, pick_device, write_json  # noqa: E402
+from benchmarks.common import command_line, device_info, load_tokenizer, pick_device, write_json
 
 ARCHITECTURES = ("offline", "tiny", "vit-bert", "vit-bert-tiny")
 VIT_BERT = {"vit-bert": ("base", 224), "vit-bert-tiny": ("tiny", 32)}  # throughput.py's size, image size

@@ -7,21 +7,18 @@ backward, BatchNorm statistics frozen). On a CPU both are limited by memory traf
 128 images at 288 px has activations far larger than the caches, while a chunk of 16 or 32 fits
 better. The result is the same either way (`tests/test_modeling.py`), so this measures only speed.
 
-    python benchmarks/vision_chunks.py --image_size 288 --chunks 0,16,32,64 --out benchmarks/results/vision_chunks_cpu.json
+    python -m benchmarks.vision_chunks --image_size 288 --chunks 0,16,32,64 --out benchmarks/results/vision_chunks_cpu.json
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
+import torch
 
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (
     add_threads_argument,
     command_line,
     device_info,
@@ -34,7 +31,7 @@ from benchmarks.common import (  # noqa: E402
     synchronize,
     write_json,
 )
-from benchmarks.eval_speed import MODELS, build_model  # noqa: E402
+from benchmarks.eval_speed import MODELS, build_model
 
 
 def seconds_per_batch(run, device: torch.device, warmup: int, repeats: int) -> list[float]:

@@ -138,7 +138,7 @@ def test_help_is_grouped_by_purpose_and_carries_no_measured_speeds(capsys):
     shown = help_text(capsys)
     for group in ("model", "data", "training", "speed", "evaluation", "research"):
         assert f"\n{group} options:\n" in shown
-    assert "--grad_cache_chunk_size" in shown.split("speed options:")[1].split("evaluation options:")[0]
+    assert "--gradient_checkpointing" in shown.split("speed options:")[1].split("evaluation options:")[0]
     text = " ".join(shown.split())
     assert "samples/s" not in text and not re.search(r"\d(\.\d+)?x (faster|speed)|\b\d+(\.\d+)?x\b", text)
 
@@ -165,8 +165,7 @@ BAD_VALUES = [  # option, value as YAML, what the error says
     ("projection_dropout", "-0.1", ">= 0.0"),
     ("topic_share", "1.5", "<= 1.0"),
     ("logging_steps", "0", "expected a whole number >= 1"),
-    ("grad_cache_chunk_size", "-1", "expected a whole number >= 0"),
-    ("streaming", "maybe", "expected true or false"),
+    ("gradient_checkpointing", "maybe", "expected true or false"),
     ("on_bad_image", "skp", "expected one of error, skip; did you mean skip?"),
     ("mixed_precision", "bf61", "expected one of no, fp16, bf16; did you mean bf16?"),
     ("metric_for_best_model", "i2t_R1", "did you mean i2t_r1?"),
@@ -254,8 +253,8 @@ def test_the_new_data_and_speed_options_parse_with_their_defaults_off():
     parsed = options(parse_args([]))
     assert {key: parsed[key] for key in ("train_file", "validation_file", "test_file", "dataset_config_name")} == \
         dict.fromkeys(("train_file", "validation_file", "test_file", "dataset_config_name"))
-    assert not parsed["streaming"] and not parsed["gradient_checkpointing"] and parsed["grad_cache_chunk_size"] == 0
+    assert not parsed["gradient_checkpointing"] and parsed["image_column"] is None  # columns guessed by default
     given = options(parse_args(["--train_file", "pairs.csv", "--image_column", "path", "--caption_column", "text",
-                                "--streaming", "--gradient_checkpointing", "--grad_cache_chunk_size", "32"]))
+                                "--gradient_checkpointing"]))
     assert (given["train_file"], given["image_column"], given["caption_column"]) == ("pairs.csv", "path", "text")
-    assert given["streaming"] and given["gradient_checkpointing"] and given["grad_cache_chunk_size"] == 32
+    assert given["gradient_checkpointing"]

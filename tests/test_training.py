@@ -562,3 +562,23 @@ def test_new_model_options_a_saved_model_would_ignore_are_refused_naming_them(ti
     message = str(refused.value)
     assert "--loss" not in message
     assert "--projection_dim 64 (the model has projection_dim=16)" in message and "build a new model" in message
+
+
+@pytest.mark.parametrize("source", ["imagefolder", "train_file"])
+def test_your_own_images_and_captions_train_end_to_end_from_the_command_line(tiny_model_dir, tmp_path, source):
+    """An imagefolder (metadata.csv of file_name,text) as --dataset, or a CSV as --train_file with named columns:
+    two captions of each image are positives of one another, the missing splits are carved, the run exports."""
+    from tests.test_data_sources import captions, imagefolder, write_csv, write_image
+
+    if source == "imagefolder":
+        extra = ("--dataset", str(imagefolder(tmp_path / "mine", n=16)))
+    else:
+        for i in range(16):
+            write_image(tmp_path / "photos" / f"{i}.png", i)
+        table = write_csv(tmp_path / "pairs.csv", ["path", "description"],
+                          [[f"photos/{i}.png", c] for i in range(16) for c in captions(i)])
+        extra = ("--train_file", str(table), "--image_column", "path", "--caption_column", "description")
+    metrics = run_contrastive.main(tiny_run_args(tiny_model_dir, tmp_path / "out", *extra, "--num_train_epochs", "1"))
+    assert metrics["test"]["rsum"] > 0 and metrics["global_step"] > 0
+    saved = json.loads((tmp_path / "out" / "training_args.json").read_text())
+    assert saved["train_file" if source == "train_file" else "dataset"] == extra[1]

@@ -9,10 +9,7 @@ A length that truncates nothing cannot change what the model learns; a shorter o
 """
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 
 
 def main():

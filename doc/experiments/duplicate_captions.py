@@ -11,11 +11,8 @@ of images per batch of `--batch_size` random images that have one with another i
 
 import argparse
 import re
-import sys
 from collections import defaultdict
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 
 
 def main():

@@ -14,13 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 
 from data_scripts import load_image_caption_dataset
 from dualencoder.baselines.base import evaluate

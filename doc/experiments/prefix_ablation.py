@@ -19,7 +19,6 @@ layers above depth 4 train too, from cached token states (`DualEncoderModel.text
 
 import argparse
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -28,7 +27,6 @@ import torch.nn.functional as F
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
 DATA = REPO.parent / "shared" / "data" / "flickr8k"
 SPLITS = ("train", "validation", "test")
 PREFIX_DEPTH = 11  # stem + EfficientNet stages 0-4 (11 blocks) are cached; stages 5 and 6 + conv_head may train

@@ -6,12 +6,10 @@ towers' trainable parts as the config says; nothing trains here).
 """
 
 import argparse
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
 
 
 def run_parser(description: str) -> argparse.ArgumentParser:

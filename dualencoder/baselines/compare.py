@@ -259,10 +259,5 @@ def main(argv=None) -> dict:
 
 
 
-def cli() -> None:
-    """The console entry point (`pyproject.toml`): `main` returns its results, which a shell does not want."""
-    main()
-
-
 if __name__ == "__main__":
-    cli()
+    main()

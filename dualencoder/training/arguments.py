@@ -159,7 +159,8 @@ class ModelArguments:
 class DataArguments:
     dataset: str = option(
         "synthetic", "data", "synthetic (the embedded shapes generator), a Flickr8k directory (official, Kaggle or "
-                             "Karpathy layout) or a Hub dataset id.")
+                             "Karpathy layout), an imagefolder directory (metadata.csv/jsonl), a CSV/JSON/JSONL file "
+                             "of image paths and captions, or a Hub dataset id (doc/OWN_DATA.md).")
     num_images: int = option(DEFAULT_JOB_NUM_IMAGES, "data", "synthetic only: how many images to generate.", min=3)
     synthetic_image_size: int = option(
         DEFAULT_JOB_IMAGE_SIZE, "data", "synthetic only: generated image size (resized to the model's size).", min=8)
@@ -213,14 +214,14 @@ class DataArguments:
         None, "data", "Validation pairs in the same format as train_file (selects the best model).")
     test_file: Optional[str] = option(
         None, "data", "Test pairs in the same format as train_file (reported at the end).")
-    image_column: str = option(
-        "image", "data", "Column of the image (a path, relative to its file, or the image) in the data files or "
-                         "Hub dataset.")
-    caption_column: str = option("caption", "data", "Column of the caption in the data files or Hub dataset.")
+    image_column: Optional[str] = option(
+        None, "data", "Column of the image (a path, relative to its file, or the image) in the data files or Hub "
+                      "dataset (none: guessed when unambiguous, e.g. image, file_name, image_path).")
+    caption_column: Optional[str] = option(
+        None, "data", "Column of the caption(s) in the data files or Hub dataset (none: guessed when unambiguous, "
+                      "e.g. caption, captions, text).")
     dataset_config_name: Optional[str] = option(
         None, "data", "Configuration (subset) of a Hub --dataset that has several.")
-    streaming: bool = option(
-        False, "data", "Read the data as a stream instead of loading it whole (large sets, e.g. webdataset shards).")
 
 
 @dataclass
@@ -319,11 +320,6 @@ class TrainArguments:
     gradient_checkpointing: bool = option(
         False, "speed", "Recompute the trained towers' activations in the backward pass instead of keeping them: "
                         "less memory for a bigger batch, at about one more forward pass per step.")
-    grad_cache_chunk_size: int = option(
-        0, "speed",
-        "Contrastive batches beyond memory (GradCache): embed the batch in chunks of this many pairs without "
-        "gradients, take the loss over the whole batch, then re-run each chunk with gradients. The same gradients as "
-        "one big batch, at one more forward pass. 0: off.", min=0)
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainArguments)

@@ -78,13 +78,19 @@ def build_data(data_args, processor, *, seed: int, image_size: int, store_dir: s
 
 
 def load_data(data_args, seed: int):
-    """(training pairs, {split: image view}) of `--dataset`, cut to `--max_train_images` / `--max_eval_images`."""
-    kwargs = {}
-    if data_args.dataset == "synthetic":
+    """(training pairs, {split: image view}) of `--dataset` (or `--train_file` etc.), cut to `--max_train_images` /
+    `--max_eval_images`."""
+    files = dict(train_file=data_args.train_file, validation_file=data_args.validation_file,
+                 test_file=data_args.test_file)
+    # data files replace the default (embedded) set; with another --dataset they are that source's own files
+    source = None if any(files.values()) and data_args.dataset == "synthetic" else data_args.dataset
+    if source == "synthetic":
         kwargs = dict(num_images=data_args.num_images, image_size=data_args.synthetic_image_size)
     else:
-        kwargs = dict(on_bad_image=data_args.on_bad_image)
-    pairs = load_image_caption_dataset(data_args.dataset, view="pairs", seed=seed, **kwargs)
+        kwargs = dict(on_bad_image=data_args.on_bad_image, image_column=data_args.image_column,
+                      caption_column=data_args.caption_column, dataset_config_name=data_args.dataset_config_name,
+                      **files)
+    pairs = load_image_caption_dataset(source, view="pairs", seed=seed, **kwargs)
     train = first_images(pairs["train"], data_args.max_train_images)
     evals = {split: to_image_view(first_images(pairs[split], data_args.max_eval_images))
              for split in ("validation", "test") if split in pairs}
