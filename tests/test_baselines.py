@@ -20,7 +20,7 @@ from dualencoder.baselines import (
     load_features,
     total_correlation,
 )
-from dualencoder.baselines.features import feature_key
+from dualencoder.baselines.features import feature_key, split_file
 
 torch.set_num_threads(1)
 
@@ -107,12 +107,18 @@ def test_every_registered_baseline_builds():
         build_baseline("nope")
 
 
+def store_toy_features(toy, cache_root, data_dir) -> None:
+    """The toy splits where load_features finds the features of `data_dir` (the project's one cache format)."""
+    for name, split in zip(("train", "validation", "test"), toy):
+        path = split_file(cache_root, feature_key(data_dir), name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(split.to_dict(), path)
+
+
 def test_features_cache_round_trip_and_no_extraction_when_cached(tmp_path, toy):
     train, _, test = toy
     data_dir = tmp_path / "flickr-toy"
-    directory = tmp_path / "cache" / feature_key(data_dir)
-    for name, split in zip(("train", "validation", "test"), toy):
-        split.save(directory / f"{name}.safetensors")
+    store_toy_features(toy, tmp_path / "cache", data_dir)
     loaded = load_features(data_dir, cache_root=tmp_path / "cache")  # the data dir does not even exist
     torch.testing.assert_close(loaded["test"].texts, test.texts)
     assert loaded["train"].text_to_image.tolist() == train.text_to_image.tolist()
@@ -121,9 +127,7 @@ def test_features_cache_round_trip_and_no_extraction_when_cached(tmp_path, toy):
 
 def test_compare_command_writes_table_and_json_with_main_runs(tmp_path, toy):
     data_dir = tmp_path / "flickr-toy"
-    directory = tmp_path / "cache" / feature_key(data_dir)
-    for name, split in zip(("train", "validation", "test"), toy):
-        split.save(directory / f"{name}.safetensors")
+    store_toy_features(toy, tmp_path / "cache", data_dir)
     run = tmp_path / "outputs" / "main-run"
     run.mkdir(parents=True)
     main_metrics = {k: 50.0 for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")}
@@ -144,7 +148,7 @@ def test_compare_command_writes_table_and_json_with_main_runs(tmp_path, toy):
     # loaded (the cache is gone and the data dir never existed)
     saved["results"]["linear-cca"]["test"]["rsum"] = 123.0
     out.with_suffix(".json").write_text(json.dumps(saved))
-    shutil.rmtree(directory)
+    shutil.rmtree(tmp_path / "cache")
     again = main(["--data", str(data_dir), "--out", str(out), "--cache_dir", str(tmp_path / "cache"),
                   "--baselines", "linear-cca", "--reuse"])
     assert again["linear-cca"]["test"]["rsum"] == 123.0 and "--reuse" not in out.read_text()

@@ -115,11 +115,11 @@ def toy_split(num_images: int, seed: int) -> SplitFeatures:
 
 def test_compare_adds_the_kernel_cca_row_to_a_saved_table_without_refitting_the_others(tmp_path):
     from dualencoder.baselines.compare import main
-    from dualencoder.baselines.features import feature_key
+    from tests.test_baselines import store_toy_features
 
     data_dir, cache, out = tmp_path / "flickr-toy", tmp_path / "cache", tmp_path / "BASELINES.md"
-    for name, seed in (("train", 0), ("validation", 1), ("test", 2)):
-        toy_split(60 if name == "train" else 30, seed).save(cache / feature_key(data_dir) / f"{name}.safetensors")
+    store_toy_features([toy_split(60 if name == "train" else 30, seed)
+                        for name, seed in (("train", 0), ("validation", 1), ("test", 2))], cache, data_dir)
     common = ["--data", str(data_dir), "--out", str(out), "--cache_dir", str(cache)]
     main(common + ["--baselines", "linear-cca"])
     saved = json.loads(out.with_suffix(".json").read_text())

@@ -180,7 +180,7 @@ def feature_meta(features: dict, key: str, args: argparse.Namespace) -> dict:
         "image_size": args.image_size,  # None: the backbone's own
         "image_dim": train.images.shape[1], "text_dim": train.texts.shape[1],
         "splits": {name: {"images": f.images.shape[0], "captions": f.texts.shape[0]} for name, f in features.items()},
-        "cache": f"~/.cache/dualencoder/features/{key}" if args.cache_dir is None else f"{args.cache_dir}/{key}",
+        "cache": f"{args.cache_dir or '~/.cache/dualencoder/features'}/baseline-<split>-{key}.pt", "feature_key": key,
         "machine": f"{platform.machine()} CPU", "extraction": f"{extraction / 60:.0f} min when they were extracted here",
     }
 
@@ -201,7 +201,8 @@ def main(argv=None) -> dict:
     saved = json.loads(json_path.read_text()) if args.reuse and json_path.exists() else {}
     previous = saved.get("results", {})
     saved_meta = saved.get("meta", {})
-    saved_key = Path(saved_meta["cache"]).name if "cache" in saved_meta else None  # the cache dir is named by the key
+    # the features' key (pages written before 2026-12-04 name it as the last part of their cache directory)
+    saved_key = saved_meta.get("feature_key") or (Path(saved_meta["cache"]).name if "cache" in saved_meta else None)
     if saved_key == key and all(previous.get(name, {}).get("kind") == "baseline" for name in args.baselines):
         # Nothing to fit: the feature facts on the page are the saved ones, and the features (minutes
         # to extract on a machine without the cache) are not needed.

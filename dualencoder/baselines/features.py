@@ -3,10 +3,11 @@
 Every baseline in this package works on the same frozen features: the vision tower's pooled
 output of each image (EfficientNet-Lite0: 1280-d) and the text tower's mean-pooled output of each
 caption (MiniLM: 384-d), both from :meth:`DualEncoderModel.encode_vision` / ``encode_text`` through
-:mod:`dualencoder.training.feature_cache`. Extracting 8000 images and 40k captions takes minutes
+:mod:`dualencoder.evaluation.embed` (the loops the training caches use too). Extracting 8000 images and 40k captions takes minutes
 on a CPU, fitting a baseline seconds, so features are computed once per (data, backbones,
-preprocessing) and stored under ``~/.cache/dualencoder/features/<key>/<split>.safetensors``
-(tensors) plus ``<split>.json`` (image ids and captions, in the tensors' row order).
+preprocessing) and stored as ``~/.cache/dualencoder/features/baseline-<split>-<key>.pt``, in the
+project's one cache format (:mod:`dualencoder.feature_store`): the split's arrays with its image ids and
+captions in the arrays' row order.
 
 A :class:`SplitFeatures` holds one split in retrieval layout: ``images [Ni, Dv]``, ``texts [Nt, Dt]``
 and ``text_to_image [Nt]`` (the index of each caption's image), i.e. exactly what
@@ -24,10 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from backbones_dualencoder import OFFLINE_TEXT, OFFLINE_VISION
+from dualencoder.feature_store import feature_file, load_or_compute
 
 logger = logging.getLogger(__name__)
 
@@ -71,28 +71,27 @@ class SplitFeatures:
             captions=[c for c, k in zip(self.captions, keep.tolist()) if k] if self.captions else [],
         )
 
-    def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {"images": self.images.contiguous(), "texts": self.texts.contiguous(),
-                   "text_to_image": self.text_to_image.contiguous()}
-        tmp = path.with_suffix(".tmp")
-        save_file(tensors, str(tmp), metadata={"seconds": f"{self.seconds:.1f}"})
-        path.with_suffix(".json").write_text(json.dumps({"image_ids": self.image_ids, "captions": self.captions}))
-        tmp.replace(path)  # the .safetensors file appears last: its presence means the split is complete
+    def to_dict(self) -> dict:
+        """The split as the mapping `dualencoder.feature_store` keeps on disk."""
+        return {"images": self.images.contiguous(), "texts": self.texts.contiguous(),
+                "text_to_image": self.text_to_image.contiguous(), "image_ids": list(self.image_ids),
+                "captions": list(self.captions), "seconds": float(self.seconds)}
 
     @classmethod
-    def load(cls, path: Path) -> SplitFeatures:
-        tensors = load_file(str(path))
-        with safe_open(str(path), framework="pt") as handle:
-            seconds = float((handle.metadata() or {}).get("seconds", 0.0))
-        names = json.loads(path.with_suffix(".json").read_text())
-        return cls(tensors["images"], tensors["texts"], tensors["text_to_image"].long(), names["image_ids"],
-                   names["captions"], seconds)
+    def from_dict(cls, stored: dict) -> SplitFeatures:
+        return cls(stored["images"], stored["texts"], stored["text_to_image"].long(), stored["image_ids"],
+                   stored["captions"], stored["seconds"])
+
+
+def split_file(cache_root, key: str, split: str) -> Path:
+    """The cache file of one split's frozen features (`feature_key` names the data, backbones and preprocessing)."""
+    return feature_file(cache_root, f"baseline-{split}", key)
 
 
 def feature_key(data_dir, vision: str = OFFLINE_VISION, text: str = OFFLINE_TEXT, *, image_size: int | None = None,
                 max_length: int = 64) -> str:
-    """A readable, unique directory name for one (data, backbones, preprocessing) combination."""
+    """A readable, unique key for one (data, backbones, preprocessing) combination: from names, so a cached split
+    is found without loading the model or the data."""
     spec = {"data": str(Path(data_dir).expanduser().resolve()), "vision": vision, "text": text,
             "image_size": image_size, "max_length": max_length, "text_pooling": "mean", "version": 1}
     digest = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
@@ -132,30 +131,29 @@ def load_features(data_dir, splits=SPLITS, *, vision: str = OFFLINE_VISION, text
     224 px). Extraction loads the data set and the backbones only for splits not yet cached.
     """
     root = Path(cache_root).expanduser() if cache_root is not None else default_cache_root()
-    directory = root / feature_key(data_dir, vision, text, image_size=image_size, max_length=max_length)
-    out, missing = {}, []
-    for split in splits:
-        path = directory / f"{split}.safetensors"
-        if path.exists():
-            out[split] = SplitFeatures.load(path)
-        else:
-            missing.append(split)
-    if missing:
-        from data_scripts import load_image_caption_dataset
-        from dualencoder.processing import build_processor
-        from modeling_dualencoder import DualEncoderModel
+    key = feature_key(data_dir, vision, text, image_size=image_size, max_length=max_length)
+    loaded = {}  # the model, processor and data, loaded once and only for a split that is not cached
 
-        overrides = {} if image_size is None else {"image_size": image_size}
-        model = DualEncoderModel.from_vision_text_pretrained(vision, text, **overrides).to(device).eval()
-        processor = build_processor(model.config)
-        data = load_image_caption_dataset(str(data_dir), view="images")
-        for split in missing:
-            logger.info("extracting frozen features of %s/%s (%d images) into %s", data_dir, split,
-                        len(data[split]), directory)
-            features = extract_split_features(model, processor, data[split], max_length=max_length,
-                                              batch_size=batch_size, device=device, show_progress=show_progress)
-            features.save(directory / f"{split}.safetensors")
-            logger.info("%s: %d images, %d captions in %.0f s", split, features.images.shape[0],
-                        features.texts.shape[0], features.seconds)
-            out[split] = features
+    def extract(split: str) -> dict:
+        if not loaded:
+            from data_scripts import load_image_caption_dataset
+            from dualencoder.processing import build_processor
+            from modeling_dualencoder import DualEncoderModel
+
+            overrides = {} if image_size is None else {"image_size": image_size}
+            model = DualEncoderModel.from_vision_text_pretrained(vision, text, **overrides).to(device).eval()
+            loaded.update(model=model, processor=build_processor(model.config),
+                          data=load_image_caption_dataset(str(data_dir), view="images"))
+        logger.info("extracting frozen features of %s/%s (%d images) into %s", data_dir, split,
+                    len(loaded["data"][split]), split_file(root, key, split))
+        features = extract_split_features(loaded["model"], loaded["processor"], loaded["data"][split],
+                                          max_length=max_length, batch_size=batch_size, device=device,
+                                          show_progress=show_progress)
+        logger.info("%s: %d images, %d captions in %.0f s", split, features.images.shape[0],
+                    features.texts.shape[0], features.seconds)
+        return features.to_dict()
+
+    out = {split: SplitFeatures.from_dict(load_or_compute(split_file(root, key, split),
+                                                          lambda split=split: extract(split)))
+           for split in splits}
     return {split: out[split] for split in splits}

@@ -7,8 +7,8 @@ the output of the frozen blocks below them: the vision prefix (`vision_hidden`, 
 and the text prefix (`text_hidden`, each caption's token states, stored unpadded). Mirrored copies
 of the vision caches serve `flip_augment` (training) and `image_flip_average` (evaluation).
 
-`FeatureCache.build` decides which caches a run can use, computes them (vision caches on disk under
-one key scheme, `FeatureCache.file`), and then the loop and evaluation only ask it for inputs:
+`FeatureCache.build` decides which caches a run can use, computes them (vision caches on disk, in the
+project's one cache format and key scheme: `dualencoder.feature_store`), and then the loop and evaluation only ask it for inputs:
 `train_transform` (the training rows' inputs), `forward_extras` (the depths the model needs),
 `pooled_images` / `pooled_texts` / `embed` (evaluation with the model as it is now). Caches are dicts
 keyed by image id (vision) and by caption (text), so they serve training and evaluation alike.
@@ -16,9 +16,7 @@ keyed by image id (vision) and by caption (text), so they serve training and eva
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -27,52 +25,10 @@ import torch
 from data_scripts import images_fingerprint, to_image_view
 from dualencoder.evaluation.embed import (EmbeddedSplit, embed_split, pooled_from_prefix, pooled_from_text_prefix,
                                           pooled_image_features, pooled_text_features, split_captions)
+from dualencoder.feature_store import feature_file, load_or_compute, tower_fingerprint
 from dualencoder.trainable import frozen_prefix_depth, tower_is_frozen
 
 logger = logging.getLogger(__name__)
-
-
-def tower_fingerprint(module: torch.nn.Module, *extra, without_adapters: bool = False) -> str:
-    """A short hash of a tower's weights (and any extra settings, e.g. the input size).
-
-    Cached features are only valid for exactly these weights and preprocessing; the hash makes
-    a stale cache impossible to pick up. `without_adapters` hashes the pretrained weights under
-    their plain names, leaving out LoRA adapters: right for a prefix cache, whose frozen blocks
-    hold no adapters (see `frozen_prefix_depth`), so a run with adapters in the top blocks reuses
-    the prefix that a run without them cached.
-    """
-    digest = hashlib.sha1(repr(extra).encode())
-    for name, tensor in sorted(_named_weights(module, without_adapters)):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def _named_weights(module: torch.nn.Module, without_adapters: bool):
-    for name, tensor in module.state_dict().items():
-        if without_adapters:
-            if "lora_" in name:
-                continue
-            name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
-        yield name, tensor
-
-
-def load_or_compute(path: str, compute) -> dict:
-    """A feature dict from `path` if it exists, else `compute()` saved there (atomically)."""
-    if path and os.path.isfile(path):
-        try:
-            features = torch.load(path, weights_only=True)
-            logger.info("reusing cached features from %s", path)
-            return features
-        except (RuntimeError, EOFError, OSError) as error:  # a truncated or damaged file is rebuilt, not fatal
-            logger.warning("cached features in %s are unreadable (%s): computing them again.", path, error)
-    features = compute()
-    if path:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"  # one per process: several may write the same cache at once
-        torch.save(features, tmp)
-        os.replace(tmp, path)
-    return features
 
 
 @dataclass
@@ -124,14 +80,13 @@ class FeatureCache:
         images_key = images_fingerprint(list(every_view.values())) if cache_dir else None
         image_ids = sorted(i for view in every_view.values() for i in view["image_id"])
 
-        def file(kind: str, *extra, without_adapters: bool = False) -> Optional[str]:
-            """The one key scheme of the vision caches: the tower's weights, preprocessing, images and `extra`."""
+        def file(kind: str, *extra, without_adapters: bool = False):
+            """A vision cache's file, keyed by the tower's weights, preprocessing, images and `extra`."""
             if not cache_dir:
                 return None
-            key = tower_fingerprint(model.vision_model, model.config.image_size, model.config.image_mean,
-                                    model.config.image_std, dataset_key, image_ids, images_key, pixel_store_size,
-                                    *extra, without_adapters=without_adapters)
-            return os.path.join(os.path.expanduser(cache_dir), f"{kind}-{key}.pt")
+            return feature_file(cache_dir, kind, tower_fingerprint(
+                model.vision_model, model.config.image_size, model.config.image_mean, model.config.image_std,
+                dataset_key, image_ids, images_key, pixel_store_size, *extra, without_adapters=without_adapters))
 
         def images(splits, encode, desc: str, **how) -> dict:
             features = {}
