@@ -33,7 +33,7 @@ from dualencoder.training.arguments import parse_args
 from dualencoder.training.checkpoints import (earlier_checkpoints, load_checkpoint, read_loop_state, recover_swap,
                                               resolve_resume, save_checkpoint, write_atomically)
 from dualencoder.training.data import build_data, make_train_loader
-from dualencoder.training.export import export
+from dualencoder.training.export import export, training_args
 from dualencoder.training.feature_cache import FeatureCache
 from dualencoder.training.model_setup import build_model, build_training_loss, head_init_options
 from dualencoder.training.optim import cosine_with_warmup, make_optimizer
@@ -105,13 +105,10 @@ def main(argv=None) -> dict:
     if any(p.requires_grad for p in loss_fn.parameters()):  # a loss that trains (a codebook): synced and saved
         loss_fn = accelerator.prepare(loss_fn)
     if train_args.torch_compile:  # in place: parameter names, checkpoints and save_pretrained stay as they are
-        compiled = compile_in_place(accelerator.unwrap_model(model), train_args.torch_compile_scope,
-                                    backend=train_args.torch_compile_backend, mode=train_args.torch_compile_mode)
-        logger.info("torch.compile (%s, scope %s): %d modules", train_args.torch_compile_backend,
-                    train_args.torch_compile_scope, len(compiled))
+        compile_for_training(accelerator.unwrap_model(model), train_args)
     if accelerator.log_with:
-        accelerator.init_trackers("run_contrastive", config={k: str(v) for a in (model_args, data_args, train_args)
-                                                              for k, v in vars(a).items()})
+        options = training_args((model_args, data_args, train_args))
+        accelerator.init_trackers("run_contrastive", config={name: str(value) for name, value in options.items()})
 
     # --- resume, or evaluate the untrained model
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_metric": None, "best_epoch": None, "history": []}
@@ -193,6 +190,13 @@ def start(train_args) -> Accelerator:
     accelerator.wait_for_everyone()
     os.makedirs(train_args.output_dir, exist_ok=True)
     return accelerator
+
+
+def compile_for_training(model, train_args) -> None:
+    compiled = compile_in_place(model, train_args.torch_compile_scope, backend=train_args.torch_compile_backend,
+                                mode=train_args.torch_compile_mode)
+    logger.info("torch.compile (%s, scope %s): %d modules", train_args.torch_compile_backend,
+                train_args.torch_compile_scope, len(compiled))
 
 
 def train_one_epoch(loader, train_step, state, accelerator, train_args, total_steps, progress, checkpoint) -> None:

@@ -276,9 +276,12 @@ def test_evaluate_module_embeddings_config_matches_library():
 
 def test_evaluate_module_finds_repo_through_env_var(tmp_path):
     pytest.importorskip("evaluate")
-    # Outside the repo, with the repo off sys.path: only DUALENCODER_ROOT can lead to it.
+    # Outside the repo, with the repo off sys.path: only DUALENCODER_ROOT can lead to it. `python -S` and the
+    # packages' folder added by hand: no .pth file runs, so an editable install of this project is not seen either.
     # One subprocess (importing evaluate costs seconds): first a wrong root, then the right one.
     code = f"""
+import sys, sysconfig
+sys.path.append(sysconfig.get_paths()["purelib"])
 import os, evaluate
 os.environ["DUALENCODER_ROOT"] = {str(tmp_path)!r}
 try:
@@ -292,7 +295,7 @@ print(m.compute(predictions=[[0.9, 0.1], [0.2, 0.8]], references=[[0], [1]])["rs
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "DUALENCODER_ROOT")}
     env.update(HF_HOME=str(tmp_path / "hf"), HF_EVALUATE_OFFLINE="1", HF_HUB_OFFLINE="1")
     out = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-S", "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
     )
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.strip().splitlines()

@@ -137,7 +137,8 @@ def test_evaluate_module_loads_from_its_path_and_matches_the_scorer(tiny_pairs):
 
 def test_a_frozen_feature_baseline_scores_through_the_offline_backbones(tiny_pairs, tmp_path, monkeypatch):
     from dualencoder.baselines import LinearCCA, SplitFeatures
-    from dualencoder.baselines.features import DEFAULT_TEXT, DEFAULT_VISION, feature_key
+    from backbones_dualencoder import OFFLINE_TEXT, OFFLINE_VISION
+    from tests.test_baselines import store_toy_features
     from dualencoder.evaluation.scoring import baseline_scorer
 
     root, _, rows = tiny_pairs
@@ -150,7 +151,7 @@ def test_a_frozen_feature_baseline_scores_through_the_offline_backbones(tiny_pai
         texts = images[:, :384] + 0.1 * torch.randn(n, 384, generator=g)
         splits[name] = SplitFeatures(images, texts, torch.arange(n), [f"{name}{i}.png" for i in range(n)],
                                      [f"{name} caption {i}" for i in range(n)])
-        splits[name].save(cache / feature_key(data_dir) / f"{name}.safetensors")
+    store_toy_features([splits[name] for name in ("train", "validation", "test")], cache, data_dir)
     (data_dir / "images").mkdir(parents=True)
     Image.new("RGB", (32, 32), (0, 200, 0)).save(data_dir / "images" / "test0.png")  # a cached image of the data set
     selected = {"ridge": 1.0, "k": 8, "power": 0.0, "val_rsum": 1.0}  # a BASELINES.json row's choice
@@ -161,7 +162,7 @@ def test_a_frozen_feature_baseline_scores_through_the_offline_backbones(tiny_pai
 
     baseline = LinearCCA(ridges=(1.0,), dims=(8,), powers=(0.0,))
     baseline.fit(splits["train"].images, splits["train"].texts, val=splits["validation"])
-    backbone = DualEncoderModel.from_vision_text_pretrained(DEFAULT_VISION, DEFAULT_TEXT).eval()
+    backbone = DualEncoderModel.from_vision_text_pretrained(OFFLINE_VISION, OFFLINE_TEXT).eval()
     processor = build_processor(backbone.config)
     transform = ImageTransform(processor.image_processor, train=False)
     tokens = processor.tokenizer(captions, padding="longest", return_tensors="pt")

@@ -162,7 +162,7 @@ def baseline_scorer(name: str, data_dir, selected: Optional[dict] = None, seed: 
     setting, so the fit takes one setting's time instead of the grid's; the result is the same fit.
     """
     from dualencoder.baselines import TrainOptions, build_baseline, load_features
-    from dualencoder.baselines.features import DEFAULT_TEXT, DEFAULT_VISION
+    from backbones_dualencoder import OFFLINE_TEXT, OFFLINE_VISION
     from modeling_dualencoder import DualEncoderModel
 
     baseline = build_baseline(name, TrainOptions(seed=seed))
@@ -186,7 +186,7 @@ def baseline_scorer(name: str, data_dir, selected: Optional[dict] = None, seed: 
             if image_id in files:
                 known_images[files[image_id]] = embedding
         known_texts.update(zip(split.captions, baseline.embed_texts(split.texts)))
-    backbone = DualEncoderModel.from_vision_text_pretrained(DEFAULT_VISION, DEFAULT_TEXT).eval()
+    backbone = DualEncoderModel.from_vision_text_pretrained(OFFLINE_VISION, OFFLINE_TEXT).eval()
     return Scorer(lambda pixels: baseline.embed_images(backbone.encode_vision(pixels)),
                   lambda ids, mask: baseline.embed_texts(backbone.encode_text(ids, mask)),
                   build_processor(backbone.config), f"baseline:{name}", known_images=known_images,
