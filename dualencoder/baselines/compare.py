@@ -136,7 +136,7 @@ at most {meta['epochs']} epochs, early stop after {meta['patience']} epochs with
   each view z-scored and mapped by a rank-m Nyström approximation of its kernel (m random training
   rows as landmarks, width s times the median landmark distance), then linear CCA as above on the
   m-dim mapped features (memory O(n m), not O(n^2)). Grid on dev: s in {{0.5, 1, 2}},
-  m in {{512, 1024, 2048}}, ridge in {{0.01, 0.1, 1}}, k in {{256, 512, 1024}}, p in {{0, 1, 2}}.
+  m in {{512, 1024, 2048}}, ridge in {{0.1, 1, 10}}, k in {{256, 512, 1024}}, p in {{0, 1, 2}}.
 * **corr-ae-mse / corr-ae-contrastive**: correspondence autoencoder (Feng et al. 2014): an
   autoencoder per modality (image {meta['image_dim']}→1024→512, text {meta['text_dim']}→512→512, mirrored decoders,
   ReLU, dropout 0.3), loss = self-reconstruction MSE of both + alignment of the 512-d codes, either

@@ -80,7 +80,7 @@ class KernelCCA(Baseline):
 
     name = "kernel-cca"
 
-    def __init__(self, widths=(0.5, 1.0, 2.0), ranks=(512, 1024, 2048), ridges=(0.01, 0.1, 1.0),
+    def __init__(self, widths=(0.5, 1.0, 2.0), ranks=(512, 1024, 2048), ridges=(0.1, 1.0, 10.0),
                  dims=(256, 512, 1024), powers=(0.0, 1.0, 2.0), seed: int = 0) -> None:
         super().__init__()
         self.widths, self.ranks = tuple(widths), tuple(ranks)
