@@ -89,7 +89,8 @@ class ModelArguments:
         None, "model", "Local state-dict file for a timm vision backbone, when timm cannot download its weights.")
     model_name_or_path: Optional[str] = option(
         None, "model", "Fine-tune a saved dual encoder directory instead of joining two backbones; it keeps its own "
-                       "heads, loss and image size.")
+                       "heads and image size (a model option stated with another value is refused) and trains with "
+                       "--loss.")
     image_size: Optional[int] = option(
         128, "model", "Input resolution of the vision tower (none: the backbone's own, e.g. 224). Convolutional "
                       "backbones run faster on smaller images, at some cost in accuracy.", min=16)
