@@ -24,7 +24,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from data_scripts import to_image_view
+from data_scripts import DatasetFormatError, to_image_view
 from dualencoder.metrics import format_metrics_table
 from dualencoder.processing import build_processor
 from dualencoder.querybank import querybank_metrics
@@ -56,9 +56,12 @@ def main(argv=None) -> dict:
     cca_init = head_init_options(model_args) if model_args.head_init == "cca" else None  # a bad option fails now
     processor = build_processor(model.config)
     logger.info("parameters:\n%s", format_parameter_report(parameter_report(model)))
-    data = build_data(data_args, processor, seed=train_args.seed, image_size=model.config.image_size,
-                      store_dir=train_args.feature_cache_dir or train_args.output_dir,
-                      main_process_first=accelerator.main_process_first, show_progress=show)
+    try:
+        data = build_data(data_args, processor, seed=train_args.seed, image_size=model.config.image_size,
+                          store_dir=train_args.feature_cache_dir or train_args.output_dir,
+                          main_process_first=accelerator.main_process_first, show_progress=show)
+    except DatasetFormatError as error:  # a bad file, row or column: one line naming it, not a traceback
+        raise SystemExit(f"error: {error}") from None
     if train_args.gradient_checkpointing:  # the trained towers recompute their activations in the backward pass
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(accelerator.device)

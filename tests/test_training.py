@@ -582,3 +582,15 @@ def test_your_own_images_and_captions_train_end_to_end_from_the_command_line(tin
     assert metrics["test"]["rsum"] > 0 and metrics["global_step"] > 0
     saved = json.loads((tmp_path / "out" / "training_args.json").read_text())
     assert saved["train_file" if source == "train_file" else "dataset"] == extra[1]
+
+
+def test_a_data_file_without_the_named_columns_is_one_error_line_naming_the_file_and_the_columns(tiny_model_dir,
+                                                                                                 tmp_path):
+    from tests.test_data_sources import write_csv
+
+    table = write_csv(tmp_path / "pairs.csv", ["photo", "description"], [["a.png", "a red square"]])
+    with pytest.raises(SystemExit) as refused:
+        run_contrastive.main(tiny_run_args(tiny_model_dir, tmp_path / "out", "--train_file", str(table)))
+    message = str(refused.value)
+    assert message.startswith(f"error: {table}: no image column") and "['photo', 'description']" in message
+    assert "\n" not in message
