@@ -126,7 +126,8 @@ def main(argv=None) -> dict:
 
     # --- train: the loss is read on the host every step on CPU (free there), on a GPU at logging steps and saves
     hint = (f"Nothing was saved from that step on. Try a lower --learning_rate/--head_learning_rate, --max_grad_norm "
-            f"1.0, --mixed_precision bf16 instead of fp16, or resume from the last checkpoint in {train_args.output_dir}.")
+            f"1.0, --mixed_precision bf16 instead of fp16, or resume from the last checkpoint in "
+            f"{train_args.output_dir}.")
     train_step = TrainStep(accelerator, model, loss_fn, optimizer, scheduler, max_grad_norm=train_args.max_grad_norm,
                            extras=cache.forward_extras, check_every=1 if accelerator.device.type == "cpu" else 0,
                            diverged_hint=hint, global_step=state["global_step"])
@@ -141,14 +142,11 @@ def main(argv=None) -> dict:
         save_checkpoint(accelerator, train_args.output_dir, state["global_step"], state, train_args.save_total_limit)
 
     progress = tqdm(total=total_steps, initial=state["global_step"], desc="train", disable=not show)
-    while state["global_step"] < total_steps and state["epoch"] < train_args.num_train_epochs:
+    # (an epoch cut short by a crash after its last step's checkpoint still ends: validation, best model, checkpoint)
+    while state["epoch"] < train_args.num_train_epochs and (state["global_step"] < total_steps
+                                                             or state["step_in_epoch"]):
         data.set_epoch(state["epoch"])
-        loader = accelerator.prepare(epoch_loader(state["epoch"]))
-        # A prepared loader sets its sampler's epoch to its own count of iterations when iterated, 0 for this
-        # new loader: without this every epoch would replay epoch 0's batches (on one process).
-        loader.set_epoch(state["epoch"])
-        if state["step_in_epoch"]:
-            loader = accelerator.skip_first_batches(loader, state["step_in_epoch"] * train_args.gradient_accumulation_steps)
+        loader = resumable_loader(accelerator, epoch_loader(state["epoch"]), state, train_args)
         train_mode(accelerator.unwrap_model(model), freeze_batchnorm=train_args.freeze_batchnorm)
         train_one_epoch(loader, train_step, state, accelerator, train_args, total_steps, progress, checkpoint)
         end_of_epoch(state, evaluate("validation").metrics() if "validation" in data.eval_views else None,
@@ -174,7 +172,8 @@ def main(argv=None) -> dict:
 
 
 def start(train_args) -> Accelerator:
-    """The accelerator, logging on the main process only, the seed, and an output_dir free of another run's checkpoints."""
+    """The accelerator, logging on the main process only, the seed, and an output_dir free of another run's
+    checkpoints."""
     accelerator = Accelerator(mixed_precision=train_args.mixed_precision,
                               gradient_accumulation_steps=train_args.gradient_accumulation_steps,
                               log_with=None if train_args.report_to == "none" else train_args.report_to,
@@ -184,7 +183,8 @@ def start(train_args) -> Accelerator:
     if not accelerator.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)
     set_seed(train_args.seed)
-    stale = earlier_checkpoints(train_args.output_dir, train_args.resume_from_checkpoint, train_args.overwrite_output_dir)
+    stale = earlier_checkpoints(train_args.output_dir, train_args.resume_from_checkpoint,
+                                train_args.overwrite_output_dir)
     if stale and accelerator.is_main_process:
         logger.info("overwrite_output_dir: deleting %d checkpoints of an earlier run in %s", len(stale),
                     train_args.output_dir)
@@ -193,6 +193,17 @@ def start(train_args) -> Accelerator:
     accelerator.wait_for_everyone()
     os.makedirs(train_args.output_dir, exist_ok=True)
     return accelerator
+
+
+def resumable_loader(accelerator, loader, state: dict, train_args):
+    """The epoch's prepared loader, from the batch a resumed run stopped at."""
+    loader = accelerator.prepare(loader)
+    # A prepared loader sets its sampler's epoch to its own count of iterations when iterated, 0 for this
+    # new loader: without this every epoch would replay epoch 0's batches (on one process).
+    loader.set_epoch(state["epoch"])
+    if state["step_in_epoch"]:
+        loader = accelerator.skip_first_batches(loader, state["step_in_epoch"] * train_args.gradient_accumulation_steps)
+    return loader
 
 
 def compile_for_training(model, train_args) -> None:
@@ -205,6 +216,8 @@ def compile_for_training(model, train_args) -> None:
 def train_one_epoch(loader, train_step, state, accelerator, train_args, total_steps, progress, checkpoint) -> None:
     """Step through one epoch's batches (from `state["step_in_epoch"]` on), logging and checkpointing as asked."""
     for batch in loader:
+        if state["global_step"] >= total_steps:  # a resumed run whose last step was done before its epoch's end
+            break
         loss = train_step(batch)
         if not accelerator.sync_gradients:
             continue

@@ -594,3 +594,27 @@ def test_a_data_file_without_the_named_columns_is_one_error_line_naming_the_file
     message = str(refused.value)
     assert message.startswith(f"error: {table}: no image column") and "['photo', 'description']" in message
     assert "\n" not in message
+
+
+def test_a_run_killed_right_after_the_checkpoint_of_its_last_step_still_ends_its_last_epoch(tiny_model_dir, tmp_path):
+    """A periodic checkpoint at the final step holds the last epoch unfinished (its validation, best-model choice
+    and end checkpoint not yet done). Resumed from it, the run must end that epoch, not skip it: the same best
+    epoch, validation and test as an uninterrupted run (issue 30's first silently-wrong case)."""
+    extra = ("--eval_before_training", "false", "--save_total_limit", "20")
+    reference = run_contrastive.main(tiny_run_args(tiny_model_dir, tmp_path / "reference", *extra))
+    total = reference["global_step"]
+    interrupted = tmp_path / "interrupted"
+    argv = tiny_run_args(tiny_model_dir, interrupted, *extra, "--checkpointing_steps", str(total))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(torch.get_num_threads()))
+    killed = subprocess.run([sys.executable, "-c", _KILL_AFTER_CHECKPOINT, json.dumps(argv), str(total)],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    state = json.loads((interrupted / f"checkpoint-{total}" / "trainer_state.json").read_text())
+    assert (state["global_step"], state["epoch"], state["step_in_epoch"]) == (total, 1, total // 2)
+
+    resumed = run_contrastive.main(argv + ["--resume_from_checkpoint", "latest"])
+    history = json.loads((interrupted / "log_history.json").read_text())
+    assert [record["epoch"] for record in history if "rsum" in record] == [1, 2]  # the last epoch was validated
+    assert resumed["best_epoch"] == reference["best_epoch"] and resumed["global_step"] == total
+    assert resumed["validation"] == pytest.approx(reference["validation"])
+    assert resumed["test"] == pytest.approx(reference["test"])
