@@ -30,8 +30,8 @@ from dualencoder.processing import build_processor
 from dualencoder.querybank import querybank_metrics
 from dualencoder.trainable import format_parameter_report, parameter_report, train_mode
 from dualencoder.training.arguments import parse_args
-from dualencoder.training.checkpoints import (earlier_checkpoints, load_checkpoint, read_loop_state, recover_swap,
-                                              resolve_resume, save_checkpoint, write_atomically)
+from dualencoder.training.checkpoints import (earlier_checkpoints, read_loop_state, recover_swap, resolve_resume,
+                                              resume_run, run_fingerprint, save_checkpoint, write_atomically)
 from dualencoder.training.data import build_data, make_train_loader
 from dualencoder.training.export import export, training_args
 from dualencoder.training.feature_cache import FeatureCache
@@ -114,10 +114,10 @@ def main(argv=None) -> dict:
         accelerator.init_trackers("run_contrastive", config={name: str(value) for name, value in options.items()})
 
     # --- resume, or evaluate the untrained model
-    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_metric": None, "best_epoch": None, "history": []}
-    if resume:
-        state = load_checkpoint(accelerator, resume)
-        logger.info("resumed from %s at epoch %d, step %d", resume, state["epoch"], state["global_step"])
+    fingerprint = run_fingerprint((model_args, data_args, train_args), train_pairs)
+    state = resume_run(accelerator, resume, fingerprint) if resume else {
+        "epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_metric": None, "best_epoch": None, "history": []}
+    state["fingerprint"] = fingerprint
     if topics is not None:
         state["topics"] = topics
     if not resume and train_args.eval_before_training and "validation" in data.eval_views:

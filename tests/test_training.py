@@ -618,3 +618,20 @@ def test_a_run_killed_right_after_the_checkpoint_of_its_last_step_still_ends_its
     assert resumed["best_epoch"] == reference["best_epoch"] and resumed["global_step"] == total
     assert resumed["validation"] == pytest.approx(reference["validation"])
     assert resumed["test"] == pytest.approx(reference["test"])
+
+
+def test_a_resume_with_other_options_or_data_is_refused_naming_the_differences(tiny_model_dir, tmp_path, caplog):
+    """A checkpoint records the options and data it was trained with; resuming it with a different learning rate
+    or data set would not continue that run (it was accepted before, global step 63 of 39)."""
+    out = tmp_path / "out"
+    argv = tiny_run_args(tiny_model_dir, out, "--eval_before_training", "false", "--num_train_epochs", "1")
+    run_contrastive.main(argv)
+    with pytest.raises(SystemExit) as refused:
+        run_contrastive.main(argv + ["--resume_from_checkpoint", "latest", "--learning_rate", "0.5",
+                                     "--num_images", "40"])
+    message = str(refused.value)
+    assert "learning_rate: 2e-05 -> 0.5" in message and "num_images: 30 -> 40" in message and "train_pairs" in message
+    caplog.set_level("WARNING")
+    run_contrastive.main(tiny_run_args(tiny_model_dir, tmp_path / "fresh", "--eval_before_training", "false",
+                                       "--num_train_epochs", "1", "--resume_from_checkpoint", "latest"))
+    assert "no complete checkpoint in" in caplog.text and "new run" in caplog.text

@@ -7,12 +7,16 @@ which is written last. The same write-then-rename protects the best model's dire
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 from typing import Callable, Optional
 
+logger = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -49,11 +53,15 @@ def earlier_checkpoints(output_dir: str, resume: Optional[str], overwrite: bool)
 
 
 def resolve_resume(output_dir: str, resume: Optional[str]) -> Optional[str]:
-    """`latest` -> the newest complete checkpoint (or None to start fresh), a path -> itself, checked."""
+    """`latest` -> the newest complete checkpoint (or None to start fresh, said in the log), a path -> itself,
+    checked."""
     if not resume:
         return None
     if resume == "latest":
         checkpoints = list_checkpoints(output_dir)
+        if not checkpoints:
+            logger.warning("--resume_from_checkpoint latest: no complete checkpoint in %s, so this is a new run.",
+                           output_dir)
         return checkpoints[-1] if checkpoints else None
     if not os.path.isfile(os.path.join(resume, STATE_FILE)):
         raise SystemExit(f"error: {resume} is not a complete checkpoint (no {STATE_FILE}); pass a checkpoint-<step> directory or 'latest'")
@@ -131,5 +139,48 @@ def read_loop_state(path: str) -> dict:
 
 
 def load_checkpoint(accelerator, path: str) -> dict:
+    """Restore model, optimiser, scheduler and random states; the loop state. A missing random state makes the
+    resumed run inexact (other dropout masks and draws): said loudly, naming the file."""
+    missing = os.path.join(path, f"random_states_{accelerator.process_index}.pkl")
+    if not os.path.isfile(missing):
+        logger.warning("%s is missing: the resumed run will not repeat the interrupted one exactly.", missing)
     accelerator.load_state(path)
     return read_loop_state(path)
+
+
+# options a resumed run may change without changing what it computes (where it logs, saves, reads caches from;
+# topic_batches: a resumed run's topics come from its checkpoint)
+MAY_DIFFER_ON_RESUME = {"resume_from_checkpoint", "overwrite_output_dir", "output_dir", "logging_steps",
+                        "checkpointing_steps", "save_total_limit", "report_to", "push_to_hub", "hub_model_id",
+                        "save_adapters", "dataloader_num_workers", "feature_cache_dir", "topic_batches"}
+
+
+def run_fingerprint(args: tuple, train_pairs) -> dict:
+    """What an exact resume needs unchanged: every option that shapes the computation, and the training data
+    (its number of pairs and a digest of their image ids and captions)."""
+    options = {name: value for group in args for name, value in dataclasses.asdict(group).items()
+               if name not in MAY_DIFFER_ON_RESUME}
+    digest = hashlib.sha1()
+    for image_id, caption in zip(train_pairs["image_id"], train_pairs["caption"]):
+        digest.update(f"{image_id}\t{caption}\n".encode())
+    return {**options, "train_pairs": len(train_pairs), "train_digest": digest.hexdigest()[:16]}
+
+
+def resume_run(accelerator, path: str, fingerprint: dict) -> dict:
+    """The loop state of checkpoint `path`, its tensors and random states restored, after checking it was taken in a
+    run with the same options and data (`run_fingerprint`): a resume with others would not continue that run."""
+    changed = resume_mismatches(read_loop_state(path).get("fingerprint", {}), fingerprint)
+    if changed:
+        raise SystemExit(f"error: --resume_from_checkpoint {path} was taken in a run with other options or data: "
+                         f"{'; '.join(changed)}. Resume with the same ones, or start a new run in another "
+                         "--output_dir (or with --overwrite_output_dir true).")
+    state = load_checkpoint(accelerator, path)
+    logger.info("resumed from %s at epoch %d, step %d", path, state["epoch"], state["global_step"])
+    return state
+
+
+def resume_mismatches(saved: dict, current: dict) -> list[str]:
+    """What differs between the run a checkpoint was taken in and this one (`run_fingerprint`s), as
+    `name: saved -> now` lines; empty when they match (checkpoints from before fingerprints match anything)."""
+    return [f"{name}: {saved[name]!r} -> {current.get(name)!r}" for name in sorted(saved)
+            if saved[name] != current.get(name)]
