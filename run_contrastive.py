@@ -39,6 +39,7 @@ from dualencoder.training.model_setup import build_model, build_training_loss, h
 from dualencoder.training.optim import cosine_with_warmup, make_optimizer
 from dualencoder.training.research import apply_research_options
 from dualencoder.training.step import TrainStep, compile_in_place
+from dualencoder.training.stop import StopRequest
 from modeling_dualencoder import DualEncoderModel
 
 logger = logging.getLogger("run_contrastive")
@@ -143,15 +144,16 @@ def main(argv=None) -> dict:
 
     progress = tqdm(total=total_steps, initial=state["global_step"], desc="train", disable=not show)
     # (an epoch cut short by a crash after its last step's checkpoint still ends: validation, best model, checkpoint)
-    while state["epoch"] < train_args.num_train_epochs and (state["global_step"] < total_steps
-                                                             or state["step_in_epoch"]):
-        data.set_epoch(state["epoch"])
-        loader = resumable_loader(accelerator, epoch_loader(state["epoch"]), state, train_args)
-        train_mode(accelerator.unwrap_model(model), freeze_batchnorm=train_args.freeze_batchnorm)
-        train_one_epoch(loader, train_step, state, accelerator, train_args, total_steps, progress, checkpoint)
-        end_of_epoch(state, evaluate("validation").metrics() if "validation" in data.eval_views else None,
-                     accelerator, model, train_args.metric_for_best_model, best_dir)
-        checkpoint()
+    with StopRequest() as stop:  # SIGINT/SIGTERM: a checkpoint after the step in flight, then exit
+        while state["epoch"] < train_args.num_train_epochs and (state["global_step"] < total_steps
+                                                                 or state["step_in_epoch"]):
+            data.set_epoch(state["epoch"])
+            loader = resumable_loader(accelerator, epoch_loader(state["epoch"]), state, train_args)
+            train_mode(accelerator.unwrap_model(model), freeze_batchnorm=train_args.freeze_batchnorm)
+            train_one_epoch(loader, train_step, state, accelerator, train_args, total_steps, progress, checkpoint, stop)
+            end_of_epoch(state, evaluate("validation").metrics() if "validation" in data.eval_views else None,
+                         accelerator, model, train_args.metric_for_best_model, best_dir)
+            checkpoint()
     progress.close()
     train_seconds = clock.seconds()
     accelerator.wait_for_everyone()
@@ -213,8 +215,10 @@ def compile_for_training(model, train_args) -> None:
                 train_args.torch_compile_scope, len(compiled))
 
 
-def train_one_epoch(loader, train_step, state, accelerator, train_args, total_steps, progress, checkpoint) -> None:
-    """Step through one epoch's batches (from `state["step_in_epoch"]` on), logging and checkpointing as asked."""
+def train_one_epoch(loader, train_step, state, accelerator, train_args, total_steps, progress, checkpoint,
+                    stop: StopRequest) -> None:
+    """Step through one epoch's batches (from `state["step_in_epoch"]` on), logging and checkpointing as asked;
+    on a stop request (a signal), checkpoint and exit with that signal's code."""
     for batch in loader:
         if state["global_step"] >= total_steps:  # a resumed run whose last step was done before its epoch's end
             break
@@ -234,6 +238,12 @@ def train_one_epoch(loader, train_step, state, accelerator, train_args, total_st
             accelerator.log({"train/" + k: v for k, v in record.items() if k != "step"}, step=state["global_step"])
         if train_args.checkpointing_steps and state["global_step"] % train_args.checkpointing_steps == 0:
             checkpoint()
+        if stop.requested(accelerator, synced=state["global_step"] % train_args.logging_steps == 0):
+            checkpoint()
+            logger.warning("stopped by %s after step %d: checkpoint-%d saved in %s; continue with "
+                           "--resume_from_checkpoint latest", stop.name, state["global_step"], state["global_step"],
+                           train_args.output_dir)
+            raise SystemExit(stop.exit_code)
         if state["global_step"] >= total_steps:
             break
     train_step.check()

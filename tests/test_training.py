@@ -635,3 +635,40 @@ def test_a_resume_with_other_options_or_data_is_refused_naming_the_differences(t
     run_contrastive.main(tiny_run_args(tiny_model_dir, tmp_path / "fresh", "--eval_before_training", "false",
                                        "--num_train_epochs", "1", "--resume_from_checkpoint", "latest"))
     assert "no complete checkpoint in" in caplog.text and "new run" in caplog.text
+
+
+_SIGNAL_AFTER_STEP = """
+import json, os, signal, sys
+from dualencoder.training import step
+argv, signal_name, after = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+call = step.TrainStep.__call__
+def call_then_signal(self, batch):
+    loss = call(self, batch)
+    if self.global_step == after:
+        os.kill(os.getpid(), getattr(signal, signal_name))  # as a scheduler's pre-emption or a Ctrl-C would
+    return loss
+step.TrainStep.__call__ = call_then_signal
+import run_contrastive
+run_contrastive.main(argv)
+"""
+
+
+@pytest.mark.parametrize("signal_name, code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_saves_a_checkpoint_exits_with_its_code_and_the_resumed_run_is_exact(tiny_model_dir, tmp_path,
+                                                                                       signal_name, code):
+    """SIGTERM (cluster pre-emption) and SIGINT (Ctrl-C) used to end the run with nothing saved; now the step in
+    flight finishes, a checkpoint is written, the process exits with the shell's code for the signal, and resuming
+    gives an uninterrupted run's result."""
+    extra = ("--eval_before_training", "false", "--save_total_limit", "20")
+    reference = run_contrastive.main(tiny_run_args(tiny_model_dir, tmp_path / "reference", *extra))
+    stopped = tmp_path / "stopped"
+    argv = tiny_run_args(tiny_model_dir, stopped, *extra)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(torch.get_num_threads()))
+    result = subprocess.run([sys.executable, "-c", _SIGNAL_AFTER_STEP, json.dumps(argv), signal_name, "3"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == code, result.stderr[-3000:]
+    assert f"stopped by {signal_name} after step 3" in result.stdout + result.stderr
+    assert [Path(path).name for path in list_checkpoints(str(stopped))] == ["checkpoint-3"]
+    resumed = run_contrastive.main(argv + ["--resume_from_checkpoint", "latest"])
+    assert resumed["global_step"] == reference["global_step"]
+    assert resumed["test"] == pytest.approx(reference["test"])
