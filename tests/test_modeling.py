@@ -527,3 +527,36 @@ def test_the_config_saves_without_a_default_config_to_diff_against(tmp_path, tin
         type(config)()
     config.save_pretrained(tmp_path)
     assert type(config).from_pretrained(tmp_path).to_dict() == config.to_dict()
+
+
+def test_an_export_loads_and_embeds_with_the_oldest_transformers_the_requirements_allow(tmp_path):
+    """requirements.txt allows transformers 4.57: a saved model's own files (trust_remote_code) must import and embed
+    there too, not only on the newest (an import that only transformers 5 has once broke this). `.ci/run` installs
+    4.57 into the folder DUALENCODER_OLDEST_TRANSFORMERS names; the test runs it in a fresh process."""
+    oldest = os.environ.get("DUALENCODER_OLDEST_TRANSFORMERS")
+    if not oldest:
+        pytest.skip("DUALENCODER_OLDEST_TRANSFORMERS is unset (.ci/run sets it and installs transformers 4.57 there)")
+    model = DualEncoderModel(tiny_vit_distilbert_config()).eval()
+    model.save_pretrained(tmp_path / "model")
+    batch = tiny_batch(model.config, 2)
+    torch.save(batch, tmp_path / "batch.pt")
+    with torch.no_grad():
+        torch.save(model(**batch).image_embeds, tmp_path / "expected.pt")
+    # -S and the packages' folder by hand: no .pth file (an editable install of this project) runs
+    script = textwrap.dedent(f"""
+        import sys, sysconfig
+        sys.path.append(sysconfig.get_paths()["purelib"])
+        import torch, transformers
+        from transformers import AutoModel
+        print("transformers", transformers.__version__)
+        model = AutoModel.from_pretrained({str(tmp_path / 'model')!r}, trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        with torch.no_grad():
+            out = model(**torch.load({str(tmp_path / 'batch.pt')!r}))
+        torch.testing.assert_close(out.image_embeds, torch.load({str(tmp_path / 'expected.pt')!r}))
+    """)
+    env = dict(os.environ, PYTHONPATH=oldest, HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, "-S", "-c", script], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "transformers 4.57." in result.stdout
