@@ -371,7 +371,7 @@ def test_querybank_metrics_use_the_training_split_as_the_bank_and_match_embeddin
 
 
 def test_cached_features_are_reused_only_for_the_same_weights_and_settings(tmp_path):
-    from dualencoder.training.feature_cache import load_or_compute, tower_fingerprint
+    from dualencoder.feature_store import load_or_compute, tower_fingerprint
 
     layer = torch.nn.Linear(3, 2)
     key = tower_fingerprint(layer, 224)
@@ -386,8 +386,20 @@ def test_cached_features_are_reused_only_for_the_same_weights_and_settings(tmp_p
     assert tower_fingerprint(layer, 224) != key
 
 
+def test_a_truncated_cache_file_is_computed_again_not_a_crash(tmp_path, caplog):
+    from dualencoder.feature_store import load_or_compute
+
+    path = tmp_path / "vision-abc.pt"
+    torch.save({"a": torch.ones(1000)}, path)
+    path.write_bytes(path.read_bytes()[:200])  # as a full disk or a killed copy leaves it
+    caplog.set_level("WARNING")
+    features = load_or_compute(path, lambda: {"a": torch.zeros(2)})
+    assert torch.equal(features["a"], torch.zeros(2)) and "unreadable" in caplog.text
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.zeros(2))  # and written again, whole
+
+
 def test_a_prefix_cache_key_leaves_out_adapters_so_a_run_with_top_block_lora_reuses_the_plain_prefix():
-    from dualencoder.training.feature_cache import tower_fingerprint
+    from dualencoder.feature_store import tower_fingerprint
 
     torch.manual_seed(0)
     plain = DualEncoderModel(tiny_timm_config())
