@@ -29,11 +29,11 @@ from dualencoder.metrics import format_metrics_table
 from dualencoder.processing import build_processor
 from dualencoder.querybank import querybank_metrics
 from dualencoder.trainable import format_parameter_report, parameter_report, train_mode
-from dualencoder.training.arguments import parse_args
+from dualencoder.training.arguments import all_options, parse_args
 from dualencoder.training.checkpoints import (earlier_checkpoints, read_loop_state, recover_swap, resolve_resume,
                                               resume_run, run_fingerprint, save_checkpoint, write_atomically)
 from dualencoder.training.data import build_data, make_train_loader
-from dualencoder.training.export import export, training_args
+from dualencoder.training.export import export
 from dualencoder.training.feature_cache import FeatureCache
 from dualencoder.training.model_setup import build_model, build_training_loss, head_init_options
 from dualencoder.training.optim import cosine_with_warmup, make_optimizer
@@ -71,8 +71,9 @@ def main(argv=None) -> dict:
         model.vision_model.to(memory_format=torch.channels_last)
     cache_started = time.time()
     cache = FeatureCache.build(
-        model, data.train_pairs, data.eval_views, eval_transform=data.eval_transform, tokenizer=processor.tokenizer,
-        max_length=data_args.max_length, batch_size=train_args.per_device_eval_batch_size, device=accelerator.device,
+        model, data.train_pairs, data.eval_views, data.eval_captions, eval_transform=data.eval_transform,
+        tokenizer=processor.tokenizer, max_length=data_args.max_length, device=accelerator.device,
+        batch_size=train_args.per_device_eval_batch_size,
         enabled=train_args.cache_frozen_features, cache_dir=train_args.feature_cache_dir, dataset_key=data_args.dataset,
         pixel_store_size=data_args.pixel_store_size, prefix_dtype=train_args.prefix_cache_dtype, mirror=data.mirror,
         augment=data_args.augment, querybank=train_args.querybank_beta is not None, show_progress=show)
@@ -111,7 +112,7 @@ def main(argv=None) -> dict:
     if train_args.torch_compile:  # in place: parameter names, checkpoints and save_pretrained stay as they are
         compile_for_training(accelerator.unwrap_model(model), train_args)
     if accelerator.log_with:
-        options = training_args((model_args, data_args, train_args))
+        options = all_options((model_args, data_args, train_args))
         accelerator.init_trackers("run_contrastive", config={name: str(value) for name, value in options.items()})
 
     # --- resume, or evaluate the untrained model

@@ -19,7 +19,7 @@ import operator
 import re
 import sys
 import typing
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Optional
 
 import yaml
@@ -529,6 +529,11 @@ def cross_checks(values: dict, sources: dict):
                             "head_init)")
     if values["topic_batches"] and not values["batch_by_image"]:  # before an hour of caching, not after
         refuse("topic_batches", "--topic_batches draws whole images by topic: it needs --batch_by_image true")
+
+
+def all_options(args: tuple) -> dict:
+    """Every option of a run, (model, data, train) as parse_args returns them, as one JSON-ready mapping."""
+    return {name: value for options in args for name, value in asdict(options).items()}
 
 
 def parse_args(argv: Optional[list[str]] = None, with_sources: bool = False):

@@ -7,7 +7,6 @@ which is written last. The same write-then-rename protects the best model's dire
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -15,6 +14,8 @@ import os
 import re
 import shutil
 from typing import Callable, Optional
+
+from dualencoder.training.arguments import all_options
 
 logger = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
@@ -158,8 +159,7 @@ MAY_DIFFER_ON_RESUME = {"resume_from_checkpoint", "overwrite_output_dir", "outpu
 def run_fingerprint(args: tuple, train_pairs) -> dict:
     """What an exact resume needs unchanged: every option that shapes the computation, and the training data
     (its number of pairs and a digest of their image ids and captions)."""
-    options = {name: value for group in args for name, value in dataclasses.asdict(group).items()
-               if name not in MAY_DIFFER_ON_RESUME}
+    options = {name: value for name, value in all_options(args).items() if name not in MAY_DIFFER_ON_RESUME}
     digest = hashlib.sha1()
     for image_id, caption in zip(train_pairs["image_id"], train_pairs["caption"]):
         digest.update(f"{image_id}\t{caption}\n".encode())

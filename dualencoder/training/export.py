@@ -7,7 +7,6 @@ go to `training_args.json` (what the evaluation commands read); the card (`READM
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -16,6 +15,7 @@ import shutil
 from dualencoder.adapters import save_adapters
 from dualencoder.evaluation.common import TRAINING_ARGS_FILE
 from dualencoder.metrics import format_metrics_table
+from dualencoder.training.arguments import all_options
 from dualencoder.training.checkpoints import move_into
 from dualencoder.training.model_card import write_model_card
 
@@ -25,11 +25,6 @@ TABLE_ROWS = {"before_training": "untrained (validation)", "validation": "best (
               "test_without_flip_average": "test, no flip average", "validation_querybank": "validation, querybank",
               "test_querybank": "test, querybank-normalised"}
 CARD_ROWS = ("before_training", "validation", "test", "test_querybank")
-
-
-def training_args(args: tuple) -> dict:
-    """Every option of the run (model, data, training) as one JSON-ready mapping."""
-    return {name: value for options in args for name, value in dataclasses.asdict(options).items()}
 
 
 def export(model, processor, metrics: dict, args: tuple, history: list) -> None:
@@ -50,7 +45,7 @@ def export(model, processor, metrics: dict, args: tuple, history: list) -> None:
     model.save_pretrained(staging)
     processor.save_pretrained(staging)
     for name, content in (("metrics.json", metrics), ("log_history.json", history),
-                          (TRAINING_ARGS_FILE, training_args(args))):
+                          (TRAINING_ARGS_FILE, all_options(args))):
         with open(os.path.join(staging, name), "w") as handle:
             json.dump(content, handle, indent=2)
     write_model_card(staging, model_config=model.config, args=args, location=out,

@@ -58,7 +58,7 @@ class FeatureCache:
 
     # ------------------------------------------------------------------ building
     @classmethod
-    def build(cls, model, train_pairs, eval_views: dict, *, eval_transform, tokenizer, max_length: int,
+    def build(cls, model, train_pairs, eval_views: dict, eval_captions: dict, *, eval_transform, tokenizer, max_length: int,
               batch_size: int, device, enabled: bool = True, cache_dir: Optional[str] = None, dataset_key="",
               pixel_store_size: int = 0, prefix_dtype: str = "float16", mirror=None, augment: bool = False,
               querybank: bool = False, show_progress: bool = True) -> "FeatureCache":
@@ -130,10 +130,10 @@ class FeatureCache:
             if splits:  # keyed by which splits it holds
                 cache.mirrored = mirrored(splits, prefix, "vision-prefix-mirrored", vision_depth, prefix_dtype, splits,
                                           without_adapters=True, dtype=dtype)
-        cache._build_text(model, train_pairs, eval_views, dtype)
+        cache._build_text(model, train_pairs, eval_captions, dtype)
         return cache
 
-    def _build_text(self, model, train_pairs, eval_views: dict, dtype) -> None:
+    def _build_text(self, model, train_pairs, eval_captions: dict, dtype) -> None:
         text_depth = frozen_prefix_depth(model, "text")
         common = dict(max_length=self.max_length, batch_size=self.batch_size, device=self.device,
                       show_progress=self.show_progress)
@@ -144,8 +144,7 @@ class FeatureCache:
             logger.info("text layers below %d are frozen: caching each caption's token states there; each step runs "
                         "only the layers above.", text_depth)
             self.text_depth = text_depth
-            every_caption = list(train_pairs["caption"]) + [
-                caption for view in eval_views.values() for caption in split_captions(view)[1]]
+            every_caption = list(train_pairs["caption"]) + [c for captions in eval_captions.values() for c in captions]
             self.text_hidden = pooled_text_features(model, every_caption, self.tokenizer, desc="cache text prefix",
                                                     prefix_depth=text_depth, dtype=dtype, **common)
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import yaml
 
 from dualencoder.metrics import format_metrics_table
+from dualencoder.training.arguments import all_options
 
 
 QUERYBANK_NOTE = """
@@ -23,7 +23,7 @@ def write_model_card(output_dir: str, *, model_config, args: tuple, metrics: dic
     `location` is where the model will be loaded from, if not `output_dir` (which may be a staging folder).
     """
     model_args, data_args, train_args = args
-    options = {k: v for a in args for k, v in dataclasses.asdict(a).items()}
+    options = all_options(args)
     tables = {name: values for name, values in metrics.items() if isinstance(values, dict) and "rsum" in values}
     header = {
         "library_name": "transformers",
