@@ -24,6 +24,22 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None,
 WAIT_S = 20
 
 
+def wait_for_new_page(driver, old_element, status_text: str):
+    """Wait until a click's navigation has replaced the page and its status says `status_text`.
+
+    A form submit or a link click loads a new page: an element found on the old page goes stale
+    in between, so wait for that first, and read the new status ignoring a stale read mid-load.
+    """
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(driver, WAIT_S).until(expected_conditions.staleness_of(old_element))
+    WebDriverWait(driver, WAIT_S, ignored_exceptions=(StaleElementReferenceException,)).until(
+        lambda d: status_text in d.find_element(By.ID, "status").text)
+
+
 @pytest.fixture(scope="module")
 def server_url(tmp_path_factory):
     model_dir = save_tiny_app_model(tmp_path_factory.mktemp("model"))
@@ -65,8 +81,9 @@ def test_typing_a_query_shows_the_result_photos(server_url, browser, tmp_path):
     count = browser.find_element(By.ID, "k")
     count.clear()
     count.send_keys("3")
+    old_status = browser.find_element(By.ID, "status")
     browser.find_element(By.ID, "search").click()
-    WebDriverWait(browser, WAIT_S).until(lambda d: "a red square" in d.find_element(By.ID, "status").text)
+    wait_for_new_page(browser, old_status, "a red square")
     images = browser.find_elements(By.CSS_SELECTOR, ".hits img")
     assert len(images) == 3
     WebDriverWait(browser, WAIT_S).until(
@@ -85,10 +102,10 @@ def test_typing_a_query_shows_the_result_photos(server_url, browser, tmp_path):
 
 def test_clicking_a_photo_finds_photos_like_it(server_url, browser):
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     browser.get(server_url + "?q=blue&k=2")
+    old_status = browser.find_element(By.ID, "status")
     browser.find_elements(By.CSS_SELECTOR, ".hits a")[0].click()
-    WebDriverWait(browser, WAIT_S).until(lambda d: "Photos like" in d.find_element(By.ID, "status").text)
+    wait_for_new_page(browser, old_status, "Photos like")
     first = browser.find_elements(By.CSS_SELECTOR, ".hits figcaption")[0].text
     assert first.startswith("1.000")  # the clicked photo itself comes first
