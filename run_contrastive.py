@@ -25,6 +25,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from data_scripts import DatasetFormatError, to_image_view
+from dualencoder.distributed import launch_mismatch
 from dualencoder.metrics import format_metrics_table
 from dualencoder.processing import build_processor
 from dualencoder.querybank import querybank_metrics
@@ -39,6 +40,7 @@ from dualencoder.training.model_setup import build_model, build_training_loss, h
 from dualencoder.training.optim import cosine_with_warmup, make_optimizer
 from dualencoder.training.research import apply_research_options
 from dualencoder.training.step import TrainStep, compile_in_place
+from dualencoder.training.streamed import StreamedEpochs
 from dualencoder.training.stop import StopRequest
 from modeling_dualencoder import DualEncoderModel
 
@@ -60,7 +62,8 @@ def main(argv=None) -> dict:
     try:
         data = build_data(data_args, processor, seed=train_args.seed, image_size=model.config.image_size,
                           store_dir=train_args.feature_cache_dir or train_args.output_dir,
-                          main_process_first=accelerator.main_process_first, show_progress=show)
+                          main_process_first=accelerator.main_process_first, show_progress=show,
+                          rank=accelerator.process_index, world_size=accelerator.num_processes)
     except DatasetFormatError as error:  # a bad file, row or column: one line naming it, not a traceback
         raise SystemExit(f"error: {error}") from None
     if train_args.gradient_checkpointing:  # the trained towers recompute their activations in the backward pass
@@ -73,8 +76,8 @@ def main(argv=None) -> dict:
     cache = FeatureCache.build(
         model, data.train_pairs, data.eval_views, data.eval_captions, eval_transform=data.eval_transform,
         tokenizer=processor.tokenizer, max_length=data_args.max_length, device=accelerator.device,
-        batch_size=train_args.per_device_eval_batch_size,
-        enabled=train_args.cache_frozen_features, cache_dir=train_args.feature_cache_dir, dataset_key=data_args.dataset,
+        batch_size=train_args.per_device_eval_batch_size,  # (a stream's images are not known before they come)
+        enabled=train_args.cache_frozen_features and data.stream is None, cache_dir=train_args.feature_cache_dir, dataset_key=data_args.dataset,
         pixel_store_size=data_args.pixel_store_size, prefix_dtype=train_args.prefix_cache_dtype, mirror=data.mirror,
         augment=data_args.augment, querybank=train_args.querybank_beta is not None, show_progress=show)
     resume = resolve_resume(train_args.output_dir, train_args.resume_from_checkpoint)
@@ -86,6 +89,9 @@ def main(argv=None) -> dict:
     # never decode images that a cache replaces
     train_pairs = data.train_pairs.remove_columns("image") if cache.replaces_images else data.train_pairs
     train_rows = cache.train_transform(data.train_transform, data.mirror, data.crop_draw)
+    streamed = None if data.stream is None else StreamedEpochs(
+        data.stream, train_rows, data.collator, accelerator, batch_size=train_args.per_device_train_batch_size,
+        num_workers=data_args.dataloader_num_workers)
 
     def epoch_loader(epoch: int):
         return make_train_loader(train_pairs, train_rows, data.collator, data_args,
@@ -100,9 +106,12 @@ def main(argv=None) -> dict:
                                vision_backbone_lr=train_args.vision_learning_rate,
                                lora_lr=train_args.lora_learning_rate, head_lr=train_args.head_learning_rate,
                                scale_lr=train_args.logit_scale_learning_rate, weight_decay=train_args.weight_decay)
-    steps_per_epoch = math.ceil(len(epoch_loader(0)) / accelerator.num_processes
-                                / train_args.gradient_accumulation_steps)
-    total_steps = min(steps_per_epoch * train_args.num_train_epochs, train_args.max_steps or math.inf)
+    if streamed:  # a stream's epoch has no length known in advance: --max_steps is required with --streaming
+        total_steps = train_args.max_steps
+    else:
+        steps_per_epoch = math.ceil(len(epoch_loader(0)) / accelerator.num_processes
+                                    / train_args.gradient_accumulation_steps)
+        total_steps = min(steps_per_epoch * train_args.num_train_epochs, train_args.max_steps or math.inf)
     processes = accelerator.num_processes
     scheduler = cosine_with_warmup(optimizer, int(train_args.warmup_ratio * total_steps) * processes,
                                    total_steps * processes)
@@ -116,10 +125,12 @@ def main(argv=None) -> dict:
         accelerator.init_trackers("run_contrastive", config={name: str(value) for name, value in options.items()})
 
     # --- resume, or evaluate the untrained model
-    fingerprint = run_fingerprint((model_args, data_args, train_args), train_pairs)
+    fingerprint = run_fingerprint((model_args, data_args, train_args), train_pairs, data.stream)
     state = resume_run(accelerator, resume, fingerprint) if resume else {
         "epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_metric": None, "best_epoch": None, "history": []}
     state["fingerprint"] = fingerprint
+    if streamed and resume:
+        streamed.load_state_dict(state.get("stream"))
     if topics is not None:
         state["topics"] = topics
     if not resume and train_args.eval_before_training and "validation" in data.eval_views:
@@ -141,6 +152,8 @@ def main(argv=None) -> dict:
     def checkpoint():
         train_step.check()
         state["train_seconds"] = clock.seconds()
+        if streamed:
+            state["stream"] = streamed.state_dict()  # every rank's position in its stream
         save_checkpoint(accelerator, train_args.output_dir, state["global_step"], state, train_args.save_total_limit)
 
     progress = tqdm(total=total_steps, initial=state["global_step"], desc="train", disable=not show)
@@ -149,7 +162,8 @@ def main(argv=None) -> dict:
         while state["epoch"] < train_args.num_train_epochs and (state["global_step"] < total_steps
                                                                  or state["step_in_epoch"]):
             data.set_epoch(state["epoch"])
-            loader = resumable_loader(accelerator, epoch_loader(state["epoch"]), state, train_args)
+            loader = streamed.epoch(state["epoch"]) if streamed else resumable_loader(
+                accelerator, epoch_loader(state["epoch"]), state, train_args)
             train_mode(accelerator.unwrap_model(model), freeze_batchnorm=train_args.freeze_batchnorm)
             train_one_epoch(loader, train_step, state, accelerator, train_args, total_steps, progress, checkpoint, stop)
             end_of_epoch(state, evaluate("validation").metrics() if "validation" in data.eval_views else None,
@@ -181,6 +195,9 @@ def start(train_args) -> Accelerator:
                               gradient_accumulation_steps=train_args.gradient_accumulation_steps,
                               log_with=None if train_args.report_to == "none" else train_args.report_to,
                               project_dir=train_args.output_dir)
+    mismatch = launch_mismatch(os.environ, accelerator.num_processes, torch.cuda.device_count())
+    if mismatch:  # before any process touches output_dir
+        raise SystemExit(f"error: {mismatch}")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stdout)
     logger.setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
     if not accelerator.is_main_process:

@@ -17,7 +17,7 @@ from .collator import ContrastiveCollator, image_ids_to_tensor
 from .feature_crop import RandomFeatureCrop
 from .flickr8k import default_flickr8k_dir, load_flickr8k
 from .images import images_fingerprint, undecoded_images
-from .loading import load_image_caption_dataset
+from .loading import load_image_caption_dataset, load_split_file
 from .mirror import RandomMirror, images_with_sided_captions
 from .pixel_store import PixelStore, build_pixel_store
 from .preprocessing import ImageSpec, ImageTransform
@@ -25,7 +25,7 @@ from .rows import TransformedRows
 from .report import DatasetFormatError, LoadReport, Problem
 from .samplers import ImageGroupBatchSampler, SeededBatchSampler, UniqueImageBatchSampler
 from .shard_writer import write_shards
-from .streaming import HubStream, WebDatasetStream, build_stream, expand_shards
+from .streaming import HubStream, WebDatasetStream, build_stream, expand_shards, is_shard_pattern, load_shards
 from .synthetic import build_synthetic_dataset
 from .views import IMAGE_FEATURES, PAIR_FEATURES, convert_view, to_image_view, to_pair_view
 
@@ -49,6 +49,8 @@ __all__ = [
     "WebDatasetStream",
     "build_pixel_store",
     "build_stream",
+    "is_shard_pattern",
+    "load_shards",
     "build_synthetic_dataset",
     "convert_view",
     "default_flickr8k_dir",
@@ -58,6 +60,7 @@ __all__ = [
     "images_with_sided_captions",
     "load_flickr8k",
     "load_image_caption_dataset",
+    "load_split_file",
     "to_image_view",
     "to_pair_view",
     "undecoded_images",

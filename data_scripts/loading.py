@@ -20,14 +20,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from datasets import DatasetDict, load_from_disk
+from datasets import DatasetDict, concatenate_datasets, load_from_disk
 
 from .flickr8k import default_flickr8k_dir, load_flickr8k
 from .hub import load_hub_dataset, normalise_hub_dataset
 from .layout import detect_layout
 from .report import DatasetFormatError
 from .sources import TABLE_EXTENSIONS, find_metadata, is_table_file, load_tables
-from .streaming import is_shard_pattern
+from .streaming import is_shard_pattern, load_shards
 from .synthetic import build_synthetic_dataset
 from .views import check_view, quiet_datasets
 
@@ -100,6 +100,24 @@ def load_image_caption_dataset(
     data.load_report = report
     report.log()
     return data
+
+
+def load_split_file(file: str, source: Optional[str] = None, *, on_bad_image: str = "error", seed: int = 42,
+                    **options):
+    """Every pair-view row of one data file, loaded whole: a streamed run's validation or test split.
+
+    ``file`` is a CSV/JSON/JSONL table of image paths + captions, ``load_dataset`` data files (parquet...), or
+    webdataset shards (a ``.tar``, glob or folder of them); a relative path is looked up in ``source`` when that
+    is a folder. Nothing is carved from it: the rows a loader would have set aside as other splits are kept.
+    ``options`` are :func:`load_image_caption_dataset`'s (``image_column``, ``caption_column``, ...).
+    """
+    base = Path(source).expanduser() if source and Path(source).expanduser().is_dir() else Path(".")
+    if is_shard_pattern(str(base / file)) and not Path(file).is_absolute():
+        file = str(base / file)
+    if is_shard_pattern(file):
+        return load_shards(file, on_bad_image=on_bad_image)
+    splits = load_image_caption_dataset(str(base), train_file=file, on_bad_image=on_bad_image, seed=seed, **options)
+    return concatenate_datasets([splits[name] for name in splits])
 
 
 def _load_directory(directory: Path, view: str, tables: dict, hub: dict):

@@ -130,6 +130,10 @@ class _Stream(IterableDataset):
         self.num_workers = workers
         self.positions[worker] = (done, rows)
 
+    def sources(self) -> list[str]:
+        """Every unit this stream reads (shard paths, or the source's name), for a run's resume fingerprint."""
+        return [str(unit) for unit in self._units()]
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
                 "num_workers": self.num_workers, "positions": {str(w): list(p) for w, p in self.positions.items()}}
@@ -416,6 +420,22 @@ def _image_value(value: Any, base_dir: str) -> Optional[dict]:
         value.save(buffer, format="PNG")
         return {"bytes": buffer.getvalue(), "path": None}
     return None
+
+
+def load_shards(pattern: str, *, on_bad_image: str = "error", verify_images: bool = True):
+    """Every pair-view row of a few shards as one map-style ``Dataset``: an evaluation split of a streamed run
+    (retrieval ranks every image against every caption, so it needs them all at once). Bad samples are
+    named and raised or skipped as in the stream."""
+    from datasets import Dataset
+
+    from .views import PAIR_FEATURES
+
+    stream = WebDatasetStream(expand_shards(os.path.join(pattern, "*.tar") if os.path.isdir(pattern) else pattern),
+                              on_bad_image=on_bad_image, verify_images=verify_images)
+    rows = [{key: value for key, value in row.items() if key != POSITION} for row in stream]
+    if not rows:
+        raise ValueError(f"{pattern}: no sample in these shards")
+    return Dataset.from_list(rows, features=PAIR_FEATURES)
 
 
 def is_shard_pattern(source: str) -> bool:

@@ -43,7 +43,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["world_info", "gather_features"]
+__all__ = ["world_info", "gather_features", "every_rank", "launch_mismatch"]
 
 
 def world_info() -> tuple[int, int]:
@@ -51,6 +51,42 @@ def world_info() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def every_rank(flag: bool, device) -> bool:
+    """Whether `flag` holds on every process (one all-reduce of a single number); `flag` itself with one process.
+
+    A streamed epoch ends for all ranks when the first runs out of data: a rank that stopped alone would leave
+    the others waiting for ever in their next collective (DDP's gradient all-reduce, the loss's all-gather).
+    """
+    rank, world_size = world_info()
+    if world_size == 1:
+        return flag
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
+def launch_mismatch(env, num_processes: int, devices: int) -> str | None:
+    """Why this launch is broken, or None: the launcher started `WORLD_SIZE` processes but Accelerate sees
+    `num_processes`.
+
+    `accelerate launch --config_file configs/accelerate/multi_gpu.yaml` on a machine with fewer GPUs than
+    `num_processes` (or none) starts the processes, yet each one falls back to a single-process run: every process is
+    rank 0, all of them write output_dir at once, and the run crashes later on a file another one moved. `env` is
+    the environment (os.environ), `devices` the number of GPUs this process sees.
+    """
+    launched = int(env.get("WORLD_SIZE") or 1)
+    if launched == num_processes:
+        return None
+    local = env.get("LOCAL_WORLD_SIZE")
+    fix = (f"launch at most {devices} process(es) per machine (--num_processes, or num_processes in the accelerate "
+           f"config), or add --cpu to run CPU processes" if devices else
+           "add --cpu to `accelerate launch` to run CPU processes (gloo), or launch on a machine with GPUs")
+    return (f"the launcher started {launched} processes (WORLD_SIZE={launched}"
+            f"{f', LOCAL_WORLD_SIZE={local}' if local else ''}) but Accelerate sees {num_processes} in this one, so "
+            f"each would run alone as rank 0 and they would overwrite each other's output_dir; this machine has "
+            f"{devices} GPU(s): {fix}")
 
 
 def _check_equal_sizes(n: int, device: torch.device, world_size: int) -> None:

@@ -223,6 +223,14 @@ class DataArguments:
                       "e.g. caption, captions, text).")
     dataset_config_name: Optional[str] = option(
         None, "data", "Configuration (subset) of a Hub --dataset that has several.")
+    streaming: bool = option(
+        False, "data",
+        "Read the training pairs as a stream instead of loading them whole: for data that does not fit in memory or "
+        "on local disk. --dataset is then webdataset shards (a folder of .tar files, a glob or shards/{000000..000099}"
+        ".tar: KEY.jpg + KEY.txt/KEY.json) or anything datasets.load_dataset(..., streaming=True) reads (a Hub id, a "
+        "folder of parquet/csv/jsonl files). Each process reads its own shards; an epoch is one pass, so schedule by "
+        "--max_steps (required). Validation and test come from --validation_file / --test_file (a CSV/JSON table, "
+        "data files or a .tar shard, loaded whole), else there are none (doc/OWN_DATA.md, section 6).")
 
 
 @dataclass
@@ -529,6 +537,26 @@ def cross_checks(values: dict, sources: dict):
                             "head_init)")
     if values["topic_batches"] and not values["batch_by_image"]:  # before an hour of caching, not after
         refuse("topic_batches", "--topic_batches draws whole images by topic: it needs --batch_by_image true")
+    if values["streaming"]:
+        if not values["max_steps"]:
+            refuse("streaming", "--streaming true needs --max_steps N: a stream's epoch has no length known in "
+                                "advance, so the learning-rate schedule is laid out in steps")
+        for name, why in NOT_WITH_STREAMING.items():
+            if values[name] != default_value(option_fields()[name]):
+                refuse(name, f"--{name} {shown_default(values[name])} does not work with --streaming true: {why}")
+
+
+# options that need every training row known before the first step, which a stream is not
+NOT_WITH_STREAMING = {
+    "batch_by_image": "batches are drawn from the stream in its order (an image's captions are consecutive rows)",
+    "topic_batches": "topics cluster every training image before the first step",
+    "captions_per_image": "every caption the stream holds is used",
+    "flip_augment": "it needs every caption of an image first (never mirror one that says left or right)",
+    "pixel_store_size": "the pixel store decodes every training image before the first step",
+    "max_train_images": "make a smaller set of shards instead",
+    "head_init": "head_init cca fits the heads to every training pair before the first step",
+    "querybank_beta": "the querybank embeds every training image",
+}
 
 
 def all_options(args: tuple) -> dict:

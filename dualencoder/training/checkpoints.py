@@ -156,11 +156,16 @@ MAY_DIFFER_ON_RESUME = {"resume_from_checkpoint", "overwrite_output_dir", "outpu
                         "save_adapters", "dataloader_num_workers", "feature_cache_dir", "topic_batches"}
 
 
-def run_fingerprint(args: tuple, train_pairs) -> dict:
+def run_fingerprint(args: tuple, train_pairs, stream=None) -> dict:
     """What an exact resume needs unchanged: every option that shapes the computation, and the training data
-    (its number of pairs and a digest of their image ids and captions)."""
+    (its number of pairs and a digest of their image ids and captions; of a `stream`, its shards' names, since
+    reading them all would cost an epoch)."""
     options = {name: value for name, value in all_options(args).items() if name not in MAY_DIFFER_ON_RESUME}
     digest = hashlib.sha1()
+    if stream is not None:
+        for unit in stream.sources():
+            digest.update(f"{unit}\n".encode())
+        return {**options, "train_shards": len(stream.sources()), "train_digest": digest.hexdigest()[:16]}
     for image_id, caption in zip(train_pairs["image_id"], train_pairs["caption"]):
         digest.update(f"{image_id}\t{caption}\n".encode())
     return {**options, "train_pairs": len(train_pairs), "train_digest": digest.hexdigest()[:16]}

@@ -15,9 +15,10 @@ from typing import Optional
 import torch
 from torch.utils.data import DataLoader
 
-from data_scripts import (ContrastiveCollator, ImageGroupBatchSampler, ImageTransform, RandomFeatureCrop, RandomMirror,
-                          SeededBatchSampler, TransformedRows, UniqueImageBatchSampler, build_pixel_store,
-                          images_with_sided_captions, load_image_caption_dataset, to_image_view, undecoded_images)
+from data_scripts import (ContrastiveCollator, DatasetFormatError, ImageGroupBatchSampler, ImageTransform, RandomFeatureCrop, RandomMirror,
+                          SeededBatchSampler, TransformedRows, UniqueImageBatchSampler, build_pixel_store, build_stream,
+                          images_with_sided_captions, load_image_caption_dataset, load_split_file, to_image_view,
+                          undecoded_images)
 from dualencoder.evaluation.embed import split_captions
 
 logger = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ logger = logging.getLogger(__name__)
 class TrainingData:
     """What the loop and evaluation read: rows, transforms, the per-image augmentation draws and the collator."""
 
-    train_pairs: object  # datasets.Dataset, pair view
+    train_pairs: object  # datasets.Dataset, pair view (None when the training pairs stream: see `stream`)
     eval_views: dict  # split -> datasets.Dataset, image view
     eval_captions: dict  # split -> every caption of the split, flattened in view order
     train_transform: ImageTransform
@@ -35,6 +36,7 @@ class TrainingData:
     collator: ContrastiveCollator
     mirror: Optional[RandomMirror] = None  # flip_augment: which images are mirrored in an epoch
     crop_draw: Optional[RandomFeatureCrop] = None  # augment: each image's crop in an epoch
+    stream: object = None  # --streaming: this process's training stream (data_scripts.streaming)
 
     def set_epoch(self, epoch: int) -> None:
         """Draw this epoch's mirrors and crops (before the epoch's loader exists: its workers get a copy)."""
@@ -44,9 +46,13 @@ class TrainingData:
 
 
 def build_data(data_args, processor, *, seed: int, image_size: int, store_dir: str, main_process_first,
-               show_progress: bool = True) -> TrainingData:
-    """Load the splits and build what turns their rows into tensors (see `TrainingData`)."""
-    train_pairs, eval_views = load_data(data_args, seed)
+               show_progress: bool = True, rank: int = 0, world_size: int = 1) -> TrainingData:
+    """Load the splits and build what turns their rows into tensors (see `TrainingData`); with `--streaming`, the
+    training stream of process `rank` of `world_size` instead of the training pairs."""
+    if data_args.streaming:
+        train_pairs, eval_views = None, load_streamed_eval(data_args, seed)
+    else:
+        train_pairs, eval_views = load_data(data_args, seed)
     eval_captions = {split: split_captions(view)[1] for split, view in eval_views.items()}
     pixel_store = None
     if data_args.pixel_store_size:
@@ -68,13 +74,40 @@ def build_data(data_args, processor, *, seed: int, image_size: int, store_dir: s
         mirror = RandomMirror(seed, never=sided)
         logger.info("flip_augment: half the training images are mirrored each epoch; %d of them never are (a caption "
                     "says left or right).", len(sided))
+    train_transform = ImageTransform(processor.image_processor, train=True, augment=data_args.augment,
+                                     pixel_store=pixel_store, crop_draw=crop_draw)
+    stream = None
+    if data_args.streaming:
+        try:
+            stream = build_stream(data_args.dataset, rank=rank, world_size=world_size, seed=seed,
+                                  on_bad_image=data_args.on_bad_image, image_column=data_args.image_column,
+                                  caption_column=data_args.caption_column, train_file=data_args.train_file,
+                                  dataset_config_name=data_args.dataset_config_name)
+        except FileNotFoundError as error:  # no shard matches: one line naming the pattern
+            raise DatasetFormatError(f"--dataset {error}") from None
+        logger.info("streaming %s: %s; process %d of %d reads every %d-th shard. An image's captions are "
+                    "consecutive rows, so they can share a batch (the loss counts them as positives of one another, "
+                    "not negatives); unique_image_batches does not apply.", data_args.dataset, type(stream).__name__,
+                    rank, world_size, world_size)
     return TrainingData(
-        train_pairs=train_pairs, eval_views=eval_views, eval_captions=eval_captions,
-        train_transform=ImageTransform(processor.image_processor, train=True, augment=data_args.augment,
-                                       pixel_store=pixel_store, crop_draw=crop_draw),
+        train_pairs=train_pairs, eval_views=eval_views, eval_captions=eval_captions, train_transform=train_transform,
         eval_transform=ImageTransform(processor.image_processor, train=False, pixel_store=pixel_store),
         collator=ContrastiveCollator(processor.tokenizer, max_length=data_args.max_length),
-        mirror=mirror, crop_draw=crop_draw)
+        mirror=mirror, crop_draw=crop_draw, stream=stream)
+
+
+def load_streamed_eval(data_args, seed: int) -> dict:
+    """{split: image view} of a streamed run: `--validation_file` / `--test_file` loaded whole (a table, data files or
+    shards), cut to `--max_eval_images`; none given, no evaluation (said in the log)."""
+    files = {"validation": data_args.validation_file, "test": data_args.test_file}
+    if not any(files.values()):
+        logger.warning("streaming without --validation_file or --test_file: no validation (the model of the last "
+                       "step is exported, not the best one) and no test metrics.")
+    options = dict(on_bad_image=data_args.on_bad_image, seed=seed, image_column=data_args.image_column,
+                   caption_column=data_args.caption_column, dataset_config_name=data_args.dataset_config_name)
+    return {split: to_image_view(first_images(load_split_file(file, data_args.dataset, **options),
+                                              data_args.max_eval_images))
+            for split, file in files.items() if file}
 
 
 def load_data(data_args, seed: int):

@@ -51,8 +51,9 @@ def export(model, processor, metrics: dict, args: tuple, history: list) -> None:
     write_model_card(staging, model_config=model.config, args=args, location=out,
                      metrics={TABLE_ROWS[key]: metrics[key] for key in CARD_ROWS if metrics.get(key)})
     move_into(staging, out, last="metrics.json")
-    print("\n" + format_metrics_table({row: metrics[key] for key, row in TABLE_ROWS.items() if metrics.get(key)})
-          + "\n", flush=True)
+    table = {row: metrics[key] for key, row in TABLE_ROWS.items() if metrics.get(key)}
+    if table:  # a run without validation or test split (a stream without --validation_file) has none
+        print("\n" + format_metrics_table(table) + "\n", flush=True)
     logger.info("saved the model, processor, metrics.json, training_args.json and README.md in %s", out)
     if train_args.push_to_hub:
         repo = train_args.hub_model_id or os.path.basename(os.path.abspath(out))
