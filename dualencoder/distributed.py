@@ -80,9 +80,10 @@ def launch_mismatch(env, num_processes: int, devices: int) -> str | None:
     if launched == num_processes:
         return None
     local = env.get("LOCAL_WORLD_SIZE")
+    # (`accelerate launch --cpu` runs one process whatever --num_processes says; torchrun starts several on a CPU)
     fix = (f"launch at most {devices} process(es) per machine (--num_processes, or num_processes in the accelerate "
-           f"config), or add --cpu to run CPU processes" if devices else
-           "add --cpu to `accelerate launch` to run CPU processes (gloo), or launch on a machine with GPUs")
+           "config)" if devices else "launch on a machine with GPUs, or run CPU processes (gloo) with "
+           "`ACCELERATE_USE_CPU=true torchrun --nproc_per_node N run_contrastive.py ...` (doc/SCALING.md)")
     return (f"the launcher started {launched} processes (WORLD_SIZE={launched}"
             f"{f', LOCAL_WORLD_SIZE={local}' if local else ''}) but Accelerate sees {num_processes} in this one, so "
             f"each would run alone as rank 0 and they would overwrite each other's output_dir; this machine has "

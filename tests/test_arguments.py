@@ -258,3 +258,13 @@ def test_the_new_data_and_speed_options_parse_with_their_defaults_off():
                                 "--gradient_checkpointing"]))
     assert (given["train_file"], given["image_column"], given["caption_column"]) == ("pairs.csv", "path", "text")
     assert given["gradient_checkpointing"]
+
+
+def test_streaming_needs_max_steps_and_refuses_options_that_need_every_training_row_first(capsys):
+    assert options(parse_args(["--streaming", "true", "--max_steps", "100"]))["streaming"] is True
+    assert "--streaming true needs --max_steps N: a stream's epoch has no length known in advance" in refusal(
+        capsys, ["--streaming", "true"])
+    line = refusal(capsys, ["--streaming", "true", "--max_steps", "100", "--batch_by_image", "true"])
+    assert line.startswith("error: command line: --batch_by_image true does not work with --streaming true: batches")
+    assert "--pixel_store_size 64 does not work with --streaming true" in refusal(
+        capsys, ["--streaming", "true", "--max_steps", "9", "--pixel_store_size", "64"])

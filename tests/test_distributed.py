@@ -235,3 +235,22 @@ def test_gather_features_single_process_is_identity():
     x, y, ids = torch.randn(3, 2), torch.randn(3, 2), torch.tensor([0, 0, 1])
     all_x, all_y, all_ids = gather_features(x, y, ids)
     assert all_x is x and all_y is y and all_ids is ids
+
+
+# --- a launch whose processes do not see each other -----------------------------------------------------------------
+
+def test_a_launch_whose_processes_each_run_alone_is_refused_saying_what_to_change():
+    """`accelerate launch --config_file configs/accelerate/multi_gpu.yaml` (4 processes) on a machine with fewer GPUs:
+    the launcher sets WORLD_SIZE=4 in each process, Accelerate falls back to one process in each, every one is rank 0
+    and they raced on output_dir (FileNotFoundError on best.tmp). The mismatch is found before any work."""
+    from dualencoder.distributed import launch_mismatch
+
+    no_gpu = launch_mismatch({"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4"}, num_processes=1, devices=0)
+    assert no_gpu.startswith("the launcher started 4 processes (WORLD_SIZE=4, LOCAL_WORLD_SIZE=4) but Accelerate "
+                             "sees 1 in this one")
+    assert "ACCELERATE_USE_CPU=true torchrun --nproc_per_node N" in no_gpu and "\n" not in no_gpu
+    assert "launch at most 2 process(es) per machine" in launch_mismatch({"WORLD_SIZE": "4"}, 1, devices=2)
+    # launches that agree: a plain `python run_contrastive.py`, torchrun with 2 processes, two machines of 4
+    assert launch_mismatch({}, num_processes=1, devices=0) is None
+    assert launch_mismatch({"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}, num_processes=2, devices=0) is None
+    assert launch_mismatch({"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4"}, num_processes=8, devices=4) is None
