@@ -7,9 +7,11 @@ captions) through a DataLoader with N worker processes and pinned memory (when C
 for each N asked for. Compare the steady images/s with throughput.py's samples/s: below it, the
 GPU waits for data and more workers (or the frozen-feature cache) are needed.
 
-`--streaming` also times the streaming path (data_scripts/streaming.py) on the same images: they are
+`--streaming` also times the streaming paths (data_scripts/streaming.py) on the same images: they are
 written once as webdataset shards (a temporary folder, or `--shard_dir`) and read back through
-WebDatasetStream with the same transform and collator; the table's "input" column tells them apart.
+WebDatasetStream, and written once as parquet files of image bytes + caption (as many files as shards, beside
+them) and read back through `load_dataset(..., streaming=True)` (HubStream), each with the same transform and
+collator; the table's "input" column tells them apart.
 
 `--pixel_store 0,256` also times the pipeline reading pre-resized uint8 pixels from the pixel store
 (data_scripts/pixel_store.py, run_contrastive.py --pixel_store_size) instead of decoding the JPEGs;
@@ -103,14 +105,31 @@ def measure(rows, transform, collator, workers: int, args, pin: bool, store_size
     return {"input": "map-style", **time_loader(loader, workers, pin, store_size)}
 
 
-def measure_stream(shards, transform, collator, workers: int, args, pin: bool) -> dict:
-    """One pass over webdataset `shards` through the stream the training loop would build."""
-    from data_scripts import WebDatasetStream
+def measure_stream(source: str, label: str, transform, collator, workers: int, args, pin: bool) -> dict:
+    """One pass over a streaming `source` (shards, or a folder of parquet files) through the stream the training
+    loop builds (`build_stream`, as run_contrastive.py --streaming)."""
+    from data_scripts import build_stream
 
-    stream = WebDatasetStream(shards, transform=transform)
+    stream = build_stream(source, transform=transform)
     loader = DataLoader(stream, batch_size=args.batch_size, num_workers=workers, pin_memory=pin,
                         collate_fn=stream.collate(collator), prefetch_factor=args.prefetch_factor if workers else None)
-    return {"input": "webdataset stream", **time_loader(loader, workers, pin, 0)}
+    return {"input": label, **time_loader(loader, workers, pin, 0)}
+
+
+def write_parquet_files(rows, folder: str, files: int) -> str:
+    """`rows` (pair view) as `files` parquet files of image bytes + caption: a local load_dataset streaming source."""
+    from datasets import Dataset, Image
+
+    from data_scripts import undecoded_images
+
+    images = undecoded_images(rows)
+    table = Dataset.from_dict({"image": [{"bytes": image["bytes"] or open(image["path"], "rb").read(), "path": None}
+                                         for image in images["image"]], "caption": images["caption"]})
+    table = table.cast_column("image", Image())
+    os.makedirs(folder, exist_ok=True)
+    for number in range(files):
+        table.shard(files, number, contiguous=True).to_parquet(os.path.join(folder, f"train-{number:05d}.parquet"))
+    return folder
 
 
 def time_loader(loader, workers: int, pin: bool, store_size: int) -> dict:
@@ -189,10 +208,13 @@ def main(argv=None) -> dict:
             for path in shards:  # the same warm page cache as the image files
                 with open(path, "rb") as handle:
                     handle.read()
-            for workers in parse_ints(args.workers):
-                print(f"--- webdataset stream ({len(shards)} shards), {workers} workers", flush=True)
-                results.append(measure_stream(shards, transform, collator, workers, args, pin))
-                print(f"    {results[-1]['images_per_s']} images/s", flush=True)
+            parquet = write_parquet_files(rows, os.path.join(os.path.dirname(shards[0]), "parquet"), len(shards))
+            for source, label in ((os.path.dirname(shards[0]), "webdataset stream"),
+                                  (parquet, "load_dataset stream (parquet)")):
+                for workers in parse_ints(args.workers):
+                    print(f"--- {label} ({len(shards)} files), {workers} workers", flush=True)
+                    results.append(measure_stream(source, label, transform, collator, workers, args, pin))
+                    print(f"    {results[-1]['images_per_s']} images/s", flush=True)
 
     headers = ["input", "pixel store", "workers", "pin memory", "images", "batches", "seconds", "first batch s",
                "images/s", "steady images/s"]
