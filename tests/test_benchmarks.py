@@ -97,19 +97,6 @@ def test_data_loading_times_decoding_the_files_and_reading_the_pixel_store(tmp_p
     assert list(result["pixel_store_build_seconds"]) == [32] and len(list((tmp_path / "store").glob("*.arrow"))) == 1
 
 
-def test_data_loading_streams_the_same_images_from_shards_and_from_parquet_files(tmp_path):
-    from tests.test_data_flickr8k import make_official
-
-    root = make_official(tmp_path / "flickr")
-    result = data_loading.main(["--data", str(root), "--num_images", "8", "--batch_size", "4", "--workers", "0",
-                                "--image_size", "16", "--streaming", "--images_per_shard", "4",
-                                "--shard_dir", str(tmp_path / "shards"), "--out", str(tmp_path / "data.json")])
-    inputs = [row["input"] for row in result["rows"]]
-    assert inputs == ["map-style", "webdataset stream", "load_dataset stream (parquet)"]
-    assert [row["images"] for row in result["rows"]] == [8, 8, 8] and all(r["images_per_s"] > 0 for r in result["rows"])
-    assert len(list((tmp_path / "shards").glob("*.tar"))) == len(list((tmp_path / "shards" / "parquet").glob("*.parquet")))
-
-
 def test_eval_speed_can_read_the_images_from_a_pixel_store_built_first(tmp_path):
     from tests.test_data_flickr8k import make_official
 

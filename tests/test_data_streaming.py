@@ -262,6 +262,8 @@ def test_data_loading_benchmark_times_the_stream_beside_the_map_style_path(tmp_p
     result = data_loading.main(["--data", str(root), "--num_images", "8", "--batch_size", "4", "--workers", "0",
                                 "--image_size", "16", "--streaming", "--shard_dir", str(tmp_path / "shards"),
                                 "--images_per_shard", "3", "--out", str(tmp_path / "data.json")])
-    assert [(row["input"], row["workers"]) for row in result["rows"]] == [("map-style", 0), ("webdataset stream", 0)]
+    assert [(row["input"], row["workers"]) for row in result["rows"]] == [
+        ("map-style", 0), ("webdataset stream", 0), ("load_dataset stream (parquet)", 0)]
     assert all(row["images"] == 8 and row["batches"] == 2 and row["images_per_s"] > 0 for row in result["rows"])
-    assert len(list((tmp_path / "shards").glob("*.tar"))) == 3
+    assert len(list((tmp_path / "shards").glob("*.tar"))) == 3  # and as many parquet files of the same images
+    assert len(list((tmp_path / "shards" / "parquet").glob("*.parquet"))) == 3
