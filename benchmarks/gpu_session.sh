@@ -32,6 +32,8 @@ PY=python3
 if compgen -G ".whl/*.whl" > /dev/null; then
     $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
+# each benchmark row runs in a child started from its script's path: it finds this checkout's packages here
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 $PY - <<'EOF'
 import importlib, torch
 print("torch", torch.__version__, "cuda", torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else "")
