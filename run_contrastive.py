@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from data_scripts import DatasetFormatError, to_image_view
 from dualencoder.distributed import launch_mismatch
+from dualencoder.kernels import apply_levers
 from dualencoder.metrics import format_metrics_table
 from dualencoder.processing import build_processor
 from dualencoder.querybank import querybank_metrics
@@ -72,6 +73,8 @@ def main(argv=None) -> dict:
     loss_fn.to(accelerator.device)
     if train_args.channels_last:  # convolutions then run in NHWC (caching included), whatever the input's layout
         model.vision_model.to(memory_format=torch.channels_last)
+    if train_args.fused_kernels != "off" or train_args.fp8:  # same parameters, other kernels (dualencoder/kernels)
+        logger.info("speed levers: %s", apply_levers(model, train_args.fused_kernels, train_args.fp8))
     cache_started = time.time()
     cache = FeatureCache.build(
         model, data.train_pairs, data.eval_views, data.eval_captions, eval_transform=data.eval_transform,

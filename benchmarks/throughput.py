@@ -23,6 +23,12 @@ each measured in a fresh process:
 - memory savers for our rows: `--gradient_checkpointing off,on` (each tower's layers recomputed in
   the backward) and `--grad_cache_chunk 0,N` (GradCache: the batch's towers run N rows at a time,
   dualencoder/training/grad_cache.py). The GPU peak per sample shows what each saves.
+- levers (`--levers fused-triton,fp8,step-graph`): a row with none, one per lever, and one with all of
+  them, for each compile setting: fused Triton LayerNorm/bias+GELU kernels in the towers
+  (dualencoder/kernels/fuse.py), fp8 matmuls through torchao (dualencoder/kernels/fp8.py), the whole step
+  as one CUDA graph (dualencoder/training/graphed_step.py; it replaces the per-block graphs of a `-graphs`
+  compile setting, so such a row compiles without them). FLOPs are counted before the levers go in, so
+  an fp8 row's MFU is against the bf16 peak, comparable with the others.
 
 A step is forward + backward + gradient clipping + optimiser and scheduler step on a batch already
 on the device (both loops fetch and copy the next batch outside the timed region; see
@@ -71,6 +77,7 @@ from benchmarks.common import (
     write_json,
 )
 from dualencoder.training.grad_cache import dual_encoder_grad_cache_backward
+from dualencoder.training.graphed_step import GraphedTrainStep
 
 PAIRS = ("vit-distilbert", "vit-bert", "offline")
 MODES = ("full", "lora", "frozen-vision-cache")
@@ -82,6 +89,8 @@ COMPILE = ("off",) + tuple(f"{scope}-{mode}" if mode else scope for scope in ("o
 ATTENTION = ("auto",) + tuple(BACKENDS)  # auto: PyTorch picks the SDPA kernel (cuDNN first on Hopper)
 LAYOUTS = ("off", "on")
 SIZES = ("base", "small", "tiny")
+# each lever as the options of its row (apply_levers' arguments, and step_graph for the step itself)
+LEVERS = {"fused-triton": {"fused_kernels": "triton"}, "fp8": {"fp8": True}, "step-graph": {"step_graph": True}}
 LORA = dict(lora_rank=16, lora_towers=["vision", "text"])
 
 
@@ -178,13 +187,18 @@ def synthetic_batch(spec: dict, vocab_size: int, vision_dim: int, device: torch.
 def run_ours(spec: dict) -> dict:
     """Time run_contrastive's step (Accelerator, make_optimizer, cosine schedule, clipping) on one batch."""
     from accelerate import Accelerator
+    from accelerate.utils import AutocastKwargs
 
+    from dualencoder.kernels import apply_levers
     from dualencoder.losses import build_loss
     from dualencoder.trainable import parameter_report
     from dualencoder.training.optim import cosine_with_warmup, make_optimizer
     from dualencoder.training.step import TrainStep, batch_loss, compile_in_place
 
-    accelerator = Accelerator(mixed_precision="bf16" if spec["precision"] == "bf16" else "no")
+    levers = lever_options(spec.get("levers", "none"))
+    # a captured step cannot keep autocast's cache of cast weights (torch.cuda.make_graphed_callables' rule)
+    handlers = [AutocastKwargs(cache_enabled=False)] if levers.get("step_graph") else []
+    accelerator = Accelerator(mixed_precision="bf16" if spec["precision"] == "bf16" else "no", kwargs_handlers=handlers)
     device = accelerator.device
     torch.manual_seed(0)
     model, weights = build_ours(spec)
@@ -209,6 +223,7 @@ def run_ours(spec: dict) -> dict:
             accelerator.backward(batch_loss(loss_fn, model(**batch)))
     flops = counter.get_total_flops()
     optimizer.zero_grad(set_to_none=True)
+    applied = apply_levers(accelerator.unwrap_model(model), levers.get("fused_kernels", "off"), levers.get("fp8", False))
     scope, _, mode = spec["compile"].partition("-")
     if scope != "off":
         compile_in_place(model, {"on": "model"}.get(scope, scope), mode=COMPILE_MODES[mode])
@@ -217,6 +232,9 @@ def run_ours(spec: dict) -> dict:
         batch = {k: v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 else v for k, v in batch.items()}
     if chunk:
         step = GradCacheStep(accelerator, model, loss_fn, optimizer, scheduler, chunk, max_grad_norm=1.0)
+    elif levers.get("step_graph"):  # captured after warmup - 1 eager steps: the capture is not timed
+        step = GraphedTrainStep(accelerator, model, loss_fn, optimizer, scheduler, max_grad_norm=1.0,
+                                warmup=max(spec["warmup"] - 1, 1))
     else:
         step = TrainStep(accelerator, model, loss_fn, optimizer, scheduler, max_grad_norm=1.0)  # checked after timing
 
@@ -226,9 +244,25 @@ def run_ours(spec: dict) -> dict:
         clock = clock_calls(lambda: step(batch), device, spec["warmup"], spec["steps"])
         step.check()
         row = summarise(spec, device, clock, flops, params, weights)
+        row["levers_applied"] = applied  # modules swapped per lever and tower (fp8: Linear layers converted)
         if spec.get("profile"):
             row["profile"] = profile_steps(step, batch, device)
     return row
+
+
+def lever_options(levers: str) -> dict:
+    """The options of a row's lever set: `none`, a lever's name, or names joined by `+`."""
+    options = {}
+    for name in levers.split("+"):
+        if name != "none":
+            options.update(LEVERS[name])
+    return options
+
+
+def lever_sets(levers: list[str]) -> list[str]:
+    """The lever sets to measure: none, each lever alone and, for two or more, all of them together."""
+    sets = ["none", *levers]
+    return sets + ["+".join(levers)] if len(levers) > 1 else sets
 
 
 def enable_gradient_checkpointing(model) -> None:
@@ -411,18 +445,21 @@ def plan(args) -> list[dict]:
     attentions = parse_choices(args.attention, ATTENTION)
     checkpointing = parse_choices(args.gradient_checkpointing, LAYOUTS)
     chunks = parse_ints(args.grad_cache_chunk)
+    levers = lever_sets(parse_choices(args.levers, tuple(LEVERS))) if args.levers != "none" else ["none"]
     common = dict(profile=args.profile, size=args.size, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
                   image_size=args.image_size, seq_len=args.seq_len, threads=args.threads)
-    specs = [dict(impl="ours", pair=pair, mode=mode, precision=precision, compile=compiled, channels_last=layout,
-                  attention=attention, gradient_checkpointing=gc, grad_cache_chunk=chunk, **common)
+    specs = [dict(impl="ours", pair=pair, mode=mode, precision=precision, compile=step_graph_compile(compiled, lever),
+                  channels_last=layout, attention=attention, gradient_checkpointing=gc, grad_cache_chunk=chunk,
+                  levers=lever, **common)
              for pair in pairs for mode in modes for precision in precisions for compiled in compiles
-             for layout in layouts for attention in attentions for gc in checkpointing for chunk in chunks]
+             for layout in layouts for attention in attentions for gc in checkpointing for chunk in chunks
+             for lever in levers]
     if args.baseline or args.pair == "all":
         for precision in precisions:
             for compiled in [c for c in compiles if c in ("off", "on")]:  # the Trainer compiles whole models, no graphs
                 ours = dict(impl="ours", pair="vit-bert", mode="full", precision=precision, compile=compiled,
                             channels_last="off", attention="auto", gradient_checkpointing="off", grad_cache_chunk=0,
-                            **common)
+                            levers="none", **common)
                 if ours not in specs:
                     specs.append(ours)
                 specs.append(dict(ours, impl="hf-trainer"))
@@ -433,6 +470,14 @@ def plan(args) -> list[dict]:
                                   compile=compiled, channels_last="off", attention="auto",
                                   gradient_checkpointing="off", grad_cache_chunk=0, **common))
     return specs
+
+
+def step_graph_compile(compiled: str, levers: str) -> str:
+    """A row whose whole step is one CUDA graph compiles without per-block graphs (blocks-graphs -> blocks)."""
+    if "step_graph" not in lever_options(levers):
+        return compiled
+    return {"on-graphs": "on", "blocks-graphs": "blocks", "on-autotune-graphs": "on-autotune",
+            "blocks-autotune-graphs": "blocks-autotune"}.get(compiled, compiled)
 
 
 LOOPS = {"ours": "ours", "hf-trainer": "HF Trainer", "open-clip": "open_clip"}
@@ -450,7 +495,7 @@ def ratios(rows: list[dict]) -> list[dict]:
             if (ours["impl"] == "ours" and "error" not in ours and all(ours.get(k) == theirs.get(k) for k in key)
                     and ours.get("gradient_checkpointing", "off") == "off" and not ours.get("grad_cache_chunk")):
                 out.append({"peer": theirs["impl"], "precision": ours["precision"], "ours_compile": ours["compile"],
-                            "ours_attention": ours.get("attention", "auto"),
+                            "ours_attention": ours.get("attention", "auto"), "ours_levers": ours.get("levers", "none"),
                             "hf_compile": theirs["compile"], "ours_samples_per_s": ours["samples_per_s"],
                             "hf_samples_per_s": theirs["samples_per_s"],
                             "ratio": round(ours["samples_per_s"] / theirs["samples_per_s"], 3)})
@@ -459,14 +504,14 @@ def ratios(rows: list[dict]) -> list[dict]:
 
 def print_tables(rows: list[dict], ratio_rows: list[dict], batch_size: int) -> None:
     headers = ["pair", "size", "mode", "precision", "compile", "channels last", "attention", "grad ckpt", "GradCache chunk",
-               "loop", "weights", "step ms", "samples/s", "wall samples/s", "GFLOP/sample", "TFLOP/s", "MFU %",
+               "levers", "loop", "weights", "step ms", "samples/s", "wall samples/s", "GFLOP/sample", "TFLOP/s", "MFU %",
                "GPU peak MiB", "GPU MiB/sample", "host RSS MiB"]
     table = []
     for row in rows:
         size = "-" if row["pair"] == "offline" else row["size"]
         head = [row["pair"], size, row["mode"], row["precision"], row["compile"], row.get("channels_last", "off"),
                 row.get("attention", "auto"), row.get("gradient_checkpointing", "off"), row.get("grad_cache_chunk") or "–",
-                LOOPS[row["impl"]]]
+                row.get("levers", "none"), LOOPS[row["impl"]]]
         if "error" in row:
             table.append(head + [row.get("weights", "–"), f"error: {row['error']}"] + [""] * 8)
             continue
@@ -476,7 +521,7 @@ def print_tables(rows: list[dict], ratio_rows: list[dict], batch_size: int) -> N
                              f"{row['achieved_tflops']:.3g}", fmt(mfu),
                              fmt(row["gpu_peak_mib"], 0), fmt(row.get("gpu_peak_mib_per_sample"), 2),
                              fmt(row["host_rss_peak_mib"], 0)])
-    print("\n" + markdown_table(headers, table, right_from=11))
+    print("\n" + markdown_table(headers, table, right_from=12))
     print(f"\nFLOPs: torch.utils.flop_counter.FlopCounterMode over one forward+backward at batch {batch_size} "
           "(matmul/conv/attention; element-wise and optimiser work not counted), divided by the batch.")
     if ratio_rows:
@@ -511,6 +556,9 @@ def parse_args(argv=None):
     parser.add_argument("--gradient_checkpointing", default="off", help="our rows: off, on, or 'all' (comma list)")
     parser.add_argument("--grad_cache_chunk", default="0",
                         help="our rows: GradCache chunk sizes, comma list (0: one forward + backward of the whole batch)")
+    parser.add_argument("--levers", default="none",
+                        help=f"our rows: comma list of {', '.join(LEVERS)}, or 'all': a row with none, one per lever "
+                             "and (for two or more) one with all of them, at each compile setting")
     parser.add_argument("--size", default="base", choices=SIZES, help="ViT/DistilBERT/BERT size (base = B/16 + DistilBERT)")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20, help="measured steps")
@@ -539,7 +587,8 @@ def main(argv=None) -> dict:
     rows = []
     for spec in plan(args):
         label = " ".join(f"{k}={spec[k]}" for k in ("impl", "pair", "size", "mode", "precision", "compile", "attention",
-                                                     "gradient_checkpointing", "grad_cache_chunk", "batch_size"))
+                                                     "gradient_checkpointing", "grad_cache_chunk", "levers",
+                                                     "batch_size") if k in spec)
         print(f"--- {label}", flush=True)
         if args.in_process:
             reset_accelerate_state()

@@ -209,3 +209,31 @@ def test_throughput_rows_carry_the_attention_kernel_and_compile_mode_asked_for(t
     (row,) = result["rows"]
     _check_row(row)
     assert row["attention"] == "math"
+
+
+def test_throughput_levers_plan_a_row_without_each_lever_with_it_and_with_all():
+    args = throughput.parse_args(["--levers", "fused-triton,step-graph", "--compile", "off,blocks-graphs"])
+    rows = [(s["levers"], s["compile"]) for s in throughput.plan(args)]
+    assert rows == [("none", "off"), ("fused-triton", "off"), ("step-graph", "off"), ("fused-triton+step-graph", "off"),
+                    ("none", "blocks-graphs"), ("fused-triton", "blocks-graphs"),
+                    ("step-graph", "blocks"), ("fused-triton+step-graph", "blocks")]  # one graph: the whole step's
+    assert throughput.lever_options("fused-triton+fp8") == {"fused_kernels": "triton", "fp8": True}
+
+
+def test_throughput_lever_rows_run_on_a_cpu(tmp_path):
+    """fp8 (torchao's emulation here) and the whole-step graph (its eager stand-in here); the fused Triton kernels
+    run in the interpreter only when TRITON_INTERPRET is set before triton is first imported, which a pytest
+    process cannot promise, and take seconds per step there: `bash benchmarks/gpu_session.sh --cpu-smoke levers`
+    runs that row (tests/test_fused_kernels.py tests the kernels)."""
+    pytest.importorskip("torchao", reason="the fp8 lever needs torchao")
+    args = TINY[:-5] + ["--steps", "1", "--warmup", "2", "--in_process"]  # 2: one eager step, then the graphed path
+    result = throughput.main(args + ["--pair", "vit-bert", "--precision", "fp32", "--levers", "fp8,step-graph",
+                                     "--out", str(tmp_path / "levers.json")])
+    rows = {row["levers"]: row for row in result["rows"]}
+    assert list(rows) == ["none", "fp8", "step-graph", "fp8+step-graph"]
+    for row in rows.values():
+        _check_row(row)
+    assert rows["none"]["levers_applied"] == rows["step-graph"]["levers_applied"] == {}
+    # the tiny towers' layers are 32 and 64 wide, under fp8's 256 (tests/test_fp8.py converts them with a lower bar)
+    assert rows["fp8"]["levers_applied"]["fp8"] == {"vision": 0, "text": 0}
+    assert rows["fp8"]["flops_per_step"] == rows["none"]["flops_per_step"]  # counted before the levers

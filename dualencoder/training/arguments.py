@@ -279,6 +279,14 @@ class TrainArguments:
     channels_last: bool = option(
         False, "speed", "Store a convolutional (timm) vision tower channels-last: usually faster convolutions, on a "
                         "GPU and on a CPU alike (benchmarks/README.md).")
+    fused_kernels: str = option(
+        "off", "speed", "Fused kernels in the towers: triton runs each LayerNorm (with BERT's residual add) and each "
+                        "MLP's bias + GELU as one Triton kernel (dualencoder/kernels; needs triton and a GPU). Same "
+                        "weights; whether it pays is measured by benchmarks/throughput.py --levers.",
+        choices=("off", "triton"))
+    fp8: bool = option(
+        False, "speed", "fp8 matmuls in the towers' large Linear layers (torchao float8 training: needs torchao and "
+                        "an fp8 GPU such as an H100/H200; pair it with --torch_compile). Same weights.")
     seed: int = option(42, "training", "Seed of the model heads, data order and augmentation.", min=0, max=2**32 - 1)
     logging_steps: int = option(10, "training", "Log loss, learning rate and temperature every N steps.", min=1)
     checkpointing_steps: int = option(
