@@ -88,3 +88,18 @@ def test_a_copy_missing_a_towers_adapter_is_refused_naming_the_file(trained_lora
     os.remove(tmp_path / "adapters" / "text" / "adapter_config.json")
     with pytest.raises(ValueError, match=r"adapters/text/adapter_config.json is missing"):
         load_adapters(tmp_path / "adapters")
+
+
+def test_a_copy_saved_before_the_peft_format_still_loads(trained_lora_model, tmp_path):
+    """Earlier exports hold config.json and one adapters.safetensors (adapters and heads together)."""
+    from safetensors.torch import save_file
+
+    model, _, _ = trained_lora_model
+    model.config.save_pretrained(tmp_path / "old")
+    tensors = {k: v.contiguous() for k, v in model.adapter_state_dict().items()}
+    save_file(tensors, tmp_path / "old" / "adapters.safetensors")
+    rebuilt = load_adapters(tmp_path / "old").eval()
+    pixels, ids, mask = inputs(model)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.get_text_features(ids, mask), model.get_text_features(ids, mask))
+        torch.testing.assert_close(rebuilt.get_image_features(pixels), model.get_image_features(pixels))

@@ -88,8 +88,8 @@ def uploaded_files(folder, ignore_patterns) -> list[str]:
 
 
 @pytest.mark.parametrize("hub_errors, says", [
-    ({"whoami": LocalTokenNotFoundError("Token is required")}, "no Hugging Face token found: set HF_TOKEN, pass "
-                                                               "--hub_token, or run `hf auth login`"),
+    ({"whoami": LocalTokenNotFoundError("Token is required")}, "no Hugging Face token found: set HF_TOKEN, run `hf "
+                                                               "auth login`, or pass one (--hub_token"),
     ({"whoami": http_error(401)}, "the Hub refused the token (401 Unauthorized)"),
     ({"whoami": requests.exceptions.ConnectionError("Failed to resolve 'huggingface.co'")},
      "cannot reach the Hub (ConnectionError: Failed to resolve 'huggingface.co'): check the network connection"),
@@ -103,7 +103,7 @@ def test_a_failing_hub_check_stops_the_run_before_training_with_one_line(tmp_pat
         run_contrastive.main(run_args("unused", tmp_path / "out", "--push_to_hub", "true",
                                       "--hub_model_id", "other/shapes-clip"))
     message = str(stop.value.code)
-    assert message.startswith("error: --push_to_hub: ") and says in message and "\n" not in message
+    assert message.startswith("error: push to the Hub: ") and says in message and "\n" not in message
     assert not (tmp_path / "out").exists()  # nothing was built, loaded or trained
     assert hub.called("whoami")
 
@@ -118,7 +118,7 @@ def test_a_read_only_token_is_refused_before_the_repository_is_touched(tmp_path,
 @pytest.mark.parametrize("repo_id", ["me/shapes clip", "me/a/b", "me/x..y"])
 def test_an_invalid_repository_id_is_refused_without_asking_the_hub(tmp_path, monkeypatch, repo_id):
     hub = FakeHub().install(monkeypatch)
-    with pytest.raises(SystemExit, match=rf"error: --push_to_hub: '{repo_id}' is not a valid Hub repository id"):
+    with pytest.raises(SystemExit, match=rf"error: push to the Hub: '{repo_id}' is not a valid Hub repository id"):
         run_contrastive.main(run_args("unused", tmp_path / "out", "--push_to_hub", "true", "--hub_model_id", repo_id))
     assert hub.calls == []
 
@@ -181,7 +181,7 @@ def test_dualencoder_push_refuses_a_folder_that_is_no_complete_export_in_one_lin
                             env={**os.environ, "HF_TOKEN": "hf_unused"})
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
-        f"error: --push_to_hub: {tmp_path} is not a complete export (no README.md, metrics.json, "
+        f"error: push to the Hub: {tmp_path} is not a complete export (no README.md, metrics.json, "
         "configuration_dualencoder.py, modeling_dualencoder.py, backbones_dualencoder.py, model.safetensors, "
         "processor_config.json, tokenizer_config.json): run_contrastive.py writes one at the end of a run; pass that "
         "run's output_dir")

@@ -36,7 +36,8 @@ EXPORT_FILES = (("README.md",), ("metrics.json",), ("config.json",), ("configura
                 ("modeling_dualencoder.py",), ("backbones_dualencoder.py",),
                 ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"),
                 ("processor_config.json", "preprocessor_config.json"), ("tokenizer_config.json",))
-TOKEN_HINT = "set HF_TOKEN, pass --hub_token, or run `hf auth login`"
+TOKEN_HINT = "set HF_TOKEN, run `hf auth login`, or pass one (--hub_token; dualencoder-push --token)"
+LATER = "a run can also train without --push_to_hub and upload later with dualencoder-push"
 
 
 def _network_errors() -> tuple:
@@ -54,7 +55,7 @@ NETWORK_ERRORS = _network_errors()
 
 
 def _fail(what: str) -> SystemExit:
-    return SystemExit(f"error: --push_to_hub: {what}")
+    return SystemExit(f"error: push to the Hub: {what}")
 
 
 def _first_line(error: BaseException) -> str:
@@ -67,10 +68,9 @@ def _hub_call(call, what: str):
     try:
         return call()
     except OfflineModeIsEnabled:
-        raise _fail("HF_HUB_OFFLINE is set, so the Hub cannot be reached: unset it (or train without "
-                    "--push_to_hub and upload later with dualencoder-push)") from None
+        raise _fail(f"HF_HUB_OFFLINE is set, so the Hub cannot be reached: unset it ({LATER})") from None
     except LocalTokenNotFoundError:
-        raise _fail(f"no Hugging Face token found: {TOKEN_HINT} (the token needs write access)") from None
+        raise _fail(f"no Hugging Face token found: {TOKEN_HINT}; it needs write access") from None
     except HfHubHTTPError as error:  # before the network errors: it is also an HTTP client error
         status = getattr(getattr(error, "response", None), "status_code", None)
         if status == 401:
@@ -79,7 +79,7 @@ def _hub_call(call, what: str):
         raise _fail(f"{what} failed ({status or 'no status'}: {_first_line(error)})") from None
     except NETWORK_ERRORS as error:
         raise _fail(f"cannot reach the Hub ({_first_line(error)}): check the network connection (and HF_ENDPOINT "
-                    "if set), or train without --push_to_hub and upload later with dualencoder-push") from None
+                    f"if set); {LATER}") from None
 
 
 def check_hub_access(repo_id: str, token: Optional[str] = None, private: bool = False) -> str:
@@ -92,8 +92,8 @@ def check_hub_access(repo_id: str, token: Optional[str] = None, private: bool = 
     try:
         validate_repo_id(repo_id)
     except HFValidationError as error:
-        raise _fail(f"{repo_id!r} is not a valid Hub repository id ({str(error).split(':')[0]}): use --hub_model_id "
-                    "namespace/name, e.g. me/flickr8k-clip") from None
+        raise _fail(f"{repo_id!r} is not a valid Hub repository id ({str(error).split(':')[0]}): use "
+                    "namespace/name, e.g. me/flickr8k-clip (--hub_model_id; dualencoder-push --repo_id)") from None
     api = HfApi(token=token)
     user = _hub_call(api.whoami, "checking the token (whoami)")
     role = user.get("auth", {}).get("accessToken", {}).get("role")
