@@ -174,6 +174,18 @@ def test_dualencoder_push_uploads_an_existing_export(published_run, monkeypatch,
     assert url == "https://huggingface.co/someone/flickr8k-clip/commit/abc" and url in capsys.readouterr().out
 
 
+def test_an_upload_that_fails_after_training_says_the_model_is_saved_and_how_to_retry(published_run, monkeypatch):
+    out, _, _ = published_run
+    FakeHub(upload_folder=requests.exceptions.ConnectionError("Connection aborted.")).install(monkeypatch)
+    with pytest.raises(SystemExit) as stop:
+        push_main([str(out), "--repo_id", "me/shapes-clip"])
+    assert str(stop.value.code) == (
+        "error: push to the Hub: cannot reach the Hub (ConnectionError: Connection aborted.): check the network "
+        f"connection (and HF_ENDPOINT if set); the model stays saved in {out}: retry with dualencoder-push {out} "
+        "--repo_id me/shapes-clip")
+    assert (out / "metrics.json").is_file()
+
+
 def test_dualencoder_push_refuses_a_folder_that_is_no_complete_export_in_one_line_without_a_traceback(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     result = subprocess.run([sys.executable, "-m", "dualencoder.training.publish", str(tmp_path), "--repo_id", "me/x"],

@@ -63,12 +63,13 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
-def _hub_call(call, what: str):
-    """Run one Hub API call, turning its failures into one-line errors (the HTTP ones are answered by `what`)."""
+def _hub_call(call, what: str, then: str = LATER):
+    """Run one Hub API call, turning its failures into one-line errors: `what` the call was doing, `then` what the
+    user can do once the Hub is reachable."""
     try:
         return call()
     except OfflineModeIsEnabled:
-        raise _fail(f"HF_HUB_OFFLINE is set, so the Hub cannot be reached: unset it ({LATER})") from None
+        raise _fail(f"HF_HUB_OFFLINE is set, so the Hub cannot be reached: unset it ({then})") from None
     except LocalTokenNotFoundError:
         raise _fail(f"no Hugging Face token found: {TOKEN_HINT}; it needs write access") from None
     except HfHubHTTPError as error:  # before the network errors: it is also an HTTP client error
@@ -76,10 +77,10 @@ def _hub_call(call, what: str):
         if status == 401:
             raise _fail(f"the Hub refused the token (401 Unauthorized): it is wrong or revoked; {TOKEN_HINT} "
                         "with a valid write token") from None
-        raise _fail(f"{what} failed ({status or 'no status'}: {_first_line(error)})") from None
+        raise _fail(f"{what} failed ({status or 'no status'}: {_first_line(error)}); {then}") from None
     except NETWORK_ERRORS as error:
         raise _fail(f"cannot reach the Hub ({_first_line(error)}): check the network connection (and HF_ENDPOINT "
-                    f"if set); {LATER}") from None
+                    f"if set); {then}") from None
 
 
 def check_hub_access(repo_id: str, token: Optional[str] = None, private: bool = False) -> str:
@@ -132,8 +133,8 @@ def upload_export(folder: str, repo_id: str, token: Optional[str] = None,
     check_export(folder)
     commit = _hub_call(lambda: HfApi(token=token).upload_folder(
         repo_id=repo_id, folder_path=folder, repo_type="model", ignore_patterns=HUB_IGNORE_PATTERNS,
-        commit_message=commit_message), f"uploading {folder} to {repo_id} (the model stays saved there; retry with "
-                                        f"dualencoder-push {folder} --repo_id {repo_id})")
+        commit_message=commit_message), f"uploading {folder} to {repo_id}",
+        then=f"the model stays saved in {folder}: retry with dualencoder-push {folder} --repo_id {repo_id}")
     return getattr(commit, "commit_url", None) or f"https://huggingface.co/{repo_id}"
 
 
