@@ -57,5 +57,18 @@ def test_the_card_says_which_packages_loading_needs(tmp_path, config, adapters, 
     assert needs in section and not_needed not in section
     assert ("`pip install peft`" in section) is adapters
     if adapters:  # the adapters' own usage: peft onto the tower's Hub original, from the repository's subfolder
-        assert 'PeftModel.from_pretrained(AutoModel.from_pretrained("distilbert-base-uncased")' in text
-        assert 'subfolder="adapters/text"' in text
+        assert ('text = PeftModel.from_pretrained(AutoModel.from_pretrained("distilbert-base-uncased"), '
+                f'"{tmp_path}", subfolder="adapters/text")') in text
+
+
+def test_a_timm_vision_towers_adapters_are_put_on_the_timm_model_of_its_hub_original(tmp_path):
+    config = tiny_timm_config(vision_model_name_or_path="offline:efficientnet-lite0",
+                              text_model_name_or_path="offline:all-minilm-l6-v2")
+    args = parse_args(["--hub_model_id", "me/clip"])
+    write_model_card(str(tmp_path), model_config=config, args=args, metrics={}, lora_towers=("vision", "text"),
+                     adapters=True)
+    text = ModelCard.load(tmp_path / "README.md").text
+    assert ('vision = PeftModel.from_pretrained(timm.create_model("hf-hub:timm/tf_efficientnet_lite0.in1k", '
+            'pretrained=True, num_classes=0), "me/clip", subfolder="adapters/vision")') in text
+    assert ('text = PeftModel.from_pretrained(AutoModel.from_pretrained("sentence-transformers/all-MiniLM-L6-v2"), '
+            '"me/clip", subfolder="adapters/text")') in text

@@ -64,10 +64,22 @@ def loading_needs(model_config, adapters: bool) -> str:
     return text
 
 
+def base_tower_code(model_config, tower: str) -> str:
+    """Python that loads a tower's base model from the Hub as the adapters expect it (a timm tower through timm)."""
+    hub_id = hub_original(getattr(model_config, f"{tower}_model_name_or_path"))
+    if hub_id is None:
+        return f"base_{tower}_tower  # {getattr(model_config, f'{tower}_model_name_or_path')}, loaded as in training"
+    if tower == "vision" and model_config.timm_model_name:
+        return f'timm.create_model("hf-hub:{hub_id}", pretrained=True, num_classes=0)'
+    return f'AutoModel.from_pretrained("{hub_id}")'
+
+
 def adapters_usage(model_config, lora_towers, location: str) -> str:
     """How to put the PEFT adapters of `adapters/` on the base towers."""
     towers = [tower for tower in ("vision", "text") if tower in lora_towers]
-    base = hub_original(getattr(model_config, f"{towers[-1]}_model_name_or_path")) or "the base tower"
+    lines = "\n".join(f'{tower} = PeftModel.from_pretrained({base_tower_code(model_config, tower)}, "{location}", '
+                      f'subfolder="adapters/{tower}")' for tower in towers)
+    imports = "import timm\n" if "vision" in towers and model_config.timm_model_name else ""
     return f"""
 ### The LoRA adapters alone (`adapters/`)
 
@@ -77,10 +89,10 @@ base towers: {", ".join(f"`adapters/{tower}`" for tower in towers)} (each `adapt
 naming both base towers (`adapters/config.json`).
 
 ```python
-from peft import PeftModel
+{imports}from peft import PeftModel
 from transformers import AutoModel
 
-tower = PeftModel.from_pretrained(AutoModel.from_pretrained("{base}"), "{location}", subfolder="adapters/{towers[-1]}")
+{lines}
 ```
 
 With this project installed, `dualencoder.adapters.load_adapters(<local copy>/adapters)` rebuilds the whole dual
