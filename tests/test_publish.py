@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from fnmatch import fnmatch
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -134,18 +135,30 @@ def test_the_run_checks_with_its_token_creates_the_repository_and_uploads_the_ex
     assert upload["ignore_patterns"] == HUB_IGNORE_PATTERNS
 
 
+TRAINING_LEFTOVERS = ["checkpoint-12/model.safetensors", "checkpoints/checkpoint-9/optimizer.bin",
+                      "best/model.safetensors", "model.safetensors.tmp", ".export.tmp/config.json",
+                      "adapters/text/adapter_model.safetensors.tmp", "pixels-224px-0123abcd.arrow"]
+
+
 def test_the_upload_holds_a_complete_repository_and_no_checkpoints_or_secrets(published_run, tmp_path):
-    out, _, hub = published_run
+    run_dir, _, hub = published_run
     [(_, _, upload)] = hub.called("upload_folder")
+    out = tmp_path / "run"  # the run's folder, plus what a run may leave there wherever it keeps its checkpoints
+    shutil.copytree(run_dir, out)
+    for name in TRAINING_LEFTOVERS:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("training only")
     sent = uploaded_files(out, upload["ignore_patterns"])
     assert {"README.md", "metrics.json", "training_args.json", "config.json", "model.safetensors",
             "configuration_dualencoder.py", "modeling_dualencoder.py", "backbones_dualencoder.py",
             "tokenizer_config.json", "adapters/config.json", "adapters/heads.safetensors",
             "adapters/text/adapter_config.json", "adapters/text/adapter_model.safetensors"} <= set(sent)
     assert {"processor_config.json", "preprocessor_config.json"} & set(sent)  # (transformers 5 / 4 name it)
-    left_out = sorted(set(uploaded_files(out, None)) - set(sent))
-    assert left_out and all(path.split("/")[0] in ("best", "checkpoints") or path.startswith("checkpoint-")
-                            for path in left_out), left_out
+    left_out = set(uploaded_files(out, None)) - set(sent)
+    assert left_out >= set(TRAINING_LEFTOVERS)
+    training_only = ("best", "checkpoint-*", "checkpoints", "*.tmp", "pixels-*.arrow")
+    assert all(any(fnmatch(part, name) for part in path.split("/") for name in training_only)
+               for path in left_out), left_out
     for name in sent:  # the token given on the command line is in no uploaded file
         assert b"hf_secret_token" not in (out / name).read_bytes(), name
     assert json.loads((out / "training_args.json").read_text())["hub_token"] == "<hidden>"

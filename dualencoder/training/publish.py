@@ -1,7 +1,8 @@
 """Publishing a trained model's export folder to the Hugging Face Hub, checked before any training.
 
 `run_contrastive.py --push_to_hub true` calls `check_hub_access` first, so a missing or wrong token, a machine
-without network or a bad repository id fails in a second with one line, not after hours of training. The upload
+without network or a bad repository id fails with one line before the model is even built, not after hours of
+training. The upload
 (`upload_export`) then sends the export folder as it was saved -- card, metrics.json, config, weights, processor
 files, the model's code and adapters/ -- and leaves out what only training needs (checkpoints, the best-model
 copy, staging folders), wherever the run keeps them. The same works on an existing export:
