@@ -14,7 +14,7 @@ import pytest
 import requests
 import torch
 from huggingface_hub import HfApi
-from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
 from huggingface_hub.utils import filter_repo_objects
 
 import run_contrastive
@@ -95,9 +95,10 @@ def uploaded_files(folder, ignore_patterns) -> list[str]:
     ({"whoami": requests.exceptions.ConnectionError("Failed to resolve 'huggingface.co'")},
      "cannot reach the Hub (ConnectionError: Failed to resolve 'huggingface.co'): check the network connection"),
     ({"whoami": TimeoutError("timed out")}, "cannot reach the Hub (TimeoutError: timed out)"),
+    ({"whoami": OfflineModeIsEnabled("offline")}, "HF_HUB_OFFLINE is set, so the Hub cannot be reached: unset it"),
     ({"create_repo": http_error(403)}, "creating or finding the repository other/shapes-clip as me (is the "
                                       "namespace yours?) failed (403"),
-], ids=["no-token", "bad-token", "no-network", "timeout", "not-your-namespace"])
+], ids=["no-token", "bad-token", "no-network", "timeout", "hub-offline", "not-your-namespace"])
 def test_a_failing_hub_check_stops_the_run_before_training_with_one_line(tmp_path, monkeypatch, hub_errors, says):
     hub = FakeHub(**hub_errors).install(monkeypatch)
     with pytest.raises(SystemExit) as stop:
