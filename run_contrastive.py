@@ -39,6 +39,7 @@ from dualencoder.training.export import export
 from dualencoder.training.feature_cache import FeatureCache
 from dualencoder.training.model_setup import build_model, build_training_loss, head_init_options
 from dualencoder.training.optim import cosine_with_warmup, make_optimizer
+from dualencoder.training.publish import check_run_can_publish, upload_export
 from dualencoder.training.research import apply_research_options
 from dualencoder.training.step import TrainStep, compile_in_place
 from dualencoder.training.streamed import StreamedEpochs
@@ -51,6 +52,8 @@ LOWER_IS_BETTER = ("_medr", "_meanr")
 
 def main(argv=None) -> dict:
     model_args, data_args, train_args, stated = parse_args(argv, with_sources=True)
+    # --push_to_hub: token, network and repository are checked now, not after the training
+    train_args.hub_model_id = check_run_can_publish(train_args) or train_args.hub_model_id
     accelerator = start(train_args)
     show = accelerator.is_local_main_process
 
@@ -187,6 +190,9 @@ def main(argv=None) -> dict:
     metrics.update(test_metrics(final, cache, data, train_pairs, train_args))
     if accelerator.is_main_process:
         export(final, processor, metrics, (model_args, data_args, train_args), state["history"])
+        if train_args.push_to_hub:
+            url = upload_export(train_args.output_dir, train_args.hub_model_id, train_args.hub_token)
+            logger.info("uploaded %s to %s", train_args.output_dir, url)
     accelerator.end_training()
     return metrics
 

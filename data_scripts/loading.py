@@ -173,6 +173,17 @@ def _looks_like_path(source: str) -> bool:
     return source.startswith(("/", ".", "~")) or "\\" in source or source.count("/") > 1
 
 
+def hub_dataset_id(source: Optional[str]) -> Optional[str]:
+    """``source`` when it names a Hub data set (the last case of the module docstring's order), else None: the
+    synthetic set, the shared Flickr8k, local files and folders and shard patterns are no Hub ids, and a model card
+    must not list them (a local path would also leak a folder name of the machine that trained)."""
+    if not source or source.lower() in ("synthetic", "flickr8k") or is_shard_pattern(source):
+        return None
+    if Path(source).expanduser().exists() or _looks_like_path(source):
+        return None
+    return source
+
+
 def _as_directory(source: str) -> Optional[Path]:
     if source.lower() == "flickr8k":
         return default_flickr8k_dir()

@@ -1,6 +1,7 @@
 """The offline encoders load from their PyPI packages, with no network, and are pretrained."""
 
 import importlib
+import json
 import os
 from pathlib import Path
 
@@ -123,6 +124,8 @@ def test_an_adapters_only_copy_rebuilds_the_model_and_refuses_to_drop_trained_ba
             if "lora_B" in name or "projection" in name:
                 p.normal_(std=0.05)  # trained-looking adapters and heads
     save_adapters(model, tmp_path / "adapters")
+    peft_config = json.loads((tmp_path / "adapters" / "text" / "adapter_config.json").read_text())
+    assert peft_config["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"  # the alias's original
     rebuilt = load_adapters(tmp_path / "adapters").eval()
     pixels, ids = torch.rand(2, 3, 224, 224), torch.tensor([[101, 2000, 102], [101, 3000, 102]])
     with torch.no_grad():

@@ -36,6 +36,7 @@ GROUPS = {
     "speed": "the same training, faster or in less memory",
     "evaluation": "validation, the best-model choice and test-time options",
     "research": "losses, head initialisation and batch composition beyond the standard recipe",
+    "publishing": "the model card and the upload to the Hugging Face Hub",
 }
 # the keys of dualencoder.metrics.retrieval_metrics at its standard K, which validation reports
 BEST_MODEL_METRICS = tuple(f"{direction}_{name}" for direction in ("i2t", "t2i")
@@ -69,7 +70,8 @@ def yaml_mapping(text: str) -> Optional[str]:
 
 
 def option(default: Any, group: str, help: str, **checks) -> Any:
-    """A dataclass field with its group, help and checks (min, max, below, choices, check) as metadata."""
+    """A dataclass field with its group, help and checks (min, max, below, choices, check) as metadata (and
+    `secret=True` for a value all_options must not write out)."""
     metadata = {"group": group, "help": help, **checks}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
@@ -329,9 +331,18 @@ class TrainArguments:
         "images ('' or none: in memory only).")
     report_to: str = option(
         "tensorboard", "training", "Experiment tracker (an Accelerate logger), all, or none.", choices=REPORT_TO)
-    push_to_hub: bool = option(False, "training", "Push the final model to the Hub (needs the internet and a token).")
+    push_to_hub: bool = option(
+        False, "publishing", "Upload the exported model to the Hub at the end (token, network and repository are "
+                             "checked before training; dualencoder-push uploads an existing export).")
     hub_model_id: Optional[str] = option(
-        None, "training", "Hub repository for --push_to_hub (none: the name of output_dir).")
+        None, "publishing", "Hub repository for --push_to_hub, namespace/name (none: the name of output_dir, under "
+                            "the token's user).")
+    hub_token: Optional[str] = option(
+        None, "publishing", "Write token for --push_to_hub (none: HF_TOKEN, else the token `hf auth login` saved). "
+                            "Never written to training_args.json or the card.", secret=True)
+    hub_private_repo: bool = option(False, "publishing", "Create the --push_to_hub repository private (if it is new).")
+    license: str = option(
+        "apache-2.0", "publishing", "License of the model, in the card's metadata (a Hub license id).")
     save_adapters: bool = option(
         True, "training", "With LoRA, also save an adapters-only copy in output_dir/adapters.")
     gradient_checkpointing: bool = option(
@@ -567,9 +578,15 @@ NOT_WITH_STREAMING = {
 }
 
 
+SECRET_SHOWN_AS = "<hidden>"
+
+
 def all_options(args: tuple) -> dict:
-    """Every option of a run, (model, data, train) as parse_args returns them, as one JSON-ready mapping."""
-    return {name: value for options in args for name, value in asdict(options).items()}
+    """Every option of a run, (model, data, train) as parse_args returns them, as one JSON-ready mapping; a secret
+    one (the Hub token) shows only whether it was set, since this goes to files, trackers and the card."""
+    secret = {name for name, f in option_fields().items() if f.metadata.get("secret")}
+    return {name: SECRET_SHOWN_AS if name in secret and value is not None else value
+            for options in args for name, value in asdict(options).items()}
 
 
 def parse_args(argv: Optional[list[str]] = None, with_sources: bool = False):

@@ -153,7 +153,8 @@ def load_checkpoint(accelerator, path: str) -> dict:
 # topic_batches: a resumed run's topics come from its checkpoint)
 MAY_DIFFER_ON_RESUME = {"resume_from_checkpoint", "overwrite_output_dir", "output_dir", "logging_steps",
                         "checkpointing_steps", "save_total_limit", "report_to", "push_to_hub", "hub_model_id",
-                        "save_adapters", "dataloader_num_workers", "feature_cache_dir", "topic_batches"}
+                        "hub_token", "hub_private_repo", "license", "save_adapters", "dataloader_num_workers",
+                        "feature_cache_dir", "topic_batches"}
 
 
 def run_fingerprint(args: tuple, train_pairs, stream=None) -> dict:

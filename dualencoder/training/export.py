@@ -34,13 +34,16 @@ def export(model, processor, metrics: dict, args: tuple, history: list) -> None:
     staging = os.path.join(out, ".export.tmp")  # written whole, then moved in: a crash never leaves half a model
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
-    if model.config.lora_rank and train_args.save_adapters:
+    lora_towers = tuple(model.config.lora_towers) if model.config.lora_rank else ()
+    adapters = False
+    if lora_towers and train_args.save_adapters:
         outside = model.trained_outside_adapters()
         if outside:
             logger.warning("no adapters-only copy: %d trained parameters are not adapters or heads (e.g. %s); the "
                            "exported model holds everything.", len(outside), outside[0])
         else:
             save_adapters(model, os.path.join(staging, "adapters"))
+            adapters = True
     model.merge_adapters()
     model.save_pretrained(staging)
     processor.save_pretrained(staging)
@@ -48,14 +51,12 @@ def export(model, processor, metrics: dict, args: tuple, history: list) -> None:
                           (TRAINING_ARGS_FILE, all_options(args))):
         with open(os.path.join(staging, name), "w") as handle:
             json.dump(content, handle, indent=2)
+    split = next((split for split in ("test", "validation") if metrics.get(split)), None)  # the card's model-index
     write_model_card(staging, model_config=model.config, args=args, location=out,
-                     metrics={TABLE_ROWS[key]: metrics[key] for key in CARD_ROWS if metrics.get(key)})
+                     metrics={TABLE_ROWS[key]: metrics[key] for key in CARD_ROWS if metrics.get(key)},
+                     results=(split, metrics[split]) if split else None, lora_towers=lora_towers, adapters=adapters)
     move_into(staging, out, last="metrics.json")
     table = {row: metrics[key] for key, row in TABLE_ROWS.items() if metrics.get(key)}
     if table:  # a run without validation or test split (a stream without --validation_file) has none
         print("\n" + format_metrics_table(table) + "\n", flush=True)
     logger.info("saved the model, processor, metrics.json, training_args.json and README.md in %s", out)
-    if train_args.push_to_hub:
-        repo = train_args.hub_model_id or os.path.basename(os.path.abspath(out))
-        model.push_to_hub(repo)
-        processor.push_to_hub(repo)
