@@ -171,10 +171,11 @@ class DualEncoderModel(DualEncoderPreTrainedModel):
         if config.lora_rank > 0:
             self._add_adapters()
         self.post_init()
-        # Accelerate's FSDP wraps each module named here as a unit of its own (its transformer-layer policy):
-        # the towers' repeated blocks, which the towers' own lists miss for DistilBERT and timm
-        self._no_split_modules.update(type(block).__name__ for tower in (self.vision_model, self.text_model)
-                                      for block in blocks_or_none(tower))
+        # Accelerate's FSDP wraps each module named here as a unit of its own (its transformer-layer policy): the
+        # towers' repeated blocks. Not the towers' own lists, which miss DistilBERT's and timm's blocks and name
+        # BertEmbeddings, whose token table Accelerate shards as a unit again (get_input_embeddings), which fails.
+        self._no_split_modules = {type(block).__name__ for tower in (self.vision_model, self.text_model)
+                                  for block in blocks_or_none(tower)}
 
     # ----------------------------------------------------------------- adapters
     def _add_adapters(self):

@@ -8,13 +8,14 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 
 from dualencoder.training.sharded import prepare_for_sharding, sharding_problem
 from modeling_dualencoder import DualEncoderModel
-from tests.tiny import save_tiny_model_dir, tiny_batch, tiny_vit_distilbert_config
+from tests.tiny import save_tiny_model_dir, tiny_batch, tiny_bert_config, tiny_vit_distilbert_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -88,8 +89,13 @@ def test_a_sharding_that_hides_the_weights_from_evaluation_is_refused_saying_wha
     assert "ZeRO stage 2" in sharding_problem(zero3)
 
 
-def test_the_model_names_its_blocks_for_fsdp_wrapping():
-    """Accelerate's transformer-layer policy wraps what `_no_split_modules` names: both towers' blocks."""
-    model = DualEncoderModel(tiny_vit_distilbert_config())
-    assert {"ViTLayer", "TransformerBlock"} <= set(model._no_split_modules)
-    assert model.get_input_embeddings() is model.text_model.embeddings.word_embeddings
+@pytest.mark.parametrize("text", ["distilbert", "bert"])
+def test_the_model_names_its_blocks_for_fsdp_wrapping_and_none_holds_the_token_table(text):
+    """Accelerate's transformer-layer policy wraps what `_no_split_modules` names: both towers' blocks. It then wraps
+    `get_input_embeddings()` alone, which fails when a wrapped module holds it (BERT's own list names BertEmbeddings)."""
+    overrides = {"text_config": tiny_bert_config().to_dict()} if text == "bert" else {}
+    model = DualEncoderModel(tiny_vit_distilbert_config(**overrides))
+    assert model._no_split_modules == {"ViTLayer", "BertLayer" if text == "bert" else "TransformerBlock"}
+    table = model.get_input_embeddings()
+    assert table is model.text_model.embeddings.word_embeddings
+    assert not [m for m in model.modules() if type(m).__name__ in model._no_split_modules and table in m.modules()]
