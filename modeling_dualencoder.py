@@ -32,14 +32,16 @@ from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPo
 from transformers.utils import ModelOutput
 
 try:  # inside a package: the module transformers makes of a saved directory (trust_remote_code), or an install
-    from .backbones_dualencoder import (HUB_TEXT, HUB_VISION, add_lora, backbone_kind, build_text_tower, build_vision_tower,
-                                        feature_dim, load_text_backbone, load_vision_backbone, lora_targets, pool,
-                                        split_kind, tower_blocks, without_peft_wrapper, blocks_or_none)
+    from .backbones_dualencoder import (HUB_TEXT, HUB_VISION, add_lora, backbone_kind, blocks_or_none,
+                                        build_text_tower, build_vision_tower, feature_dim, load_text_backbone,
+                                        load_vision_backbone, lora_targets, pool, split_kind, tower_blocks,
+                                        without_peft_wrapper)
     from .configuration_dualencoder import DualEncoderConfig
 except ImportError:  # run from the repository's root, where these are top-level modules
-    from backbones_dualencoder import (HUB_TEXT, HUB_VISION, add_lora, backbone_kind, build_text_tower, build_vision_tower,
-                                       feature_dim, load_text_backbone, load_vision_backbone, lora_targets, pool,
-                                       split_kind, tower_blocks, without_peft_wrapper, blocks_or_none)
+    from backbones_dualencoder import (HUB_TEXT, HUB_VISION, add_lora, backbone_kind, blocks_or_none,
+                                       build_text_tower, build_vision_tower, feature_dim, load_text_backbone,
+                                       load_vision_backbone, lora_targets, pool, split_kind, tower_blocks,
+                                       without_peft_wrapper)
     from configuration_dualencoder import DualEncoderConfig
 
 logger = logging.getLogger(__name__)

@@ -286,9 +286,10 @@ def end_of_epoch(state: dict, results, accelerator, whole, metric: str, best_dir
     logger.info("epoch %d validation: i2t R@1 %.1f R@5 %.1f | t2i R@1 %.1f R@5 %.1f | rsum %.1f", state["epoch"],
                 results["i2t_r1"], results["i2t_r5"], results["t2i_r1"], results["t2i_r5"], results["rsum"])
     best = state["best_metric"]
+    # every process, best or not: under FSDP the gather needs them all, and their evaluations might differ in a last bit
+    model = whole()
     if best is None or (results[metric] < best if metric.endswith(LOWER_IS_BETTER) else results[metric] > best):
         state["best_metric"], state["best_epoch"], state["best_validation"] = results[metric], state["epoch"], results
-        model = whole()
         if accelerator.is_main_process:
             write_atomically(best_dir, model.save_pretrained)
 

@@ -91,8 +91,9 @@ def test_a_sharding_that_hides_the_weights_from_evaluation_is_refused_saying_wha
 
 @pytest.mark.parametrize("text", ["distilbert", "bert"])
 def test_the_model_names_its_blocks_for_fsdp_wrapping_and_none_holds_the_token_table(text):
-    """Accelerate's transformer-layer policy wraps what `_no_split_modules` names: both towers' blocks. It then wraps
-    `get_input_embeddings()` alone, which fails when a wrapped module holds it (BERT's own list names BertEmbeddings)."""
+    """Accelerate's transformer-layer policy wraps what `_no_split_modules` names: both towers' blocks. It then
+    wraps `get_input_embeddings()` alone, which fails when a wrapped module holds it (BERT's list names
+    BertEmbeddings)."""
     overrides = {"text_config": tiny_bert_config().to_dict()} if text == "bert" else {}
     model = DualEncoderModel(tiny_vit_distilbert_config(**overrides))
     assert model._no_split_modules == {"ViTLayer", "BertLayer" if text == "bert" else "TransformerBlock"}
