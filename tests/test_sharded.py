@@ -13,6 +13,7 @@ import torch
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 
+from dualencoder.training.checkpoints import list_checkpoints
 from dualencoder.training.sharded import prepare_for_sharding, sharding_problem
 from modeling_dualencoder import DualEncoderModel
 from tests.tiny import save_tiny_model_dir, tiny_batch, tiny_bert_config, tiny_vit_distilbert_config
@@ -50,7 +51,9 @@ def test_fsdp_config_on_two_cpu_processes_trains_checkpoints_shards_and_exports_
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["global_step"] == 8  # 24 images x 5 captions / batch 8 = 15 batches, over 2 processes
     # the checkpoint: each process wrote its own shard of the weights (SHARDED_STATE_DICT)
-    shards_dir = out / "checkpoint-8" / "pytorch_model_fsdp_0"
+    last = Path(list_checkpoints(str(out))[-1])
+    assert last.name == "checkpoint-8"
+    shards_dir = last / "pytorch_model_fsdp_0"
     assert sorted(p.name for p in shards_dir.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
