@@ -6,8 +6,9 @@ forward in three places: evaluation (`get_image_features`...), the best-model co
 They take the model from :class:`WholeModel`: without sharding, the unwrapped model itself (nothing
 changes, nothing is copied); with sharding, a plain copy into which the whole weights are gathered,
 every process taking part (so every process calls it at the same point), before the main process
-writes anything. The copy costs one more model's memory per process, which FSDP is not needed for at
-the sizes trained here (doc/SCALING.md).
+writes anything. The copy costs one more model's memory per process: affordable while the weights fit
+on one device, which the models trained here do; FSDP then saves the gradients' and optimiser state's
+memory (doc/SCALING.md).
 
 FSDP2 cannot shard a 0-dimensional parameter (the temperature and bias are): :func:`prepare_for_sharding`
 holds them as 1-element vectors while the run is sharded; the whole copy keeps their own shape.
