@@ -256,6 +256,14 @@ def tower_blocks(tower: nn.Module) -> list[nn.Module]:
     raise ValueError(f"Cannot find the repeated blocks of {type(base).__name__}.")
 
 
+def blocks_or_none(tower: nn.Module) -> list[nn.Module]:
+    """`tower_blocks`, or no blocks for a tower whose blocks are not found (it then simply has none to wrap)."""
+    try:
+        return tower_blocks(tower)
+    except ValueError:
+        return []
+
+
 _TIMM_CNN_PARTS = ("conv_stem", "bn1", "blocks", "conv_head", "bn2")  # timm EfficientNet / MobileNet family
 _HF_VIT_PARTS = ("embeddings", "layernorm")  # transformers ViT family (blocks in `layers` or `encoder.layer`)
 

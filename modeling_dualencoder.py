@@ -32,14 +32,16 @@ from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPo
 from transformers.utils import ModelOutput
 
 try:  # inside a package: the module transformers makes of a saved directory (trust_remote_code), or an install
-    from .backbones_dualencoder import (HUB_TEXT, HUB_VISION, add_lora, backbone_kind, build_text_tower, build_vision_tower,
-                                        feature_dim, load_text_backbone, load_vision_backbone, lora_targets, pool,
-                                        split_kind, tower_blocks, without_peft_wrapper)
+    from .backbones_dualencoder import (HUB_TEXT, HUB_VISION, add_lora, backbone_kind, blocks_or_none,
+                                        build_text_tower, build_vision_tower, feature_dim, load_text_backbone,
+                                        load_vision_backbone, lora_targets, pool, split_kind, tower_blocks,
+                                        without_peft_wrapper)
     from .configuration_dualencoder import DualEncoderConfig
 except ImportError:  # run from the repository's root, where these are top-level modules
-    from backbones_dualencoder import (HUB_TEXT, HUB_VISION, add_lora, backbone_kind, build_text_tower, build_vision_tower,
-                                       feature_dim, load_text_backbone, load_vision_backbone, lora_targets, pool,
-                                       split_kind, tower_blocks, without_peft_wrapper)
+    from backbones_dualencoder import (HUB_TEXT, HUB_VISION, add_lora, backbone_kind, blocks_or_none,
+                                       build_text_tower, build_vision_tower, feature_dim, load_text_backbone,
+                                       load_vision_backbone, lora_targets, pool, split_kind, tower_blocks,
+                                       without_peft_wrapper)
     from configuration_dualencoder import DualEncoderConfig
 
 logger = logging.getLogger(__name__)
@@ -171,6 +173,11 @@ class DualEncoderModel(DualEncoderPreTrainedModel):
         if config.lora_rank > 0:
             self._add_adapters()
         self.post_init()
+        # Accelerate's FSDP wraps each module named here as a unit of its own (its transformer-layer policy): the
+        # towers' repeated blocks. Not the towers' own lists, which miss DistilBERT's and timm's blocks and name
+        # BertEmbeddings, whose token table Accelerate shards as a unit again (get_input_embeddings), which fails.
+        self._no_split_modules = {type(block).__name__ for tower in (self.vision_model, self.text_model)
+                                  for block in blocks_or_none(tower)}
 
     # ----------------------------------------------------------------- adapters
     def _add_adapters(self):
@@ -200,6 +207,11 @@ class DualEncoderModel(DualEncoderPreTrainedModel):
         return [name for name, p in self.named_parameters() if p.requires_grad and name not in kept]
 
     # ----------------------------------------------------------------- towers
+    def get_input_embeddings(self) -> nn.Module:
+        """The text tower's token embeddings: the one vocabulary table (transformers' contract; Accelerate's
+        FSDP asks for it to shard it as a unit of its own)."""
+        return self.text_model.get_input_embeddings()
+
     def encode_vision(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Pooled vision backbone features, before projection (see `config.image_flip_average`)."""
         if self.config.image_flip_average and not self.training:

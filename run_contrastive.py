@@ -41,6 +41,7 @@ from dualencoder.training.model_setup import build_model, build_training_loss, h
 from dualencoder.training.optim import cosine_with_warmup, make_optimizer
 from dualencoder.training.publish import check_run_can_publish, upload_export
 from dualencoder.training.research import apply_research_options
+from dualencoder.training.sharded import WholeModel, full_tensor, is_sharded, prepare_for_sharding, sharding_problem
 from dualencoder.training.step import TrainStep, compile_in_place
 from dualencoder.training.streamed import StreamedEpochs
 from dualencoder.training.stop import StopRequest
@@ -103,8 +104,12 @@ def main(argv=None) -> dict:
         return make_train_loader(train_pairs, train_rows, data.collator, data_args,
                                  train_args.per_device_train_batch_size, train_args.seed, epoch, topics)
 
+    whole = WholeModel(accelerator, model)  # what reads the weights outside a forward (under FSDP: gathered)
+    if is_sharded(accelerator):
+        prepare_for_sharding(model)
+
     def evaluate(split: str):
-        return cache.embed(accelerator.unwrap_model(model), data.eval_views[split], data.eval_captions[split])
+        return cache.embed(whole(), data.eval_views[split], data.eval_captions[split])
 
     # --- optimiser and schedule (Accelerate steps a prepared scheduler once per process at each optimiser step:
     # the schedule is laid out in process-steps, or N processes would finish it after 1/N of the training)
@@ -122,6 +127,7 @@ def main(argv=None) -> dict:
     scheduler = cosine_with_warmup(optimizer, int(train_args.warmup_ratio * total_steps) * processes,
                                    total_steps * processes)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    whole.track(model)
     if any(p.requires_grad for p in loss_fn.parameters()):  # a loss that trains (a codebook): synced and saved
         loss_fn = accelerator.prepare(loss_fn)
     if train_args.torch_compile:  # in place: parameter names, checkpoints and save_pretrained stay as they are
@@ -173,14 +179,14 @@ def main(argv=None) -> dict:
             train_mode(accelerator.unwrap_model(model), freeze_batchnorm=train_args.freeze_batchnorm)
             train_one_epoch(loader, train_step, state, accelerator, train_args, total_steps, progress, checkpoint, stop)
             end_of_epoch(state, evaluate("validation").metrics() if "validation" in data.eval_views else None,
-                         accelerator, model, train_args.metric_for_best_model, best_dir)
+                         accelerator, whole, train_args.metric_for_best_model, best_dir)
             checkpoint()
     progress.close()
     train_seconds = clock.seconds()
     accelerator.wait_for_everyone()
 
     # --- test the best model and export it
-    final = accelerator.unwrap_model(model)
+    final = whole()
     if os.path.isdir(best_dir):
         final.load_state_dict(DualEncoderModel.from_pretrained(best_dir).state_dict())
     metrics = {"before_training": state.get("before_training"), "validation": state.get("best_validation"),
@@ -205,6 +211,7 @@ def start(train_args) -> Accelerator:
                               log_with=None if train_args.report_to == "none" else train_args.report_to,
                               project_dir=train_args.output_dir)
     mismatch = launch_mismatch(os.environ, accelerator.num_processes, torch.cuda.device_count())
+    mismatch = mismatch or sharding_problem(accelerator)
     if mismatch:  # before any process touches output_dir
         raise SystemExit(f"error: {mismatch}")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stdout)
@@ -258,7 +265,7 @@ def train_one_epoch(loader, train_step, state, accelerator, train_args, total_st
         if state["global_step"] % train_args.logging_steps == 0:
             train_step.check()
             record = {"step": state["global_step"], "epoch": state["epoch"], "loss": loss.item(),
-                      "logit_scale": accelerator.unwrap_model(train_step.model).get_logit_scale().item(),
+                      "logit_scale": full_tensor(accelerator.unwrap_model(train_step.model).get_logit_scale()).item(),
                       "lr": train_step.scheduler.get_last_lr()[0]}
             state["history"].append(record)
             progress.set_postfix(loss=f"{record['loss']:.4f}", scale=f"{record['logit_scale']:.1f}")
@@ -276,8 +283,9 @@ def train_one_epoch(loader, train_step, state, accelerator, train_args, total_st
     train_step.check()
 
 
-def end_of_epoch(state: dict, results, accelerator, model, metric: str, best_dir: str) -> None:
-    """Count the epoch done; log its validation results and save the model when they are the best so far."""
+def end_of_epoch(state: dict, results, accelerator, whole, metric: str, best_dir: str) -> None:
+    """Count the epoch done; log its validation results and save the model when they are the best so far
+    (every process calls this: under FSDP they all take part in gathering the weights the main one saves)."""
     state["epoch"] += 1
     state["step_in_epoch"] = 0
     if results is None:
@@ -287,10 +295,12 @@ def end_of_epoch(state: dict, results, accelerator, model, metric: str, best_dir
     logger.info("epoch %d validation: i2t R@1 %.1f R@5 %.1f | t2i R@1 %.1f R@5 %.1f | rsum %.1f", state["epoch"],
                 results["i2t_r1"], results["i2t_r5"], results["t2i_r1"], results["t2i_r5"], results["rsum"])
     best = state["best_metric"]
+    # every process, best or not: under FSDP the gather needs them all, and their evaluations might differ in a last bit
+    model = whole()
     if best is None or (results[metric] < best if metric.endswith(LOWER_IS_BETTER) else results[metric] > best):
         state["best_metric"], state["best_epoch"], state["best_validation"] = results[metric], state["epoch"], results
         if accelerator.is_main_process:
-            write_atomically(best_dir, accelerator.unwrap_model(model).save_pretrained)
+            write_atomically(best_dir, model.save_pretrained)
 
 
 def test_metrics(model, cache, data, train_pairs, train_args) -> dict:

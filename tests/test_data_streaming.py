@@ -227,20 +227,22 @@ def test_bad_samples_are_skipped_with_a_count_and_the_good_ones_kept(bad_shards,
 # ---- load_dataset(streaming=True) ---------------------------------------------------------------
 
 
-def test_streaming_load_dataset_folder_split_across_processes_and_workers(tmp_path, monkeypatch):
-    import datasets
-
-    # datasets' shuffled stream waits 5 s for its reader threads at the end of each pass: harmless once an
-    # epoch, but this test makes a dozen passes
-    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0.05)
-    keys = [f"img{i:02d}" for i in range(12)]
-    table = {"image": [{"bytes": png(i), "path": None} for i in range(12)], "image_id": keys,
+def write_parquet_repo(root: Path, images: int = 12, files: int = 4) -> list[str]:
+    """A repository-layout folder of `files` parquet files (image bytes, image_id, a list of 1 to 3 captions);
+    returns the image ids, file after file."""
+    keys = [f"img{i:02d}" for i in range(images)]
+    table = {"image": [{"bytes": png(i), "path": None} for i in range(images)], "image_id": keys,
              "text": [captions_of(key[-1]) for key in keys]}
     ds = Dataset.from_dict(table).cast_column("image", ImageFeature())
-    folder = tmp_path / "repo" / "data"
+    folder = root / "data"
     folder.mkdir(parents=True)
-    for s in range(4):
-        ds.shard(4, s, contiguous=True).to_parquet(str(folder / f"train-{s:05d}-of-00004.parquet"))
+    for s in range(files):
+        ds.shard(files, s, contiguous=True).to_parquet(str(folder / f"train-{s:05d}-of-{files:05d}.parquet"))
+    return keys
+
+
+def test_streaming_load_dataset_folder_split_across_processes_and_workers(tmp_path):
+    keys = write_parquet_repo(tmp_path / "repo")
     expected = Counter((key, k) for key in keys for k in range(len(captions_of(key[-1]))))
     streams = [build_stream(str(tmp_path / "repo"), rank=rank, world_size=2, seed=0) for rank in (0, 1)]
     assert isinstance(streams[0], HubStream) and streams[0].caption_column == "text"
@@ -252,6 +254,27 @@ def test_streaming_load_dataset_folder_split_across_processes_and_workers(tmp_pa
     resumed = build_stream(str(tmp_path / "repo"), seed=0)
     resumed.load_state_dict(first.state_dict())
     assert head + read_all(resumed) == read_all(build_stream(str(tmp_path / "repo"), seed=0))
+
+
+def test_a_load_dataset_stream_reads_its_files_whole_one_after_another_in_a_seeded_order(tmp_path):
+    """Every row once, each file's rows together and in the file's order (not interleaved across files, as
+    datasets' shuffle does by default), the file order drawn per (seed, epoch); and no 5 s pause per pass."""
+    import time
+
+    keys = write_parquet_repo(tmp_path / "repo", images=16, files=4)
+    files = [keys[f * 4:(f + 1) * 4] for f in range(4)]
+    orders = []
+    for epoch in range(3):
+        stream = build_stream(str(tmp_path / "repo"), seed=0, epoch=epoch)
+        started = time.perf_counter()
+        ids = [row["image_id"] for row in stream]
+        assert time.perf_counter() - started < 4  # datasets' interleaving reader sleeps 5 s at each pass's end
+        images = list(dict.fromkeys(ids))  # an image's captions are consecutive rows
+        assert len(ids) == sum(len(captions_of(key[-1])) for key in keys) and sorted(images) == keys
+        runs = [images[f * 4:(f + 1) * 4] for f in range(4)]
+        assert sorted(runs) == files  # whole files, each in its own row order
+        orders.append([files.index(run) for run in runs])
+    assert len({tuple(order) for order in orders}) > 1  # the file order changes with the epoch
 
 
 def test_data_loading_benchmark_times_the_stream_beside_the_map_style_path(tmp_path):
