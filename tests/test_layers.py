@@ -17,7 +17,7 @@ LAYERS = [
     ["configuration_dualencoder", "backbones_dualencoder"],
     ["modeling_dualencoder"],
     ["dualencoder"],  # processing, losses, metrics, cca, trainable, adapters, distributed, querybank, visualize...
-    ["dualencoder.evaluation", "dualencoder.baselines"],
+    ["dualencoder.evaluation", "dualencoder.baselines", "dualencoder.rerank"],
     ["dualencoder.training", "dualencoder.apps"],
     ["run_contrastive", "dualencoder.cli"],
 ]

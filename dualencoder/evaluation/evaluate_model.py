@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     bank.add_argument("--querybank_max_images", type=int, default=None,
                       help="the first N images of the querybank split (and their captions) form the bank "
                            "(default: all)")
+    parser.add_argument("--rerank_top_k", type=int, nargs="+", default=None, metavar="K",
+                        help="also re-rank the model's top-K both ways with the co-attention re-ranker saved in "
+                             "<model_dir>/reranker/ (python -m dualencoder.rerank.train); one row per K, e.g. 16 32")
     parser.add_argument("--output_json", default=None, help="write the results here as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
@@ -78,7 +81,13 @@ def evaluate(args: argparse.Namespace) -> dict:
     if args.querybank_split is not None and args.querybank_split == args.split:
         raise SystemExit(f"--querybank_split {args.querybank_split} is the evaluated split: the querybank must be "
                          "other queries (e.g. --querybank_split train), or the test queries would score themselves")
+    if args.rerank_top_k and not args.model_dir:
+        raise SystemExit("--rerank_top_k re-ranks a saved model's top-k: pass --model_dir DIR")
     trained_config = load_trained_config(args.model_dir) if args.model_dir else None  # a bad path fails first
+    if args.rerank_top_k:
+        from dualencoder.rerank.model import require_reranker  # loaded only when asked for
+
+        require_reranker(args.model_dir)
     options = data_options(args.model_dir, **vars(args))
     view = load_split(**options)
     bank_view = None
@@ -109,6 +118,12 @@ def evaluate(args: argparse.Namespace) -> dict:
             results[key]["querybank"] = {
                 "split": args.querybank_split, "images": len(bank.image_ids), "captions": len(bank.captions),
                 "metrics": {f"{beta:g}": querybank_metrics(embedded, bank, beta) for beta in args.querybank_beta}}
+        if key == "model" and args.rerank_top_k:
+            from dualencoder.rerank.rerank import rerank_results  # loaded only when asked for
+
+            results[key]["rerank"] = rerank_results(model, processor, args.model_dir, view, embedded, args.rerank_top_k,
+                                                    max_length=options["max_length"], batch_size=args.batch_size,
+                                                    show_progress=show)
         del model
         num_captions = len(embedded.captions)
     return {"dataset": options["dataset"], "split": options["split"], "num_images": len(view),
@@ -122,6 +137,10 @@ def results_table(output: dict) -> str:
         bank = run.get("querybank")
         for beta, metrics in (bank["metrics"].items() if bank else ()):
             rows[f"{run['name']}, querybank {bank['split']} beta {beta}"] = metrics
+        for k, rerank in run.get("rerank", {}).items():
+            rows[f"{run['name']}, re-ranked top-{k}"] = rerank["metrics"]
+            if rerank["dual_weight"]:
+                rows[f"{run['name']}, re-ranked top-{k} (re-ranker score only)"] = rerank["itm_only_metrics"]
     return format_metrics_table(rows)
 
 
@@ -136,6 +155,9 @@ def main(argv=None) -> dict:
         gap = run["similarity"]
         print(f"\n{run['name']}: mean similarity aligned {gap['pos_mean']:.3f}, misaligned {gap['neg_mean']:.3f}, "
               f"gap {gap['gap']:.3f}")
+    for k, rerank in output["results"].get("model", {}).get("rerank", {}).items():
+        print(f"re-ranking top-{k}: {rerank['ms_per_query']:.1f} ms per query ({rerank['pairs_scored']} pairs scored "
+              f"in {rerank['seconds']:.1f} s), dual_weight {rerank['dual_weight']:g}")
     if args.output_json:
         path = Path(args.output_json)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,212 @@
+"""Train the co-attention re-ranker on a trained dual encoder's frozen towers, and save it in the export folder.
+
+    python -m dualencoder.rerank.train --model_dir outputs/flickr8k_offline --data ../shared/data/flickr8k \
+        --output outputs/flickr8k_offline_rerank
+
+Set-up, then the loop, as the dual encoder's training reads: load the dual encoder (frozen), cache the
+towers' token outputs of the train split and of the first `--dev_images` validation images
+(`features.py`), mine each train image's and caption's hardest wrong partners from the dual encoder's
+own scores (`mining.py`), then each epoch draw `--positives_per_epoch` true pairs, one negative caption
+and one negative image for each, and fit the re-ranker with binary cross-entropy. After each epoch the
+re-ranker re-ranks the validation images' top `--dev_top_k` both ways; the epoch with the best RSUM (at
+the best blend weight) is kept. `--max_minutes` bounds the training loop (caching excluded): it ends the
+epoch early and still validates and saves. The output folder holds the dual encoder (copied when it is
+not `--model_dir`) with the re-ranker in `reranker/`, and `reranker/training_log.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dualencoder.evaluation.common import TRAINING_ARGS_FILE, data_options, load_model, load_split
+from dualencoder.rerank.features import split_features
+from dualencoder.rerank.mining import draw_negatives, mine_hard_negatives
+from dualencoder.rerank.model import CoAttentionReranker, RerankerConfig, save_reranker
+from dualencoder.rerank.rerank import best_dual_weight, rerank_top_k
+
+logger = logging.getLogger(__name__)
+
+
+def _bool(value: str) -> bool:
+    if value.lower() in ("true", "1", "yes"):
+        return True
+    if value.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m dualencoder.rerank.train",
+                                     description="Train a co-attention re-ranker of a trained dual encoder's top-k.")
+    parser.add_argument("--model_dir", required=True, help="a trained dual encoder's export folder")
+    parser.add_argument("--data", required=True, help="the data set it was trained on: a Flickr8k folder or 'synthetic'")
+    parser.add_argument("--output", default=None,
+                        help="folder to write the dual encoder + reranker/ into (default: --model_dir itself)")
+    data = parser.add_argument_group("data")
+    data.add_argument("--train_images", type=int, default=None, help="use the first N train images (default: all)")
+    data.add_argument("--dev_images", type=int, default=200,
+                      help="validation images the epochs are compared on (default 200: a re-ranked validation "
+                           "scores (images + captions) x dev_top_k pairs)")
+    data.add_argument("--num_images", type=int, default=None, help="synthetic only: size of the generated set")
+    data.add_argument("--synthetic_image_size", type=int, default=None, help="synthetic only: image size")
+    data.add_argument("--max_length", type=int, default=None, help="tokens per caption (default: the run's)")
+    data.add_argument("--cache_dir", default=None,
+                      help="where the towers' token outputs are cached (default: <output>/../rerank_cache)")
+    model = parser.add_argument_group("re-ranker")
+    model.add_argument("--hidden_size", type=int, default=256)
+    model.add_argument("--num_layers", type=int, default=2, help="co-attention layers (2-4)")
+    model.add_argument("--num_heads", type=int, default=4)
+    model.add_argument("--intermediate_size", type=int, default=512)
+    model.add_argument("--dropout", type=float, default=0.1)
+    train = parser.add_argument_group("training")
+    train.add_argument("--hard_negatives", type=_bool, default=True,
+                       help="true: negatives drawn from the dual encoder's top --negatives_top_n; false: random")
+    train.add_argument("--negatives_top_n", type=int, default=16)
+    train.add_argument("--epochs", type=int, default=4)
+    train.add_argument("--positives_per_epoch", type=int, default=2000,
+                       help="true pairs per epoch, each with one negative caption and one negative image")
+    train.add_argument("--positives_per_batch", type=int, default=16)
+    train.add_argument("--learning_rate", type=float, default=3e-4)
+    train.add_argument("--weight_decay", type=float, default=0.01)
+    train.add_argument("--max_minutes", type=float, default=30.0,
+                       help="time budget of the training loop (caching excluded); it stops cleanly, validates, saves")
+    train.add_argument("--dev_top_k", type=int, default=16, help="candidates re-ranked per validation query")
+    train.add_argument("--seed", type=int, default=0)
+    run = parser.add_argument_group("compute")
+    run.add_argument("--batch_size", type=int, default=64, help="images/captions/pairs per inference batch")
+    run.add_argument("--device", default="auto")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def train_one_epoch(reranker, optimizer, scheduler, tokens, embedded, hard, *, positives: int, per_batch: int,
+                    generator, deadline: float) -> dict:
+    """One epoch of binary cross-entropy on true pairs and their drawn negatives; stops at `deadline`."""
+    reranker.train()
+    t2i = embedded.text_to_image
+    order = torch.randperm(t2i.shape[0], generator=generator)[:positives]
+    neg_captions, neg_images = draw_negatives(order, t2i, hard, generator)
+    device = next(reranker.parameters()).device
+    total, correct, loss_sum, steps, start = 0, 0, 0.0, 0, time.perf_counter()
+    for first in range(0, order.shape[0], per_batch):
+        if time.monotonic() > deadline:
+            logger.info("--max_minutes reached: ending the epoch after %d pairs", total)
+            break
+        pos = order[first:first + per_batch]
+        texts = torch.cat([pos, neg_captions[first:first + per_batch], pos])
+        images = torch.cat([t2i[pos], t2i[pos], neg_images[first:first + per_batch]])
+        labels = torch.cat([torch.ones(len(pos)), torch.zeros(2 * len(pos))]).to(device)
+        text, mask, vision = tokens.batch([embedded.image_ids[i] for i in images.tolist()],
+                                          [embedded.captions[j] for j in texts.tolist()])
+        logits = reranker(text.to(device), mask.to(device), vision.to(device))
+        # one positive per two negatives: weighted so both classes count equally
+        loss = F.binary_cross_entropy_with_logits(logits, labels, pos_weight=torch.tensor(2.0, device=device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total += len(labels)
+        correct += int(((logits > 0).float() == labels).sum())
+        loss_sum += float(loss)
+        steps += 1
+    seconds = time.perf_counter() - start
+    return {"pairs": total, "loss": loss_sum / max(steps, 1), "itm_accuracy": correct / max(total, 1),
+            "seconds": seconds, "pairs_per_second": total / max(seconds, 1e-9)}
+
+
+def validate(reranker, tokens, embedded, k: int, dual_scale: float, batch_size: int) -> dict:
+    top = rerank_top_k(reranker, tokens, embedded, k, dual_scale, batch_size)
+    weight, metrics = best_dual_weight(top, embedded.text_to_image)
+    return {"dual_weight": weight, "metrics": metrics, "ms_per_query": top.ms_per_query, "seconds": top.seconds}
+
+
+def save_output(model, processor, reranker, model_dir: str, output: str) -> Path:
+    """The re-ranker in `<output>/reranker/`; the dual encoder (and its run's options) copied there first if needed."""
+    if Path(output).resolve() != Path(model_dir).resolve():
+        model.save_pretrained(output)
+        processor.save_pretrained(output)
+        if (Path(model_dir) / TRAINING_ARGS_FILE).is_file():
+            shutil.copy(Path(model_dir) / TRAINING_ARGS_FILE, Path(output) / TRAINING_ARGS_FILE)
+    return save_reranker(reranker, output)
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if not 1 <= args.num_layers <= 8:
+        raise SystemExit(f"--num_layers {args.num_layers}: use 2-4 co-attention layers")
+    output = args.output or args.model_dir
+    cache_dir = args.cache_dir or str(Path(output).resolve().parent / "rerank_cache")
+    torch.manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+
+    model, processor = load_model(args.model_dir, args.device)
+    device = next(model.parameters()).device
+    options = data_options(args.model_dir, dataset=args.data, num_images=args.num_images,
+                           synthetic_image_size=args.synthetic_image_size, max_length=args.max_length)
+    features = dict(max_length=options["max_length"], batch_size=args.batch_size, device=device, cache_dir=cache_dir,
+                    show_progress=not args.quiet)
+    started = time.perf_counter()
+    train_tokens, train = split_features(model, processor, load_split(**{**options, "split": "train",
+                                                                          "max_images": args.train_images}), **features)
+    dev_tokens, dev = split_features(model, processor, load_split(**{**options, "split": "validation",
+                                                                      "max_images": args.dev_images}), **features)
+    caching_seconds = time.perf_counter() - started
+    dual_scale = float(model.get_logit_scale())
+    hard = mine_hard_negatives(train.image_embeds, train.text_embeds, train.text_to_image,
+                               args.negatives_top_n) if args.hard_negatives else None
+    logger.info("train: %d images, %d captions; validation: %d images; token caching took %.0f s",
+                len(train.image_ids), len(train.captions), len(dev.image_ids), caching_seconds)
+
+    config = RerankerConfig(**train_tokens.widths, hidden_size=args.hidden_size, num_layers=args.num_layers,
+                            num_heads=args.num_heads, intermediate_size=args.intermediate_size, dropout=args.dropout,
+                            rerank_top_k=args.dev_top_k)
+    reranker = CoAttentionReranker(config).to(device)
+    optimizer = torch.optim.AdamW(reranker.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    steps = args.epochs * math.ceil(min(args.positives_per_epoch, len(train.captions)) / args.positives_per_batch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / steps))
+
+    dual_dev = dev.metrics()
+    log = {"dual_encoder_validation": dual_dev, "caching_seconds": caching_seconds, "options": vars(args), "epochs": []}
+    logger.info("dual encoder, validation (%d images): RSUM %.1f", len(dev.image_ids), dual_dev["rsum"])
+    best, best_state = None, None
+    deadline = time.monotonic() + 60 * args.max_minutes
+    for epoch in range(1, args.epochs + 1):
+        stats = train_one_epoch(reranker, optimizer, scheduler, train_tokens, train, hard,
+                                positives=args.positives_per_epoch, per_batch=args.positives_per_batch,
+                                generator=generator, deadline=deadline)
+        result = {"epoch": epoch, **stats, "validation": validate(reranker, dev_tokens, dev, args.dev_top_k,
+                                                                  dual_scale, args.batch_size)}
+        log["epochs"].append(result)
+        rsum = result["validation"]["metrics"]["rsum"]
+        logger.info("epoch %d: %d pairs at %.1f pairs/s, loss %.4f, ITM accuracy %.3f; validation re-ranked top-%d "
+                    "RSUM %.1f (dual_weight %g; dual encoder %.1f)", epoch, stats["pairs"], stats["pairs_per_second"],
+                    stats["loss"], stats["itm_accuracy"], args.dev_top_k, rsum, result["validation"]["dual_weight"],
+                    dual_dev["rsum"])
+        if best is None or rsum > best["validation"]["metrics"]["rsum"]:
+            best, best_state = result, copy.deepcopy(reranker.state_dict())
+        if time.monotonic() > deadline:
+            break
+    reranker.load_state_dict(best_state)
+    reranker.config.dual_weight = best["validation"]["dual_weight"]
+    log["best_epoch"] = best["epoch"]
+    folder = save_output(model, processor, reranker, args.model_dir, output)
+    (folder / "training_log.json").write_text(json.dumps(log, indent=2))
+    print(f"\nre-ranker saved in {folder}: epoch {best['epoch']}, validation RSUM {best['validation']['metrics']['rsum']:.1f} "
+          f"re-ranked top-{args.dev_top_k} (dual_weight {reranker.config.dual_weight:g}) vs {dual_dev['rsum']:.1f} "
+          "for the dual encoder alone")
+    return log
+
+
+if __name__ == "__main__":
+    main()
