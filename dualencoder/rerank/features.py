@@ -41,7 +41,7 @@ class SplitTokens:
     def batch(self, image_ids: list, captions: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(text states `[B, T, Dt]`, text mask `[B, T]`, vision tokens `[B, N, Dv]`) of B pairs, float32."""
         text, mask = pad_token_states([self.caption_tokens[c] for c in captions])
-        vision = torch.stack([as_tokens(self.image_tokens[i]) for i in image_ids]).float()
+        vision = torch.stack([as_tokens(self.image_tokens[i]).float() for i in image_ids])
         return text, mask, vision
 
     @property

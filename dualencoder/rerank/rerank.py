@@ -115,7 +115,7 @@ def rerank_results(model, processor, model_dir, view, embedded: EmbeddedSplit, k
     reranker = load_reranker(model_dir, device)
     tokens, _ = split_features(model, processor, view, max_length=max_length, batch_size=batch_size, device=device,
                                with_embeddings=False, show_progress=show_progress)
-    weight, scale = reranker.config.dual_weight, float(model.get_logit_scale())
+    weight, scale = reranker.config.dual_weight, float(model.get_logit_scale().detach())
     results = {}
     for k in ks:
         top = rerank_top_k(reranker, tokens, embedded, k, scale, batch_size)

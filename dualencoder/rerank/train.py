@@ -54,9 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="folder to write the dual encoder + reranker/ into (default: --model_dir itself)")
     data = parser.add_argument_group("data")
     data.add_argument("--train_images", type=int, default=None, help="use the first N train images (default: all)")
-    data.add_argument("--dev_images", type=int, default=200,
-                      help="validation images the epochs are compared on (default 200: a re-ranked validation "
-                           "scores (images + captions) x dev_top_k pairs)")
+    data.add_argument("--dev_images", type=int, default=100,
+                      help="validation images the epochs are compared on (each validation scores up to "
+                           "(images + captions) x dev_top_k pairs)")
     data.add_argument("--num_images", type=int, default=None, help="synthetic only: size of the generated set")
     data.add_argument("--synthetic_image_size", type=int, default=None, help="synthetic only: image size")
     data.add_argument("--max_length", type=int, default=None, help="tokens per caption (default: the run's)")
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="true: negatives drawn from the dual encoder's top --negatives_top_n; false: random")
     train.add_argument("--negatives_top_n", type=int, default=16)
     train.add_argument("--epochs", type=int, default=4)
-    train.add_argument("--positives_per_epoch", type=int, default=2000,
+    train.add_argument("--positives_per_epoch", type=int, default=3000,
                        help="true pairs per epoch, each with one negative caption and one negative image")
     train.add_argument("--positives_per_batch", type=int, default=16)
     train.add_argument("--learning_rate", type=float, default=3e-4)
@@ -85,12 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("compute")
     run.add_argument("--batch_size", type=int, default=64, help="images/captions/pairs per inference batch")
     run.add_argument("--device", default="auto")
+    run.add_argument("--bf16", type=_bool, default=True,
+                     help="run the re-ranker under bfloat16 autocast (CPU or CUDA); its weights stay float32")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
 
 def train_one_epoch(reranker, optimizer, scheduler, tokens, embedded, hard, *, positives: int, per_batch: int,
-                    generator, deadline: float) -> dict:
+                    generator, deadline: float, bf16: bool = False) -> dict:
     """One epoch of binary cross-entropy on true pairs and their drawn negatives; stops at `deadline`."""
     reranker.train()
     t2i = embedded.text_to_image
@@ -108,7 +110,8 @@ def train_one_epoch(reranker, optimizer, scheduler, tokens, embedded, hard, *, p
         labels = torch.cat([torch.ones(len(pos)), torch.zeros(2 * len(pos))]).to(device)
         text, mask, vision = tokens.batch([embedded.image_ids[i] for i in images.tolist()],
                                           [embedded.captions[j] for j in texts.tolist()])
-        logits = reranker(text.to(device), mask.to(device), vision.to(device))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = reranker(text.to(device), mask.to(device), vision.to(device)).float()
         # one positive per two negatives: weighted so both classes count equally
         loss = F.binary_cross_entropy_with_logits(logits, labels, pos_weight=torch.tensor(2.0, device=device))
         optimizer.zero_grad(set_to_none=True)
@@ -117,15 +120,17 @@ def train_one_epoch(reranker, optimizer, scheduler, tokens, embedded, hard, *, p
         scheduler.step()
         total += len(labels)
         correct += int(((logits > 0).float() == labels).sum())
-        loss_sum += float(loss)
+        loss_sum += loss.item()
         steps += 1
     seconds = time.perf_counter() - start
     return {"pairs": total, "loss": loss_sum / max(steps, 1), "itm_accuracy": correct / max(total, 1),
             "seconds": seconds, "pairs_per_second": total / max(seconds, 1e-9)}
 
 
-def validate(reranker, tokens, embedded, k: int, dual_scale: float, batch_size: int) -> dict:
-    top = rerank_top_k(reranker, tokens, embedded, k, dual_scale, batch_size)
+def validate(reranker, tokens, embedded, k: int, dual_scale: float, batch_size: int, bf16: bool = False) -> dict:
+    device = next(reranker.parameters()).device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        top = rerank_top_k(reranker, tokens, embedded, k, dual_scale, batch_size)
     weight, metrics = best_dual_weight(top, embedded.text_to_image)
     return {"dual_weight": weight, "metrics": metrics, "ms_per_query": top.ms_per_query, "seconds": top.seconds}
 
@@ -162,7 +167,7 @@ def main(argv=None) -> dict:
     dev_tokens, dev = split_features(model, processor, load_split(**{**options, "split": "validation",
                                                                       "max_images": args.dev_images}), **features)
     caching_seconds = time.perf_counter() - started
-    dual_scale = float(model.get_logit_scale())
+    dual_scale = float(model.get_logit_scale().detach())
     hard = mine_hard_negatives(train.image_embeds, train.text_embeds, train.text_to_image,
                                args.negatives_top_n) if args.hard_negatives else None
     logger.info("train: %d images, %d captions; validation: %d images; token caching took %.0f s",
@@ -184,9 +189,9 @@ def main(argv=None) -> dict:
     for epoch in range(1, args.epochs + 1):
         stats = train_one_epoch(reranker, optimizer, scheduler, train_tokens, train, hard,
                                 positives=args.positives_per_epoch, per_batch=args.positives_per_batch,
-                                generator=generator, deadline=deadline)
+                                generator=generator, deadline=deadline, bf16=args.bf16)
         result = {"epoch": epoch, **stats, "validation": validate(reranker, dev_tokens, dev, args.dev_top_k,
-                                                                  dual_scale, args.batch_size)}
+                                                                  dual_scale, args.batch_size, args.bf16)}
         log["epochs"].append(result)
         rsum = result["validation"]["metrics"]["rsum"]
         logger.info("epoch %d: %d pairs at %.1f pairs/s, loss %.4f, ITM accuracy %.3f; validation re-ranked top-%d "

@@ -1,0 +1,194 @@
+"""The co-attention re-ranker (dualencoder/rerank/): the model, hard-negative mining, top-k re-ranking, saving
+with the dual encoder, the training command and `evaluate --rerank_top_k`; tiny towers and tiny data."""
+
+import json
+
+import pytest
+import torch
+from threadpoolctl import threadpool_limits
+
+from dualencoder.evaluation import evaluate_model
+from dualencoder.evaluation.embed import EmbeddedSplit
+from dualencoder.processing import build_processor
+from dualencoder.rerank import train as rerank_train
+from dualencoder.rerank.features import SplitTokens
+from dualencoder.rerank.mining import draw_negatives, mine_hard_negatives
+from dualencoder.rerank.model import CoAttentionReranker, RerankerConfig, load_reranker, save_reranker
+from dualencoder.rerank.rerank import rerank_top_k, reranked_metrics
+from modeling_dualencoder import DualEncoderConfig, DualEncoderModel
+from tests.tiny import save_tiny_model_dir
+
+TINY = dict(text_dim=8, vision_dim=8, num_vision_tokens=4, hidden_size=16, num_heads=2, intermediate_size=32,
+            dropout=0.0)
+DATA = ["--num_images", "40", "--synthetic_image_size", "32"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # on a shared, busy machine two OpenMP threads spin-wait on each other: small models run 10x slower
+    with threadpool_limits(limits=1):
+        yield
+
+
+def tiny_reranker(seed=0, **overrides) -> CoAttentionReranker:
+    torch.manual_seed(seed)
+    return CoAttentionReranker(RerankerConfig(**{**TINY, **overrides})).eval()
+
+
+def toy_split(num_images=8, captions_per_image=2, seed=0, noise=0.1):
+    """A split whose tokens say which caption fits which image (a shared code) but whose dual embeddings are random."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randn(num_images, 8, generator=g)
+    image_ids = [f"img{i}" for i in range(num_images)]
+    captions = [f"caption {j} of img{i}" for i in range(num_images) for j in range(captions_per_image)]
+    text_to_image = torch.arange(num_images).repeat_interleave(captions_per_image)
+    tokens = SplitTokens(
+        {i: (codes[n][None, :] + noise * torch.randn(4, 8, generator=g)).half() for n, i in enumerate(image_ids)},
+        {c: (codes[int(text_to_image[n])] + noise * torch.randn(3 + n % 3, 8, generator=g)).half()
+         for n, c in enumerate(captions)})
+    embeds = lambda n: torch.nn.functional.normalize(torch.randn(n, 16, generator=g), dim=-1)
+    return tokens, EmbeddedSplit(embeds(num_images), embeds(len(captions)), text_to_image, image_ids, captions)
+
+
+# ------------------------------------------------------------------------------------------- model
+def test_scores_one_logit_per_pair_and_padding_tokens_change_nothing():
+    reranker = tiny_reranker()
+    text, vision = torch.randn(3, 5, 8), torch.randn(3, 4, 8)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]])
+    logits = reranker(text, mask, vision)
+    assert logits.shape == (3,)
+    # the same captions padded further, with garbage in the padding and in the padded positions
+    longer = torch.cat([text, 100 * torch.randn(3, 4, 8)], dim=1)
+    longer[1, 3:], longer[2, 1:] = -50.0, 77.0
+    longer_mask = torch.cat([mask, torch.zeros(3, 4, dtype=torch.long)], dim=1)
+    torch.testing.assert_close(reranker(longer, longer_mask, vision), logits, atol=1e-5, rtol=1e-5)
+    # while a real token does change it
+    assert not torch.allclose(reranker(longer, torch.ones_like(longer_mask), vision), logits, atol=1e-3)
+
+
+def test_a_vision_token_count_other_than_the_configs_is_an_error_naming_it():
+    with pytest.raises(ValueError, match="4 vision tokens"):
+        tiny_reranker()(torch.randn(1, 3, 8), torch.ones(1, 3, dtype=torch.long), torch.randn(1, 9, 8))
+    with pytest.raises(ValueError, match="num_heads"):
+        RerankerConfig(hidden_size=10, num_heads=4)
+
+
+def test_save_then_load_with_the_export_gives_identical_scores(tmp_path):
+    reranker = tiny_reranker(seed=3, dual_weight=0.5)
+    model_dir = save_tiny_model_dir(tmp_path / "export")
+    assert load_reranker(model_dir) is None  # an export without one
+    save_reranker(reranker, model_dir)
+    loaded = load_reranker(model_dir)
+    text, mask, vision = torch.randn(4, 6, 8), torch.ones(4, 6, dtype=torch.long), torch.randn(4, 4, 8)
+    assert torch.equal(loaded(text, mask, vision), reranker(text, mask, vision))
+    assert loaded.config.dual_weight == 0.5
+    DualEncoderModel.from_pretrained(model_dir)  # the dual encoder still loads beside it
+
+
+# ------------------------------------------------------------------------------------------ mining
+def test_hard_negatives_are_the_top_scoring_wrong_partners_and_never_a_positive():
+    g = torch.Generator().manual_seed(0)
+    images = torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    text_to_image = torch.arange(6).repeat_interleave(3)
+    texts = torch.nn.functional.normalize(images[text_to_image] + 0.3 * torch.randn(18, 8, generator=g), dim=-1)
+    hard = mine_hard_negatives(images, texts, text_to_image, top_n=4, chunk_size=4)
+    assert hard.captions.shape == (6, 4) and hard.images.shape == (18, 4)
+    assert not (text_to_image[hard.captions] == torch.arange(6)[:, None]).any()
+    assert not (hard.images == text_to_image[:, None]).any()
+    scores = images @ texts.T
+    scores[text_to_image[None, :] == torch.arange(6)[:, None]] = -9
+    assert torch.equal(hard.captions.sort(1).values, scores.topk(4, dim=1).indices.sort(1).values)
+    for table in (hard, None):  # drawn hard negatives and random ones (--hard_negatives false)
+        positives = torch.arange(18).repeat(20)
+        captions, other = draw_negatives(positives, text_to_image, table, torch.Generator().manual_seed(1))
+        assert not (text_to_image[captions] == text_to_image[positives]).any()
+        assert not (other == text_to_image[positives]).any()
+    with pytest.raises(ValueError, match="negatives_top_n"):
+        mine_hard_negatives(images, texts, text_to_image, top_n=6)
+
+
+# --------------------------------------------------------------------------------------- re-ranking
+class Oracle(torch.nn.Module):
+    """Scores a pair by how close its caption's code is to its image's: what a perfect re-ranker knows."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))  # a module with parameters says where it runs
+
+    def forward(self, text, mask, vision):
+        mean = (text * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        return -self.scale * (mean - vision.mean(1)).norm(dim=-1)
+
+
+def test_reranking_permutes_only_within_the_top_k():
+    tokens, embedded = toy_split(num_images=20, captions_per_image=2)
+    before = embedded.metrics()
+    for k in (5, 10):
+        top = rerank_top_k(Oracle(), tokens, embedded, k, dual_scale=10.0)
+        after = reranked_metrics(top, embedded.text_to_image)
+        for key in [f"{d}_r{K}" for d in ("i2t", "t2i") for K in (1, 5, 10) if K >= k]:
+            assert after[key] == before[key], key
+        # the oracle puts every true pair inside the top-k first: R@1 becomes R@k
+        assert after["i2t_r1"] == before[f"i2t_r{k}"] and after["t2i_r1"] == before[f"t2i_r{k}"]
+        assert after["t2i_r1"] > before["t2i_r1"]
+    # a heavy blend weight gives the dual encoder's own order back
+    assert reranked_metrics(top, embedded.text_to_image, dual_weight=1e6)["rsum"] == pytest.approx(before["rsum"])
+
+
+def test_training_on_a_separable_toy_set_beats_the_dual_encoder():
+    tokens, embedded = toy_split(num_images=8, captions_per_image=2)
+    reranker = tiny_reranker(seed=1)
+    optimizer = torch.optim.AdamW(reranker.parameters(), lr=3e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    hard = mine_hard_negatives(embedded.image_embeds, embedded.text_embeds, embedded.text_to_image, top_n=4)
+    generator = torch.Generator().manual_seed(0)
+    first = rerank_train.train_one_epoch(reranker, optimizer, scheduler, tokens, embedded, hard, positives=16,
+                                         per_batch=8, generator=generator, deadline=float("inf"))
+    for _ in range(25):
+        last = rerank_train.train_one_epoch(reranker, optimizer, scheduler, tokens, embedded, hard, positives=16,
+                                            per_batch=8, generator=generator, deadline=float("inf"))
+    assert last["loss"] < first["loss"] and last["itm_accuracy"] >= 0.9
+    before = embedded.metrics()
+    after = reranked_metrics(rerank_top_k(reranker, tokens, embedded, 8, dual_scale=10.0), embedded.text_to_image)
+    assert after["i2t_r1"] > before["i2t_r1"] and after["t2i_r1"] > before["t2i_r1"]
+
+
+# ----------------------------------------------------------------------------------------- commands
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+    """A saved tiny timm-CNN + DistilBERT dual encoder with its processor: a CNN map becomes the vision tokens."""
+    path = save_tiny_model_dir(tmp_path_factory.mktemp("tiny-export"))
+    build_processor(DualEncoderConfig.from_pretrained(path)).save_pretrained(path)
+    return path
+
+
+def test_the_training_command_saves_a_reranker_that_evaluate_reports(tiny_export, tmp_path, capsys):
+    output = tmp_path / "with-reranker"
+    log = rerank_train.main(["--model_dir", tiny_export, "--data", "synthetic", *DATA, "--output", str(output),
+                             "--epochs", "2", "--positives_per_epoch", "24", "--dev_images", "4", "--dev_top_k", "3",
+                             "--negatives_top_n", "3", "--hidden_size", "16", "--num_heads", "2",
+                             "--intermediate_size", "32", "--cache_dir", str(tmp_path / "cache"), "--quiet"])
+    assert [e["epoch"] for e in log["epochs"]] == [1, 2] and all(e["pairs"] == 72 for e in log["epochs"])
+    saved = json.loads((output / "reranker" / "training_log.json").read_text())
+    assert saved["best_epoch"] == log["best_epoch"]
+    assert list((tmp_path / "cache").glob("rerank-tokens-*.pt"))  # the towers ran once per split
+    result = evaluate_model.main(["--model_dir", str(output), "--dataset", "synthetic", *DATA,
+                                  "--rerank_top_k", "2", "4", "--quiet"])
+    plain, rerank = result["results"]["model"]["metrics"], result["results"]["model"]["rerank"]
+    assert sorted(rerank) == ["2", "4"] and rerank["4"]["ms_per_query"] > 0
+    for key in ("i2t_r5", "i2t_r10", "t2i_r5", "t2i_r10"):  # K >= k: unchanged by re-ranking
+        assert rerank["4"]["metrics"][key] == plain[key]
+    printed = capsys.readouterr().out
+    assert "re-ranked top-2" in printed and "ms per query" in printed
+
+
+def test_evaluate_rerank_top_k_without_a_reranker_names_the_folder(tiny_export):
+    with pytest.raises(SystemExit, match="no reranker/ folder"):
+        evaluate_model.main(["--model_dir", tiny_export, "--dataset", "synthetic", *DATA, "--rerank_top_k", "4"])
+
+
+def test_hard_negatives_false_is_the_random_negatives_ablation():
+    args = rerank_train.build_parser().parse_args(["--model_dir", "m", "--data", "d", "--hard_negatives", "false"])
+    assert args.hard_negatives is False
+    with pytest.raises(SystemExit):
+        rerank_train.build_parser().parse_args(["--model_dir", "m", "--data", "d", "--hard_negatives", "maybe"])
