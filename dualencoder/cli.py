@@ -19,6 +19,7 @@ def _command(module: str):
 
 train = _command("run_contrastive")
 evaluate = _command("dualencoder.evaluation.evaluate_model")
+rerank_train = _command("dualencoder.rerank.train")
 figures = _command("dualencoder.evaluation.figures")
 report = _command("dualencoder.evaluation.report")
 score = _command("dualencoder.evaluation.scoring")

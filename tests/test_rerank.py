@@ -8,10 +8,12 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from dualencoder.evaluation import evaluate_model
+from backbones_dualencoder import tower_blocks
+from dualencoder.evaluation.common import embed, load_split
 from dualencoder.evaluation.embed import EmbeddedSplit
 from dualencoder.processing import build_processor
 from dualencoder.rerank import train as rerank_train
-from dualencoder.rerank.features import SplitTokens
+from dualencoder.rerank.features import SplitTokens, split_features
 from dualencoder.rerank.mining import draw_negatives, mine_hard_negatives
 from dualencoder.rerank.model import CoAttentionReranker, RerankerConfig, load_reranker, save_reranker
 from dualencoder.rerank.rerank import rerank_top_k, reranked_metrics
@@ -160,6 +162,24 @@ def tiny_export(tmp_path_factory):
     path = save_tiny_model_dir(tmp_path_factory.mktemp("tiny-export"))
     build_processor(DualEncoderConfig.from_pretrained(path)).save_pretrained(path)
     return path
+
+
+def test_the_token_outputs_give_the_models_own_embeddings_and_a_cnn_map_becomes_tokens(tmp_path):
+    path = save_tiny_model_dir(tmp_path / "flip", image_flip_average=True)
+    processor = build_processor(DualEncoderConfig.from_pretrained(path))
+    model = DualEncoderModel.from_pretrained(path).eval()
+    view = load_split("synthetic", "train", 4, num_images=40, synthetic_image_size=32)
+    reference = embed(model, processor, view, max_length=16, show_progress=False)
+    tokens, embedded = split_features(model, processor, view, max_length=16)
+    torch.testing.assert_close(embedded.image_embeds, reference.image_embeds, atol=2e-3, rtol=0)
+    torch.testing.assert_close(embedded.text_embeds, reference.text_embeds, atol=2e-3, rtol=0)
+    widths = tokens.widths  # the CNN's last block's [C, H, W] map: H*W tokens of width C
+    hidden = model.vision_prefix(torch.zeros(1, 3, 32, 32), len(tower_blocks(model.vision_model)))
+    assert widths["num_vision_tokens"] == hidden.shape[2] * hidden.shape[3] and widths["vision_dim"] == hidden.shape[1]
+    _, alone = split_features(model, processor, view, max_length=16, mirror_average=False)  # mining: no mirror pass
+    model.config.image_flip_average = False
+    torch.testing.assert_close(alone.image_embeds, embed(model, processor, view, max_length=16,
+                                                         show_progress=False).image_embeds, atol=2e-3, rtol=0)
 
 
 def test_the_training_command_saves_a_reranker_that_evaluate_reports(tiny_export, tmp_path, capsys):

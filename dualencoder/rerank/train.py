@@ -162,8 +162,8 @@ def main(argv=None) -> dict:
     features = dict(max_length=options["max_length"], batch_size=args.batch_size, device=device, cache_dir=cache_dir,
                     show_progress=not args.quiet)
     started = time.perf_counter()
-    train_tokens, train = split_features(model, processor, load_split(**{**options, "split": "train",
-                                                                          "max_images": args.train_images}), **features)
+    train_view = load_split(**{**options, "split": "train", "max_images": args.train_images})
+    train_tokens, train = split_features(model, processor, train_view, mirror_average=False, **features)
     dev_tokens, dev = split_features(model, processor, load_split(**{**options, "split": "validation",
                                                                       "max_images": args.dev_images}), **features)
     caching_seconds = time.perf_counter() - started
