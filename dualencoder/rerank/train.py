@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch_size", type=int, default=64, help="images/captions/pairs per inference batch")
     run.add_argument("--device", default="auto")
     run.add_argument("--bf16", type=_bool, default=True,
-                     help="run the re-ranker under bfloat16 autocast (CPU or CUDA); its weights stay float32")
+                     help="train the re-ranker under bfloat16 autocast (CPU or CUDA; its weights stay float32, and "
+                          "validation and re-ranking run in float32)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -127,10 +128,9 @@ def train_one_epoch(reranker, optimizer, scheduler, tokens, embedded, hard, *, p
             "seconds": seconds, "pairs_per_second": total / max(seconds, 1e-9)}
 
 
-def validate(reranker, tokens, embedded, k: int, dual_scale: float, batch_size: int, bf16: bool = False) -> dict:
-    device = next(reranker.parameters()).device
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        top = rerank_top_k(reranker, tokens, embedded, k, dual_scale, batch_size)
+def validate(reranker, tokens, embedded, k: int, dual_scale: float, batch_size: int) -> dict:
+    """Re-ranked validation metrics at the best blend weight, in float32 as the evaluate command scores."""
+    top = rerank_top_k(reranker, tokens, embedded, k, dual_scale, batch_size)
     weight, metrics = best_dual_weight(top, embedded.text_to_image)
     return {"dual_weight": weight, "metrics": metrics, "ms_per_query": top.ms_per_query, "seconds": top.seconds}
 
@@ -191,7 +191,7 @@ def main(argv=None) -> dict:
                                 positives=args.positives_per_epoch, per_batch=args.positives_per_batch,
                                 generator=generator, deadline=deadline, bf16=args.bf16)
         result = {"epoch": epoch, **stats, "validation": validate(reranker, dev_tokens, dev, args.dev_top_k,
-                                                                  dual_scale, args.batch_size, args.bf16)}
+                                                                  dual_scale, args.batch_size)}
         log["epochs"].append(result)
         rsum = result["validation"]["metrics"]["rsum"]
         logger.info("epoch %d: %d pairs at %.1f pairs/s, loss %.4f, ITM accuracy %.3f; validation re-ranked top-%d "
