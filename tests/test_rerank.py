@@ -2,6 +2,7 @@
 with the dual encoder, the training command and `evaluate --rerank_top_k`; tiny towers and tiny data."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -153,6 +154,18 @@ def test_training_on_a_separable_toy_set_beats_the_dual_encoder():
     before = embedded.metrics()
     after = reranked_metrics(rerank_top_k(reranker, tokens, embedded, 8, dual_scale=10.0), embedded.text_to_image)
     assert after["i2t_r1"] > before["i2t_r1"] and after["t2i_r1"] > before["t2i_r1"]
+
+
+def test_the_time_budget_ends_an_epoch_before_its_next_batch():
+    tokens, embedded = toy_split()
+    reranker = tiny_reranker()
+    before = [p.detach().clone() for p in reranker.parameters()]
+    optimizer = torch.optim.AdamW(reranker.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    stats = rerank_train.train_one_epoch(reranker, optimizer, scheduler, tokens, embedded, None, positives=16,
+                                         per_batch=4, generator=torch.Generator(), deadline=time.monotonic() - 1)
+    assert stats["pairs"] == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, reranker.parameters()))
 
 
 # ----------------------------------------------------------------------------------------- commands

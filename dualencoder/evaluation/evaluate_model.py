@@ -9,7 +9,8 @@ online. `--untrained` adds the untrained joined backbones (fresh projection head
 users, classification by prompts, which is `python -m dualencoder.apps.classify`):
 by default the backbones named in the model's config, else the offline pair. The command prints a
 markdown table (`format_metrics_table`) and writes the metrics, the similarity gap and the split
-sizes as JSON.
+sizes as JSON. `--rerank_top_k 16 32` adds the model's retrieval re-ranked by the co-attention re-ranker
+saved in its `reranker/` folder (`dualencoder/rerank/`, doc/RERANKER.md), a row per k.
 
 The helpers it shares with the figures and report commands and the notebook (loading a model or the
 zero-shot pair, a split, embedding it) are in `dualencoder/evaluation/common.py`.
