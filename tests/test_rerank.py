@@ -134,6 +134,9 @@ def test_reranking_permutes_only_within_the_top_k():
         # the oracle puts every true pair inside the top-k first: R@1 becomes R@k
         assert after["i2t_r1"] == before[f"i2t_r{k}"] and after["t2i_r1"] == before[f"t2i_r{k}"]
         assert after["t2i_r1"] > before["t2i_r1"]
+    # a top-k' taken from a top-k is the top-k' itself
+    assert reranked_metrics(top.first(5), embedded.text_to_image) == reranked_metrics(
+        rerank_top_k(Oracle(), tokens, embedded, 5, dual_scale=10.0), embedded.text_to_image)
     # a heavy blend weight gives the dual encoder's own order back
     assert reranked_metrics(top, embedded.text_to_image, dual_weight=1e6)["rsum"] == pytest.approx(before["rsum"])
 

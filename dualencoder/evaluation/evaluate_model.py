@@ -157,8 +157,8 @@ def main(argv=None) -> dict:
         print(f"\n{run['name']}: mean similarity aligned {gap['pos_mean']:.3f}, misaligned {gap['neg_mean']:.3f}, "
               f"gap {gap['gap']:.3f}")
     for k, rerank in output["results"].get("model", {}).get("rerank", {}).items():
-        print(f"re-ranking top-{k}: {rerank['ms_per_query']:.1f} ms per query ({rerank['pairs_scored']} pairs scored "
-              f"in {rerank['seconds']:.1f} s), dual_weight {rerank['dual_weight']:g}")
+        print(f"re-ranking top-{k}: {rerank['ms_per_query']:.1f} ms per query (top-{rerank['scored_top_k']}'s "
+              f"{rerank['pairs_scored']} pairs scored in {rerank['seconds']:.1f} s), dual_weight {rerank['dual_weight']:g}")
     if args.output_json:
         path = Path(args.output_json)
         path.parent.mkdir(parents=True, exist_ok=True)
