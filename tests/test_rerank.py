@@ -101,11 +101,15 @@ def test_hard_negatives_are_the_top_scoring_wrong_partners_and_never_a_positive(
     scores = images @ texts.T
     scores[text_to_image[None, :] == torch.arange(6)[:, None]] = -9
     assert torch.equal(hard.captions.sort(1).values, scores.topk(4, dim=1).indices.sort(1).values)
-    for table in (hard, None):  # drawn hard negatives and random ones (--hard_negatives false)
-        positives = torch.arange(18).repeat(20)
-        captions, other = draw_negatives(positives, text_to_image, table, torch.Generator().manual_seed(1))
+    positives = torch.arange(18).repeat(20)
+    from_mined = {}
+    # drawn hard negatives, half hard and half random (--hard_fraction 0.5), random (--hard_negatives false)
+    for name, table, fraction in (("hard", hard, 1.0), ("mixed", hard, 0.5), ("random", None, 1.0)):
+        captions, other = draw_negatives(positives, text_to_image, table, torch.Generator().manual_seed(1), fraction)
         assert not (text_to_image[captions] == text_to_image[positives]).any()
         assert not (other == text_to_image[positives]).any()
+        from_mined[name] = (hard.captions[text_to_image[positives]] == captions[:, None]).any(1).float().mean()
+    assert from_mined["hard"] == 1.0 and 0.5 < from_mined["mixed"] < 1.0 and from_mined["random"] < 0.5
     with pytest.raises(ValueError, match="negatives_top_n"):
         mine_hard_negatives(images, texts, text_to_image, top_n=6)
 

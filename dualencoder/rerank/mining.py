@@ -53,18 +53,27 @@ def mine_hard_negatives(image_embeds: torch.Tensor, text_embeds: torch.Tensor, t
 
 
 def draw_negatives(positives: torch.Tensor, text_to_image: torch.Tensor, hard: HardNegatives | None,
-                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+                   generator: torch.Generator, hard_fraction: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """One negative caption for each positive's image and one negative image for each positive caption.
 
-    `positives` are caption indices (the pair is the caption and its image). With `hard`, each negative is
-    drawn uniformly among the mined top-n; without (the random-negatives ablation), among every caption of
-    another image and every other image. Returns (negative caption per positive, negative image per positive).
+    `positives` are caption indices (the pair is the caption and its image). Each negative is drawn, with
+    probability `hard_fraction`, uniformly among the mined top-n (`hard`), else uniformly among every caption
+    of another image / every other image (all random without `hard`: the random-negatives ablation).
+    Returns (negative caption per positive, negative image per positive).
     """
+    captions, images = _random_negatives(positives, text_to_image, generator)
+    if hard is None or hard_fraction <= 0:
+        return captions, images
+    n = positives.shape[0]
+    pick = lambda table, rows: table[rows, torch.randint(table.shape[1], (n,), generator=generator)]
+    use_hard = lambda: torch.rand(n, generator=generator) < hard_fraction
+    return (torch.where(use_hard(), pick(hard.captions, text_to_image[positives]), captions),
+            torch.where(use_hard(), pick(hard.images, positives), images))
+
+
+def _random_negatives(positives: torch.Tensor, text_to_image: torch.Tensor, generator: torch.Generator):
     images = text_to_image[positives]
     n = positives.shape[0]
-    if hard is not None:
-        pick = lambda table, rows: table[rows, torch.randint(table.shape[1], (n,), generator=generator)]
-        return pick(hard.captions, images), pick(hard.images, positives)
     num_images, num_texts = int(text_to_image.max()) + 1, text_to_image.shape[0]
     other_images = (images + torch.randint(1, num_images, (n,), generator=generator)) % num_images
     captions = torch.randint(num_texts, (n,), generator=generator)

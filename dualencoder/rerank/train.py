@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--hard_negatives", type=_bool, default=True,
                        help="true: negatives drawn from the dual encoder's top --negatives_top_n; false: random")
     train.add_argument("--negatives_top_n", type=int, default=16)
+    train.add_argument("--hard_fraction", type=float, default=1.0,
+                       help="with --hard_negatives true, the share of negatives drawn from the mined top-n (the rest "
+                            "random)")
     train.add_argument("--epochs", type=int, default=4)
     train.add_argument("--positives_per_epoch", type=int, default=3000,
                        help="true pairs per epoch, each with one negative caption and one negative image")
@@ -93,12 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def train_one_epoch(reranker, optimizer, scheduler, tokens, embedded, hard, *, positives: int, per_batch: int,
-                    generator, deadline: float, bf16: bool = False) -> dict:
+                    generator, deadline: float, bf16: bool = False, hard_fraction: float = 1.0) -> dict:
     """One epoch of binary cross-entropy on true pairs and their drawn negatives; stops at `deadline`."""
     reranker.train()
     t2i = embedded.text_to_image
     order = torch.randperm(t2i.shape[0], generator=generator)[:positives]
-    neg_captions, neg_images = draw_negatives(order, t2i, hard, generator)
+    neg_captions, neg_images = draw_negatives(order, t2i, hard, generator, hard_fraction)
     device = next(reranker.parameters()).device
     total, correct, loss_sum, steps, start = 0, 0, 0.0, 0, time.perf_counter()
     for first in range(0, order.shape[0], per_batch):
@@ -189,7 +192,8 @@ def main(argv=None) -> dict:
     for epoch in range(1, args.epochs + 1):
         stats = train_one_epoch(reranker, optimizer, scheduler, train_tokens, train, hard,
                                 positives=args.positives_per_epoch, per_batch=args.positives_per_batch,
-                                generator=generator, deadline=deadline, bf16=args.bf16)
+                                generator=generator, deadline=deadline, bf16=args.bf16,
+                                hard_fraction=args.hard_fraction)
         result = {"epoch": epoch, **stats, "validation": validate(reranker, dev_tokens, dev, args.dev_top_k,
                                                                   dual_scale, args.batch_size)}
         log["epochs"].append(result)
