@@ -232,3 +232,13 @@ def test_hard_negatives_false_is_the_random_negatives_ablation():
     assert args.hard_negatives is False
     with pytest.raises(SystemExit):
         rerank_train.build_parser().parse_args(["--model_dir", "m", "--data", "d", "--hard_negatives", "maybe"])
+
+
+def test_the_speed_benchmark_reports_pairs_per_second(tmp_path):
+    from benchmarks import rerank_speed
+
+    out = tmp_path / "speed.json"
+    result = rerank_speed.main(["--hidden_size", "16", "--intermediate_size", "32", "--vision_tokens", "4",
+                                "--text_tokens", "3", "--batch_size", "6", "--steps", "1", "--output_json", str(out)])
+    assert result["train_pairs_per_s"] > 0 and result["score_pairs_per_s"] > 0
+    assert json.loads(out.read_text())["config"]["hidden_size"] == 16

@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--hard_fraction", type=float, default=1.0,
                        help="with --hard_negatives true, the share of negatives drawn from the mined top-n (the rest "
                             "random)")
-    train.add_argument("--epochs", type=int, default=4)
+    train.add_argument("--epochs", type=int, default=8,
+                       help="at most this many epochs; --max_minutes may end the run sooner (the best epoch is kept)")
     train.add_argument("--positives_per_epoch", type=int, default=3000,
                        help="true pairs per epoch, each with one negative caption and one negative image")
     train.add_argument("--positives_per_batch", type=int, default=16)
