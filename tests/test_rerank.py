@@ -227,6 +227,13 @@ def test_evaluate_rerank_top_k_without_a_reranker_names_the_folder(tiny_export):
         evaluate_model.main(["--model_dir", tiny_export, "--dataset", "synthetic", *DATA, "--rerank_top_k", "4"])
 
 
+def test_a_model_dir_without_a_saved_model_or_a_bad_layer_count_fails_in_one_line(tmp_path):
+    with pytest.raises(SystemExit, match="no config.json"):
+        rerank_train.main(["--model_dir", str(tmp_path), "--data", "synthetic"])
+    with pytest.raises(SystemExit, match="2-4 co-attention layers"):
+        rerank_train.main(["--model_dir", str(tmp_path), "--data", "synthetic", "--num_layers", "6"])
+
+
 def test_hard_negatives_false_is_the_random_negatives_ablation():
     args = rerank_train.build_parser().parse_args(["--model_dir", "m", "--data", "d", "--hard_negatives", "false"])
     assert args.hard_negatives is False

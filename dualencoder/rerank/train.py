@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dualencoder.evaluation.common import TRAINING_ARGS_FILE, data_options, load_model, load_split
+from dualencoder.evaluation.common import (TRAINING_ARGS_FILE, data_options, load_model, load_split,
+                                           load_trained_config)
 from dualencoder.rerank.features import split_features
 from dualencoder.rerank.mining import draw_negatives, mine_hard_negatives
 from dualencoder.rerank.model import CoAttentionReranker, RerankerConfig, save_reranker
@@ -152,8 +153,9 @@ def save_output(model, processor, reranker, model_dir: str, output: str) -> Path
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    if not 1 <= args.num_layers <= 8:
+    if not 2 <= args.num_layers <= 4:
         raise SystemExit(f"--num_layers {args.num_layers}: use 2-4 co-attention layers")
+    load_trained_config(args.model_dir)  # a path without a saved model fails here, in one line
     output = args.output or args.model_dir
     cache_dir = args.cache_dir or str(Path(output).resolve().parent / "rerank_cache")
     torch.manual_seed(args.seed)
