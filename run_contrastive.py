@@ -30,13 +30,15 @@ from dualencoder.processing import build_processor
 from dualencoder.querybank import querybank_metrics
 from dualencoder.trainable import format_parameter_report, parameter_report, train_mode
 from dualencoder.training.arguments import all_options, parse_args
-from dualencoder.training.checkpoints import (earlier_checkpoints, read_loop_state, recover_swap, resolve_resume,
+from dualencoder.training.checkpoints import (best_model_dir, checkpoints_dir, earlier_checkpoints,
+                                              keep_trained_weights_only, read_loop_state, recover_swap, resolve_resume,
                                               resume_run, run_fingerprint, save_checkpoint, write_atomically)
 from dualencoder.training.data import build_data, make_train_loader
 from dualencoder.training.export import export
 from dualencoder.training.feature_cache import FeatureCache
 from dualencoder.training.model_setup import build_model, build_training_loss, head_init_options
 from dualencoder.training.optim import cosine_with_warmup, make_optimizer
+from dualencoder.training.preflight import check_free_space, check_writable
 from dualencoder.training.research import apply_research_options
 from dualencoder.training.step import TrainStep, compile_in_place
 from dualencoder.training.stop import StopRequest
@@ -53,13 +55,14 @@ def main(argv=None) -> dict:
 
     # --- model, loss, data, and the caches of what does not train
     model = build_model(model_args, stated)
+    check_free_space(train_args.output_dir, model, train_args.save_total_limit)  # before hours of training, not after
     loss_fn = build_training_loss(model_args, model.config)
     cca_init = head_init_options(model_args) if model_args.head_init == "cca" else None  # a bad option fails now
     processor = build_processor(model.config)
     logger.info("parameters:\n%s", format_parameter_report(parameter_report(model)))
     try:
         data = build_data(data_args, processor, seed=train_args.seed, image_size=model.config.image_size,
-                          store_dir=train_args.feature_cache_dir or train_args.output_dir,
+                          store_dir=train_args.feature_cache_dir or checkpoints_dir(train_args.output_dir),
                           main_process_first=accelerator.main_process_first, show_progress=show)
     except DatasetFormatError as error:  # a bad file, row or column: one line naming it, not a traceback
         raise SystemExit(f"error: {error}") from None
@@ -107,6 +110,7 @@ def main(argv=None) -> dict:
     scheduler = cosine_with_warmup(optimizer, int(train_args.warmup_ratio * total_steps) * processes,
                                    total_steps * processes)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    keep_trained_weights_only(accelerator)  # checkpoints leave out frozen weights: the options rebuild them
     if any(p.requires_grad for p in loss_fn.parameters()):  # a loss that trains (a codebook): synced and saved
         loss_fn = accelerator.prepare(loss_fn)
     if train_args.torch_compile:  # in place: parameter names, checkpoints and save_pretrained stay as they are
@@ -133,7 +137,7 @@ def main(argv=None) -> dict:
     train_step = TrainStep(accelerator, model, loss_fn, optimizer, scheduler, max_grad_norm=train_args.max_grad_norm,
                            extras=cache.forward_extras, check_every=1 if accelerator.device.type == "cpu" else 0,
                            diverged_hint=hint, global_step=state["global_step"])
-    best_dir = os.path.join(train_args.output_dir, "best")
+    best_dir = best_model_dir(train_args.output_dir)
     if accelerator.is_main_process:
         recover_swap(best_dir)  # a crash mid-swap must not lose the best model so far
     clock = TrainingClock(state.get("train_seconds", 0.0))  # with the training time of the runs this one resumes
@@ -175,8 +179,8 @@ def main(argv=None) -> dict:
 
 
 def start(train_args) -> Accelerator:
-    """The accelerator, logging on the main process only, the seed, and an output_dir free of another run's
-    checkpoints."""
+    """The accelerator, logging on the main process only, the seed, and a writable output_dir free of another
+    run's checkpoints."""
     accelerator = Accelerator(mixed_precision=train_args.mixed_precision,
                               gradient_accumulation_steps=train_args.gradient_accumulation_steps,
                               log_with=None if train_args.report_to == "none" else train_args.report_to,
@@ -186,6 +190,7 @@ def start(train_args) -> Accelerator:
     if not accelerator.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)
     set_seed(train_args.seed)
+    check_writable(train_args.output_dir)  # a file, or no permission: said now, not at the first checkpoint
     stale = earlier_checkpoints(train_args.output_dir, train_args.resume_from_checkpoint,
                                 train_args.overwrite_output_dir)
     if stale and accelerator.is_main_process:
@@ -194,7 +199,6 @@ def start(train_args) -> Accelerator:
         for path in stale:
             shutil.rmtree(path)
     accelerator.wait_for_everyone()
-    os.makedirs(train_args.output_dir, exist_ok=True)
     return accelerator
 
 
@@ -231,6 +235,7 @@ def train_one_epoch(loader, train_step, state, accelerator, train_args, total_st
         progress.update(1)
         if state["global_step"] % train_args.logging_steps == 0:
             train_step.check()
+            loss = accelerator.reduce(loss, reduction="mean")  # the step's loss over every process's micro-batches
             record = {"step": state["global_step"], "epoch": state["epoch"], "loss": loss.item(),
                       "logit_scale": accelerator.unwrap_model(train_step.model).get_logit_scale().item(),
                       "lr": train_step.scheduler.get_last_lr()[0]}

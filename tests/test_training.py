@@ -81,7 +81,7 @@ def test_tiny_run_trains_evaluates_and_exports_a_loadable_model(tiny_model_dir, 
     processor = AutoProcessor.from_pretrained(out)
     assert processor.image_processor.size["height"] == model.config.image_size
     # The exported weights are the best checkpoint's.
-    best = load_file(out / "best" / "model.safetensors")
+    best = load_file(out / "checkpoints" / "best" / "model.safetensors")
     final = load_file(out / "model.safetensors")
     torch.testing.assert_close(final["visual_projection.net.0.weight"], best["visual_projection.net.0.weight"])
 
