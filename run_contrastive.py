@@ -126,9 +126,13 @@ def main(argv=None) -> dict:
     state["fingerprint"] = fingerprint
     if topics is not None:
         state["topics"] = topics
+    best_dir = best_model_dir(train_args.output_dir)
     if not resume and train_args.eval_before_training and "validation" in data.eval_views:
         state["before_training"] = evaluate("validation").metrics()
         logger.info("validation before training:\n%s", format_metrics_table({"untrained": state["before_training"]}))
+        # the starting point is the first candidate for the best model: training that only makes it worse
+        # exports the model as it started (best_epoch 0), not the least bad epoch
+        keep_if_best(state, state["before_training"], accelerator, model, train_args.metric_for_best_model, best_dir)
 
     # --- train: the loss is read on the host every step on CPU (free there), on a GPU at logging steps and saves
     hint = (f"Nothing was saved from that step on. Try a lower --learning_rate/--head_learning_rate, --max_grad_norm "
@@ -137,7 +141,6 @@ def main(argv=None) -> dict:
     train_step = TrainStep(accelerator, model, loss_fn, optimizer, scheduler, max_grad_norm=train_args.max_grad_norm,
                            extras=cache.forward_extras, check_every=1 if accelerator.device.type == "cpu" else 0,
                            diverged_hint=hint, global_step=state["global_step"])
-    best_dir = best_model_dir(train_args.output_dir)
     if accelerator.is_main_process:
         recover_swap(best_dir)  # a crash mid-swap must not lose the best model so far
     clock = TrainingClock(state.get("train_seconds", 0.0))  # with the training time of the runs this one resumes
@@ -165,6 +168,9 @@ def main(argv=None) -> dict:
 
     # --- test the best model and export it
     final = accelerator.unwrap_model(model)
+    if state.get("best_epoch") == 0:
+        logger.warning("no epoch beat the model as it was before training (validation %s %.2f): the exported model "
+                       "is that starting point (best_epoch 0).", train_args.metric_for_best_model, state["best_metric"])
     if os.path.isdir(best_dir):
         final.load_state_dict(DualEncoderModel.from_pretrained(best_dir).state_dict())
     metrics = {"before_training": state.get("before_training"), "validation": state.get("best_validation"),
@@ -265,6 +271,11 @@ def end_of_epoch(state: dict, results, accelerator, model, metric: str, best_dir
     accelerator.log({"val/" + k: v for k, v in results.items()}, step=state["global_step"])
     logger.info("epoch %d validation: i2t R@1 %.1f R@5 %.1f | t2i R@1 %.1f R@5 %.1f | rsum %.1f", state["epoch"],
                 results["i2t_r1"], results["i2t_r5"], results["t2i_r1"], results["t2i_r5"], results["rsum"])
+    keep_if_best(state, results, accelerator, model, metric, best_dir)
+
+
+def keep_if_best(state: dict, results: dict, accelerator, model, metric: str, best_dir: str) -> None:
+    """Save the model as the best so far when `results` (of `state["epoch"]`; 0: before training) beat the best."""
     best = state["best_metric"]
     if best is None or (results[metric] < best if metric.endswith(LOWER_IS_BETTER) else results[metric] > best):
         state["best_metric"], state["best_epoch"], state["best_validation"] = results[metric], state["epoch"], results

@@ -33,10 +33,14 @@ def tiny_model_dir(tmp_path_factory):
 
 
 def tiny_run_args(model_dir, output_dir, *extra):
+    """A tiny run's options. It does not evaluate before training: that state would be the first best-model
+    candidate, and a tiny model a few steps in is often no better, so the tests of what training did would compare
+    untrained exports (the tests of that candidate pass --eval_before_training true)."""
     return ["--config", str(REPO / "configs" / "tiny_test.yaml"), "--model_name_or_path", model_dir, "--output_dir", str(output_dir), "--dataset", "synthetic",
             "--num_images", "30", "--synthetic_image_size", "32", "--per_device_train_batch_size", "8",
             "--per_device_eval_batch_size", "16", "--num_train_epochs", "2", "--report_to", "none",
-            "--logging_steps", "1", "--head_learning_rate", "1e-2", "--feature_cache_dir", "", *extra]
+            "--logging_steps", "1", "--head_learning_rate", "1e-2", "--feature_cache_dir", "",
+            "--eval_before_training", "false", *extra]
 
 
 def test_loss_options_without_a_space_after_the_colon_say_how_to_write_them():
@@ -60,7 +64,7 @@ def test_help_explains_the_options():
 
 
 def test_tiny_run_trains_evaluates_and_exports_a_loadable_model(tiny_model_dir, tmp_path):
-    metrics = run_contrastive.main(tiny_run_args(tiny_model_dir, tmp_path / "out"))
+    metrics = run_contrastive.main(tiny_run_args(tiny_model_dir, tmp_path / "out", "--eval_before_training", "true"))
     out = tmp_path / "out"
     saved = json.loads((out / "metrics.json").read_text())
     for key in ("before_training", "validation", "test"):
@@ -420,15 +424,20 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_saves_nothing(tiny_model_d
 
 
 def test_resume_latest_ignores_a_half_written_checkpoint(tmp_path):
-    complete = tmp_path / "checkpoint-4"
-    complete.mkdir()
+    from safetensors.torch import save_file
+
+    complete = tmp_path / "checkpoints" / "checkpoint-4"
+    complete.mkdir(parents=True)
+    save_file({"w": torch.zeros(1)}, complete / "model.safetensors")
+    for name in ("optimizer.bin", "scheduler.bin"):
+        torch.save({}, complete / name)
     (complete / "trainer_state.json").write_text("{}")
-    (tmp_path / "checkpoint-6.tmp").mkdir()  # a crash mid-write
-    (tmp_path / "checkpoint-8").mkdir()  # renamed but without its state file
+    (tmp_path / "checkpoints" / "checkpoint-6.tmp").mkdir()  # a crash mid-write
+    (tmp_path / "checkpoints" / "checkpoint-8").mkdir()  # renamed but without its state file
     assert resolve_resume(str(tmp_path), "latest") == str(complete)
     assert resolve_resume(str(tmp_path / "nothing-here"), "latest") is None
     with pytest.raises(SystemExit, match="not a complete checkpoint"):
-        resolve_resume(str(tmp_path), str(tmp_path / "checkpoint-8"))
+        resolve_resume(str(tmp_path), str(tmp_path / "checkpoints" / "checkpoint-8"))
 
 
 def test_an_export_moves_in_whole_with_metrics_json_last(tmp_path):
@@ -621,7 +630,7 @@ def test_a_run_killed_right_after_the_checkpoint_of_its_last_step_still_ends_its
     killed = subprocess.run([sys.executable, "-c", _KILL_AFTER_CHECKPOINT, json.dumps(argv), str(total)],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    state = json.loads((interrupted / f"checkpoint-{total}" / "trainer_state.json").read_text())
+    state = json.loads((interrupted / "checkpoints" / f"checkpoint-{total}" / "trainer_state.json").read_text())
     assert (state["global_step"], state["epoch"], state["step_in_epoch"]) == (total, 1, total // 2)
 
     resumed = run_contrastive.main(argv + ["--resume_from_checkpoint", "latest"])
@@ -684,3 +693,21 @@ def test_a_signal_saves_a_checkpoint_exits_with_its_code_and_the_resumed_run_is_
     resumed = run_contrastive.main(argv + ["--resume_from_checkpoint", "latest"])
     assert resumed["global_step"] == reference["global_step"]
     assert resumed["test"] == pytest.approx(reference["test"])
+
+
+def test_when_no_epoch_beats_the_model_before_training_that_model_is_exported_and_the_log_says_so(tiny_model_dir,
+                                                                                                 tmp_path, caplog):
+    """The state before training is the first best-model candidate (it was never one: a run whose training only
+    hurt exported its least bad epoch). A head learning rate of 1 wrecks the heads of the tiny model."""
+    caplog.set_level("WARNING")
+    out = tmp_path / "out"
+    metrics = run_contrastive.main(tiny_run_args(tiny_model_dir, out, "--eval_before_training", "true", "--vision_train",
+                                                 "frozen", "--text_train", "frozen", "--head_learning_rate", "1"))
+    history = json.loads((out / "log_history.json").read_text())
+    epochs = [record["rsum"] for record in history if "rsum" in record]
+    assert len(epochs) == 2 and max(epochs) < metrics["before_training"]["rsum"], "training should have hurt here"
+    assert metrics["best_epoch"] == 0 and metrics["validation"] == metrics["before_training"]
+    assert "no epoch beat the model as it was before training" in caplog.text
+    exported, untrained = load_file(out / "model.safetensors"), load_file(Path(tiny_model_dir) / "model.safetensors")
+    for key in untrained:
+        torch.testing.assert_close(exported[key], untrained[key], msg=key)
