@@ -711,3 +711,21 @@ def test_when_no_epoch_beats_the_model_before_training_that_model_is_exported_an
     exported, untrained = load_file(out / "model.safetensors"), load_file(Path(tiny_model_dir) / "model.safetensors")
     for key in untrained:
         torch.testing.assert_close(exported[key], untrained[key], msg=key)
+
+
+def test_an_evaluation_split_whose_every_image_was_skipped_is_one_error_line_naming_it(tiny_model_dir, tmp_path):
+    """It was a traceback from the first evaluation (torch.cat(): expected a non-empty list of Tensors)."""
+    from tests.test_data_sources import captions, write_csv, write_image
+
+    for i in range(12):
+        write_image(tmp_path / f"{i}.png", i)
+    for i in (12, 13):
+        (tmp_path / f"{i}.png").write_bytes(b"not an image")
+    tables = {name: write_csv(tmp_path / f"{name}.csv", ["file_name", "text"],
+                              [[f"{i}.png", c] for i in images for c in captions(i)])
+              for name, images in (("train", range(12)), ("dev", (12, 13)))}
+    with pytest.raises(SystemExit) as refused:
+        run_contrastive.main(tiny_run_args(tiny_model_dir, tmp_path / "out", "--train_file", str(tables["train"]),
+                                           "--validation_file", str(tables["dev"]), "--on_bad_image", "skip"))
+    message = str(refused.value)
+    assert message.startswith(f"error: the validation split ({tables['dev']}) has no images left") and "\n" not in message
