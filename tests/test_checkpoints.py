@@ -7,6 +7,9 @@ its files works on a copy.
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +24,7 @@ from dualencoder.training.checkpoints import list_checkpoints, resolve_resume
 from dualencoder.training.model_setup import build_model
 from dualencoder.training.preflight import bytes_needed
 from modeling_dualencoder import DualEncoderModel
-from tests.test_training import tiny_run_args
+from tests.test_training import REPO, tiny_run_args
 from tests.tiny import save_tiny_model_dir
 
 FROZEN = ("--vision_train", "frozen", "--text_train", "frozen", "--num_train_epochs", "1", "--checkpointing_steps", "2",
@@ -155,3 +158,61 @@ def test_a_disk_too_small_for_the_run_is_one_error_line_naming_the_path_and_the_
     message = str(refused.value)
     assert message.startswith(f"error: --output_dir {out} has 0.1 MB free, the run needs about ")
     assert "21 checkpoints of" in message and "--save_total_limit" in message and "\n" not in message
+
+
+# A child process runs run_contrastive.main(argv) and SIGKILLs itself at one point: inside the save of the run's
+# last checkpoint (its files written, before the rename that publishes it), or in the export after the last epoch
+# (part of the files moved into output_dir). Mid-epoch kills and SIGINT/SIGTERM: tests/test_training.py.
+_KILL_AT = """
+import json, os, signal, sys
+from dualencoder.training import checkpoints, export
+argv, where, last_step = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+swap_in, move_into = checkpoints._swap_in, export.move_into
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+def swap_in_or_die(tmp_dir, final_dir):
+    if where == "last-checkpoint-save" and final_dir.endswith(f"checkpoint-{last_step}"):
+        die()
+    swap_in(tmp_dir, final_dir)
+def move_into_or_die(staging, out, last):
+    first = sorted(os.listdir(staging))[0]
+    os.replace(os.path.join(staging, first), os.path.join(out, first))  # one file in, the rest not
+    die()
+checkpoints._swap_in = swap_in_or_die
+if where == "export":
+    export.move_into = move_into_or_die
+import run_contrastive
+run_contrastive.main(argv)
+"""
+KILLED = ("--vision_train", "frozen", "--save_total_limit", "20")  # 2 epochs; lean checkpoints resumed
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(frozen_run, tmp_path_factory):
+    _, model_dir, _ = frozen_run
+    out = tmp_path_factory.mktemp("uninterrupted") / "out"
+    return out, run_contrastive.main(tiny_run_args(model_dir, out, *KILLED))
+
+
+@pytest.mark.parametrize("where", ["last-checkpoint-save", "export"])
+def test_a_run_killed_in_its_last_checkpoint_save_or_its_export_resumes_to_the_uninterrupted_result(
+        frozen_run, uninterrupted, tmp_path, where):
+    _, model_dir, _ = frozen_run
+    reference_dir, reference = uninterrupted
+    out = tmp_path / "out"
+    argv = tiny_run_args(model_dir, out, *KILLED)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(torch.get_num_threads()))
+    killed = subprocess.run([sys.executable, "-c", _KILL_AT, json.dumps(argv), where, str(reference["global_step"])],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert not (out / "metrics.json").exists()  # no export that looks complete
+    resumed = run_contrastive.main(argv + ["--resume_from_checkpoint", "latest"])
+    assert resumed.keys() == reference.keys()
+    for key in resumed.keys() - {"train_seconds", "cache_seconds", "resumed_from"}:
+        assert resumed[key] == pytest.approx(reference[key]), key
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["best_epoch"] == reference["best_epoch"] and saved["test"] == pytest.approx(reference["test"])
+    for name in ("checkpoints/best/model.safetensors", "model.safetensors"):
+        expected, got = load_file(reference_dir / name), load_file(out / name)
+        for key in expected:
+            torch.testing.assert_close(got[key], expected[key], atol=1e-5, rtol=1e-4, msg=f"{name}: {key}")
