@@ -4,6 +4,7 @@ One tiny run with frozen towers (checkpoints every 2 steps, all kept) serves eve
 its files works on a copy.
 """
 
+import errno
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,7 +22,8 @@ from safetensors.torch import load_file
 import run_contrastive
 from dualencoder.training import preflight
 from dualencoder.training.arguments import parse_args
-from dualencoder.training.checkpoints import list_checkpoints, resolve_resume
+from dualencoder.training.checkpoints import (list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint,
+                                              write_atomically)
 from dualencoder.training.model_setup import build_model
 from dualencoder.training.preflight import bytes_needed
 from modeling_dualencoder import DualEncoderModel
@@ -54,7 +57,7 @@ def test_output_dir_holds_the_export_and_the_checkpoints_live_apart_in_checkpoin
     assert set(os.listdir(out)) == EXPORT | {"checkpoints"}
     steps = metrics["global_step"]
     names = set(os.listdir(out / "checkpoints"))
-    assert names == {"best"} | {f"checkpoint-{step}" for step in [*range(2, steps, 2), steps]}
+    assert names == {f"best-{steps}"} | {f"checkpoint-{step}" for step in [*range(2, steps, 2), steps]}
 
 
 def test_a_checkpoint_holds_only_the_trained_weights_when_the_backbones_are_frozen(frozen_run):
@@ -118,8 +121,8 @@ def test_a_damaged_last_checkpoint_resumes_from_the_previous_one_to_the_uninterr
 
 def test_checkpoints_of_the_old_layout_are_refused_with_the_command_that_moves_them(frozen_run, tmp_path):
     out = copy_run(frozen_run, tmp_path)
-    for path in (out / "checkpoints").iterdir():
-        path.rename(out / path.name)  # output_dir/checkpoint-<step> and output_dir/best, as runs wrote them before
+    for path in (out / "checkpoints").iterdir():  # output_dir/checkpoint-<step> and output_dir/best, as runs wrote them
+        path.rename(out / ("best" if path.name.startswith("best") else path.name))
     (out / "checkpoints").rmdir()
     for resume in ("latest", str(out / "checkpoint-2")):
         with pytest.raises(SystemExit) as refused:
@@ -212,7 +215,48 @@ def test_a_run_killed_in_its_last_checkpoint_save_or_its_export_resumes_to_the_u
         assert resumed[key] == pytest.approx(reference[key]), key
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["best_epoch"] == reference["best_epoch"] and saved["test"] == pytest.approx(reference["test"])
-    for name in ("checkpoints/best/model.safetensors", "model.safetensors"):
+    best_models = sorted(path.name for path in (reference_dir / "checkpoints").glob("best-*"))
+    assert sorted(path.name for path in (out / "checkpoints").glob("best-*")) == best_models
+    for name in [f"checkpoints/{best}/model.safetensors" for best in best_models] + ["model.safetensors"]:
         expected, got = load_file(reference_dir / name), load_file(out / name)
         for key in expected:
             torch.testing.assert_close(got[key], expected[key], atol=1e-5, rtol=1e-4, msg=f"{name}: {key}")
+
+
+def test_a_full_disk_while_writing_a_checkpoint_is_one_line_and_leaves_the_earlier_checkpoints_as_they_were(tmp_path):
+    def save_state(path):
+        (Path(path) / "model.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    accelerator = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None, save_state=save_state)
+    earlier = tmp_path / "checkpoints" / "checkpoint-2"
+    earlier.mkdir(parents=True)
+    (earlier / "trainer_state.json").write_text("{}")
+    with pytest.raises(SystemExit) as refused:
+        save_checkpoint(accelerator, str(tmp_path), 4, {"global_step": 4}, keep=2)
+    message = str(refused.value)
+    assert message.startswith(f"error: writing {tmp_path / 'checkpoints' / 'checkpoint-4'} failed (No space left on "
+                              "device); the checkpoints already in") and "--resume_from_checkpoint latest" in message
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["checkpoint-2"]  # no half-written one left behind
+
+
+def test_every_file_is_flushed_to_the_disk_before_the_rename_that_publishes_the_folder(tmp_path, monkeypatch):
+    events = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append("fsync") or fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append("rename") or replace(a, b))
+    write_atomically(str(tmp_path / "best"), lambda d: [(Path(d) / n).write_text(n) for n in ("a", "b", "c")])
+    assert events[:4] == ["fsync", "fsync", "fsync", "rename"] and (tmp_path / "best" / "c").read_text() == "c"
+
+
+def test_a_checkpoint_without_this_process_random_state_resumes_with_a_warning_naming_the_file(frozen_run, tmp_path,
+                                                                                              caplog):
+    out = copy_run(frozen_run, tmp_path)
+    last = Path(list_checkpoints(str(out))[-1])
+    (last / "random_states_0.pkl").unlink()
+    loaded = []
+    accelerator = SimpleNamespace(process_index=0, load_state=lambda path, **kwargs: loaded.append(path))
+    caplog.set_level("WARNING")
+    state = load_checkpoint(accelerator, str(last))
+    assert loaded == [str(last)] and state["global_step"] > 0
+    assert f"{last / 'random_states_0.pkl'} is missing: the resumed run will not repeat" in caplog.text

@@ -85,7 +85,8 @@ def test_tiny_run_trains_evaluates_and_exports_a_loadable_model(tiny_model_dir, 
     processor = AutoProcessor.from_pretrained(out)
     assert processor.image_processor.size["height"] == model.config.image_size
     # The exported weights are the best checkpoint's.
-    best = load_file(out / "checkpoints" / "best" / "model.safetensors")
+    best_dir = json.loads((Path(list_checkpoints(str(out))[-1]) / "trainer_state.json").read_text())["best_dir"]
+    best = load_file(out / "checkpoints" / best_dir / "model.safetensors")
     final = load_file(out / "model.safetensors")
     torch.testing.assert_close(final["visual_projection.net.0.weight"], best["visual_projection.net.0.weight"])
 
@@ -729,3 +730,56 @@ def test_an_evaluation_split_whose_every_image_was_skipped_is_one_error_line_nam
                                            "--validation_file", str(tables["dev"]), "--on_bad_image", "skip"))
     message = str(refused.value)
     assert message.startswith(f"error: the validation split ({tables['dev']}) has no images left") and "\n" not in message
+
+
+def test_the_reported_test_scores_are_the_saved_models_on_the_image_files(tiny_model_dir, tmp_path):
+    """Training reads a 16 px pixel store (the images are 48 px) and a float16 prefix cache; the reported test
+    metrics were computed from them, not from what the export computes on the files. Now they are the export's,
+    as the evaluation command (and a user) embeds the test split."""
+    import numpy as np
+    from PIL import Image
+
+    from dualencoder.evaluation import common
+    from tests.test_data_sources import captions, write_csv
+
+    generator = np.random.default_rng(0)
+    for i in range(40):  # textured, so a smaller stored copy loses detail
+        Image.fromarray(generator.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    write_csv(tmp_path / "metadata.csv", ["file_name", "text"], [[f"{i}.png", c] for i in range(40) for c in captions(i)])
+    out = tmp_path / "out"
+    run_contrastive.main(tiny_run_args(tiny_model_dir, out, "--dataset", str(tmp_path), "--vision_train", "top:1",
+                                       "--prefix_cache_dtype", "float16", "--pixel_store_size", "16",
+                                       "--num_train_epochs", "1"))
+    reported = json.loads((out / "metrics.json").read_text())["test"]
+    model, processor = common.load_model(str(out), device="cpu")
+    options = common.data_options(str(out), dataset=str(tmp_path))
+    embedded = common.embed(model, processor, common.load_split(**options), max_length=options["max_length"])
+    assert embedded.metrics() == pytest.approx(reported, abs=1e-6)
+
+
+def test_a_run_resumed_from_an_older_checkpoint_exports_that_checkpoints_best_model_not_a_later_one(tiny_model_dir,
+                                                                                                 tmp_path, monkeypatch):
+    """The best model lived in one folder that every new best overwrote: resumed from epoch 1's checkpoint after
+    epoch 2 had saved a better model, a run whose replayed epoch 2 scores worse (another machine's arithmetic;
+    forced here) exported the abandoned epoch 2's model under epoch 1's metrics. Each best model is now kept
+    under its step for as long as a checkpoint names it."""
+    out = tmp_path / "out"
+    argv = tiny_run_args(tiny_model_dir, out, "--save_total_limit", "20")
+    end_of_epoch = run_contrastive.end_of_epoch
+
+    def scored(rsum_of_epoch):
+        def end(state, results, *args):
+            end_of_epoch(state, {**results, "rsum": rsum_of_epoch[state["epoch"]]}, *args)
+        return end
+
+    monkeypatch.setattr(run_contrastive, "end_of_epoch", scored({0: 100.0, 1: 200.0}))  # epoch 2 is the best
+    first = run_contrastive.main(argv)
+    assert first["best_epoch"] == 2
+    epoch_one = list_checkpoints(str(out))[0]
+    monkeypatch.setattr(run_contrastive, "end_of_epoch", scored({0: 100.0, 1: 50.0}))  # replayed, it is worse
+    resumed = run_contrastive.main(argv + ["--resume_from_checkpoint", epoch_one])
+    assert resumed["best_epoch"] == 1 and resumed["validation"]["rsum"] == 100.0
+    at_epoch_one = load_file(Path(epoch_one) / "model.safetensors")  # the trained weights as epoch 1 ended
+    exported = load_file(out / "model.safetensors")
+    for key in at_epoch_one:
+        torch.testing.assert_close(exported[key], at_epoch_one[key], msg=key)

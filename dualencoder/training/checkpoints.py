@@ -1,7 +1,7 @@
 """Resumable checkpoints that a crash can never leave half-written where resume would find them.
 
 They live apart from the exported model, in `output_dir/checkpoints/` (`checkpoint-<step>` and the best model so
-far, `best/`), so `output_dir` holds only what a Hub repository should. A checkpoint keeps only what trains (the
+far, `best-<step>`), so `output_dir` holds only what a Hub repository should. A checkpoint keeps only what trains (the
 trained weights, their optimiser state, the schedule, every process's random state, the loop state): frozen
 backbone weights are rebuilt from the options on resume, so with frozen towers a checkpoint is a small part of the
 model's size. It is written to `checkpoint-<step>.tmp` and renamed to `checkpoint-<step>` only when complete (the
@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from typing import Callable, Optional
 
 import torch
@@ -38,9 +39,35 @@ def checkpoints_dir(output_dir: str) -> str:
     return os.path.join(output_dir, CHECKPOINTS)
 
 
-def best_model_dir(output_dir: str) -> str:
-    """Where the best model so far is kept during training (the export copies it into output_dir at the end)."""
-    return os.path.join(output_dir, CHECKPOINTS, "best")
+def best_model_dir(output_dir: str, state: dict) -> Optional[str]:
+    """The best model so far of the run at loop state `state` (the export loads it at the end), None before any.
+
+    Each best model is kept under its own step, `checkpoints/best-<step>`, named in the loop state, for as long as
+    a kept checkpoint names it: a run resumed from an older checkpoint then finds that checkpoint's best model, not
+    one from the later part of the run it abandons. (`checkpoints/best`: a run from before per-step best models.)
+    """
+    if state.get("best_dir"):
+        return os.path.join(checkpoints_dir(output_dir), state["best_dir"])
+    before = os.path.join(checkpoints_dir(output_dir), "best")
+    return before if os.path.isdir(before) else None
+
+
+def new_best_dir(output_dir: str, step: int) -> str:
+    return os.path.join(checkpoints_dir(output_dir), f"best-{step}")
+
+
+def _drop_unnamed_best_models(folder: str, state: dict) -> None:
+    """Delete the `best-<step>` models that neither `state` nor a kept checkpoint names (e.g. an older best, or one
+    saved in the abandoned part of a resumed run)."""
+    named = {state.get("best_dir")}
+    for path in _checkpoints_in(folder):
+        try:
+            named.add(read_loop_state(path).get("best_dir"))
+        except (OSError, ValueError):  # a damaged state file: that checkpoint cannot be resumed anyway
+            continue
+    for name in os.listdir(folder):
+        if re.fullmatch(r"best-\d+", name) and name not in named:
+            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
 
 
 def _checkpoints_in(folder: str) -> list[str]:
@@ -205,13 +232,27 @@ def move_into(staging: str, out: str, last: str) -> None:
     os.rmdir(staging)
 
 
+@contextmanager
+def _failing_in_one_line(final_dir: str):
+    """A write of `final_dir` (through `final_dir.tmp`) that fails for lack of space or a lost mount ends the run
+    with one line saying what is safe (the checkpoints already in place are untouched), not a traceback."""
+    try:
+        yield
+    except OSError as error:
+        shutil.rmtree(final_dir + ".tmp", ignore_errors=True)
+        raise SystemExit(f"error: writing {final_dir} failed ({error.strerror or error}); the checkpoints already in "
+                         f"{os.path.dirname(final_dir)} are intact: free space (or fix the folder) and continue with "
+                         "--resume_from_checkpoint latest.") from None
+
+
 def write_atomically(final_dir: str, write: Callable[[str], None]) -> None:
     """Call `write(tmp_dir)`, then swap `tmp_dir` in place of `final_dir` (one process only)."""
     tmp_dir = final_dir + ".tmp"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    os.makedirs(tmp_dir)
-    write(tmp_dir)
-    _swap_in(tmp_dir, final_dir)
+    with _failing_in_one_line(final_dir):
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        os.makedirs(tmp_dir)
+        write(tmp_dir)
+        _swap_in(tmp_dir, final_dir)
 
 
 def save_checkpoint(accelerator, output_dir: str, step: int, state: dict, keep: int) -> str:
@@ -227,14 +268,17 @@ def save_checkpoint(accelerator, output_dir: str, step: int, state: dict, keep: 
         shutil.rmtree(tmp_dir, ignore_errors=True)
         os.makedirs(tmp_dir)
     accelerator.wait_for_everyone()
-    accelerator.save_state(tmp_dir)
-    accelerator.wait_for_everyone()
+    with _failing_in_one_line(final_dir):
+        accelerator.save_state(tmp_dir)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            with open(os.path.join(tmp_dir, STATE_FILE), "w") as handle:
+                json.dump(state, handle, indent=2)
+            _swap_in(tmp_dir, final_dir)
     if accelerator.is_main_process:
-        with open(os.path.join(tmp_dir, STATE_FILE), "w") as handle:
-            json.dump(state, handle, indent=2)
-        _swap_in(tmp_dir, final_dir)
         for stale in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(stale, ignore_errors=True)
+        _drop_unnamed_best_models(folder, state)
     accelerator.wait_for_everyone()
     return final_dir
 
