@@ -29,9 +29,10 @@ from dualencoder.training.arguments import all_options
 
 logger = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
-CHECKPOINTS = "checkpoints"  # output_dir/checkpoints/: checkpoint-<step>/ and best/, apart from the export
+CHECKPOINTS = "checkpoints"  # output_dir/checkpoints/: checkpoint-<step>/ and best-<step>/, apart from the export
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-# what accelerator.save_state writes for the model and optimiser (index 0: the model; 1: a loss that trains)
+# what every checkpoint holds (accelerator.save_state's model, optimiser and schedule, then our loop state); the
+# random states (one per process) are checked when present: a missing one is a warning on resume
 NEEDED_FILES = ("model.safetensors", "optimizer.bin", "scheduler.bin", STATE_FILE)
 
 
