@@ -26,19 +26,23 @@ from tqdm.auto import tqdm
 
 from data_scripts import DatasetFormatError, to_image_view
 from dualencoder.distributed import launch_mismatch
+from dualencoder.evaluation.common import embed
 from dualencoder.kernels import apply_levers
 from dualencoder.metrics import format_metrics_table
 from dualencoder.processing import build_processor
 from dualencoder.querybank import querybank_metrics
 from dualencoder.trainable import format_parameter_report, parameter_report, train_mode
 from dualencoder.training.arguments import all_options, parse_args
-from dualencoder.training.checkpoints import (earlier_checkpoints, read_loop_state, recover_swap, resolve_resume,
-                                              resume_run, run_fingerprint, save_checkpoint, write_atomically)
+from dualencoder.training.checkpoints import (best_model_dir, checkpoints_dir, earlier_checkpoints,
+                                              keep_trained_weights_only, new_best_dir, read_loop_state, recover_swap,
+                                              resolve_resume, resume_run, run_fingerprint, save_checkpoint,
+                                              write_atomically)
 from dualencoder.training.data import build_data, make_train_loader
 from dualencoder.training.export import export
 from dualencoder.training.feature_cache import FeatureCache
 from dualencoder.training.model_setup import build_model, build_training_loss, head_init_options
 from dualencoder.training.optim import cosine_with_warmup, make_optimizer
+from dualencoder.training.preflight import check_free_space, check_writable
 from dualencoder.training.publish import check_run_can_publish, upload_export
 from dualencoder.training.research import apply_research_options
 from dualencoder.training.sharded import WholeModel, full_tensor, is_sharded, prepare_for_sharding, sharding_problem
@@ -60,13 +64,14 @@ def main(argv=None) -> dict:
 
     # --- model, loss, data, and the caches of what does not train
     model = build_model(model_args, stated)
+    check_free_space(train_args.output_dir, model, train_args.save_total_limit)  # before hours of training, not after
     loss_fn = build_training_loss(model_args, model.config)
     cca_init = head_init_options(model_args) if model_args.head_init == "cca" else None  # a bad option fails now
     processor = build_processor(model.config)
     logger.info("parameters:\n%s", format_parameter_report(parameter_report(model)))
     try:
         data = build_data(data_args, processor, seed=train_args.seed, image_size=model.config.image_size,
-                          store_dir=train_args.feature_cache_dir or train_args.output_dir,
+                          store_dir=train_args.feature_cache_dir or checkpoints_dir(train_args.output_dir),
                           main_process_first=accelerator.main_process_first, show_progress=show,
                           rank=accelerator.process_index, world_size=accelerator.num_processes)
     except DatasetFormatError as error:  # a bad file, row or column: one line naming it, not a traceback
@@ -128,6 +133,7 @@ def main(argv=None) -> dict:
                                    total_steps * processes)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     whole.track(model)
+    keep_trained_weights_only(accelerator)  # checkpoints leave out frozen weights: the options rebuild them
     if any(p.requires_grad for p in loss_fn.parameters()):  # a loss that trains (a codebook): synced and saved
         loss_fn = accelerator.prepare(loss_fn)
     if train_args.torch_compile:  # in place: parameter names, checkpoints and save_pretrained stay as they are
@@ -145,9 +151,13 @@ def main(argv=None) -> dict:
         streamed.load_state_dict(state.get("stream"))
     if topics is not None:
         state["topics"] = topics
+    out = train_args.output_dir
     if not resume and train_args.eval_before_training and "validation" in data.eval_views:
         state["before_training"] = evaluate("validation").metrics()
         logger.info("validation before training:\n%s", format_metrics_table({"untrained": state["before_training"]}))
+        # the starting point is the first candidate for the best model: training that only makes it worse
+        # exports the model as it started (best_epoch 0), not the least bad epoch
+        keep_if_best(state, state["before_training"], accelerator, whole, train_args.metric_for_best_model, out)
 
     # --- train: the loss is read on the host every step on CPU (free there), on a GPU at logging steps and saves
     hint = (f"Nothing was saved from that step on. Try a lower --learning_rate/--head_learning_rate, --max_grad_norm "
@@ -156,9 +166,8 @@ def main(argv=None) -> dict:
     train_step = TrainStep(accelerator, model, loss_fn, optimizer, scheduler, max_grad_norm=train_args.max_grad_norm,
                            extras=cache.forward_extras, check_every=1 if accelerator.device.type == "cpu" else 0,
                            diverged_hint=hint, global_step=state["global_step"])
-    best_dir = os.path.join(train_args.output_dir, "best")
-    if accelerator.is_main_process:
-        recover_swap(best_dir)  # a crash mid-swap must not lose the best model so far
+    if accelerator.is_main_process and best_model_dir(out, state):
+        recover_swap(best_model_dir(out, state))  # a crash mid-swap must not lose the best model so far
     clock = TrainingClock(state.get("train_seconds", 0.0))  # with the training time of the runs this one resumes
 
     def checkpoint():
@@ -179,7 +188,7 @@ def main(argv=None) -> dict:
             train_mode(accelerator.unwrap_model(model), freeze_batchnorm=train_args.freeze_batchnorm)
             train_one_epoch(loader, train_step, state, accelerator, train_args, total_steps, progress, checkpoint, stop)
             end_of_epoch(state, evaluate("validation").metrics() if "validation" in data.eval_views else None,
-                         accelerator, whole, train_args.metric_for_best_model, best_dir)
+                         accelerator, whole, train_args.metric_for_best_model, out)
             checkpoint()
     progress.close()
     train_seconds = clock.seconds()
@@ -187,13 +196,16 @@ def main(argv=None) -> dict:
 
     # --- test the best model and export it
     final = whole()
-    if os.path.isdir(best_dir):
-        final.load_state_dict(DualEncoderModel.from_pretrained(best_dir).state_dict())
+    if state.get("best_epoch") == 0:
+        logger.warning("no epoch beat the model as it was before training (validation %s %.2f): the exported model "
+                       "is that starting point (best_epoch 0).", train_args.metric_for_best_model, state["best_metric"])
+    if best_model_dir(out, state):
+        final.load_state_dict(DualEncoderModel.from_pretrained(best_model_dir(out, state)).state_dict())
     metrics = {"before_training": state.get("before_training"), "validation": state.get("best_validation"),
                "best_epoch": state.get("best_epoch"), "train_seconds": round(train_seconds, 1),
                "cache_seconds": round(cache_seconds, 1), "global_step": state["global_step"],
                "resumed_from": resume or None}
-    metrics.update(test_metrics(final, cache, data, train_pairs, train_args))
+    metrics.update(test_metrics(final, processor, cache, data, train_pairs, train_args, data_args.max_length))
     if accelerator.is_main_process:
         export(final, processor, metrics, (model_args, data_args, train_args), state["history"])
         if train_args.push_to_hub:
@@ -204,8 +216,8 @@ def main(argv=None) -> dict:
 
 
 def start(train_args) -> Accelerator:
-    """The accelerator, logging on the main process only, the seed, and an output_dir free of another run's
-    checkpoints."""
+    """The accelerator, logging on the main process only, the seed, and a writable output_dir free of another
+    run's checkpoints."""
     accelerator = Accelerator(mixed_precision=train_args.mixed_precision,
                               gradient_accumulation_steps=train_args.gradient_accumulation_steps,
                               log_with=None if train_args.report_to == "none" else train_args.report_to,
@@ -219,6 +231,7 @@ def start(train_args) -> Accelerator:
     if not accelerator.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)
     set_seed(train_args.seed)
+    check_writable(train_args.output_dir)  # a file, or no permission: said now, not at the first checkpoint
     stale = earlier_checkpoints(train_args.output_dir, train_args.resume_from_checkpoint,
                                 train_args.overwrite_output_dir)
     if stale and accelerator.is_main_process:
@@ -227,7 +240,6 @@ def start(train_args) -> Accelerator:
         for path in stale:
             shutil.rmtree(path)
     accelerator.wait_for_everyone()
-    os.makedirs(train_args.output_dir, exist_ok=True)
     return accelerator
 
 
@@ -264,6 +276,7 @@ def train_one_epoch(loader, train_step, state, accelerator, train_args, total_st
         progress.update(1)
         if state["global_step"] % train_args.logging_steps == 0:
             train_step.check()
+            loss = accelerator.reduce(loss, reduction="mean")  # the step's loss over every process's micro-batches
             record = {"step": state["global_step"], "epoch": state["epoch"], "loss": loss.item(),
                       "logit_scale": full_tensor(accelerator.unwrap_model(train_step.model).get_logit_scale()).item(),
                       "lr": train_step.scheduler.get_last_lr()[0]}
@@ -283,7 +296,7 @@ def train_one_epoch(loader, train_step, state, accelerator, train_args, total_st
     train_step.check()
 
 
-def end_of_epoch(state: dict, results, accelerator, whole, metric: str, best_dir: str) -> None:
+def end_of_epoch(state: dict, results, accelerator, whole, metric: str, output_dir: str) -> None:
     """Count the epoch done; log its validation results and save the model when they are the best so far
     (every process calls this: under FSDP they all take part in gathering the weights the main one saves)."""
     state["epoch"] += 1
@@ -294,27 +307,42 @@ def end_of_epoch(state: dict, results, accelerator, whole, metric: str, best_dir
     accelerator.log({"val/" + k: v for k, v in results.items()}, step=state["global_step"])
     logger.info("epoch %d validation: i2t R@1 %.1f R@5 %.1f | t2i R@1 %.1f R@5 %.1f | rsum %.1f", state["epoch"],
                 results["i2t_r1"], results["i2t_r5"], results["t2i_r1"], results["t2i_r5"], results["rsum"])
+    keep_if_best(state, results, accelerator, whole, metric, output_dir)
+
+
+def keep_if_best(state: dict, results: dict, accelerator, whole, metric: str, output_dir: str) -> None:
+    """Save the model as the best so far (`checkpoints/best-<step>`, named in the state) when `results` (of
+    `state["epoch"]`; 0: before training) beat the best."""
     best = state["best_metric"]
     # every process, best or not: under FSDP the gather needs them all, and their evaluations might differ in a last bit
     model = whole()
     if best is None or (results[metric] < best if metric.endswith(LOWER_IS_BETTER) else results[metric] > best):
         state["best_metric"], state["best_epoch"], state["best_validation"] = results[metric], state["epoch"], results
+        best_dir = new_best_dir(output_dir, state["global_step"])
+        state["best_dir"] = os.path.basename(best_dir)
         if accelerator.is_main_process:
             write_atomically(best_dir, model.save_pretrained)
 
 
-def test_metrics(model, cache, data, train_pairs, train_args) -> dict:
+def test_metrics(model, processor, cache, data, train_pairs, train_args, max_length: int) -> dict:
     """The final model's test metrics (and without the test-time flip average, when it has one), and with
-    querybank normalisation when asked (`--querybank_beta`), the training images being the bank."""
+    querybank normalisation when asked (`--querybank_beta`), the training images being the bank.
+
+    The test split is embedded from its image files through the processor, as `evaluate_model` and a user's
+    pipeline read them, never from the caches: a pixel store smaller than the images or a float16 prefix cache
+    made the reported scores those of another model than the saved one (issue 30)."""
     metrics, embedded = {}, {}
     if "test" in data.eval_views:
-        embedded["test"] = cache.embed(model, data.eval_views["test"], data.eval_captions["test"])
+
+        def from_files():
+            return embed(model, processor, data.eval_views["test"], max_length=max_length,
+                         batch_size=train_args.per_device_eval_batch_size, show_progress=False)
+
+        embedded["test"] = from_files()
         metrics["test"] = embedded["test"].metrics()
-        if model.config.image_flip_average and cache.vision is None:  # what the test-time flip average adds
-            # (a frozen tower's cached features already hold the average, so there it cannot be undone)
+        if model.config.image_flip_average:  # what the test-time flip average adds
             model.config.image_flip_average = False
-            metrics["test_without_flip_average"] = cache.embed(model, data.eval_views["test"],
-                                                               data.eval_captions["test"]).metrics()
+            metrics["test_without_flip_average"] = from_files().metrics()
             model.config.image_flip_average = True
     if train_args.querybank_beta is not None and data.eval_views:
         started = time.time()

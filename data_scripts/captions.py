@@ -20,13 +20,27 @@ CaptionTable = dict[str, list[tuple[int, str, int]]]
 ReportFn = Callable[[Problem], None]
 
 
-def read_lines(path: Path) -> list[str]:
-    """Lines of a text file, tolerant of a BOM and Windows line ends."""
+def read_text(path: Path) -> str:
+    """A caption or table file's text, read as strict UTF-8 (a BOM is dropped).
+
+    Bytes that are not UTF-8 (a Latin-1 or Windows-1252 file) stop the load naming the file, line and byte:
+    decoded with replacement characters they would train silently on captions with '\ufffd' in them."""
     try:
-        text = path.read_text(encoding="utf-8-sig", errors="replace")
+        data = path.read_bytes()
     except OSError as exc:
         raise DatasetFormatError(f"{path}: cannot read ({exc.strerror or exc})") from exc
-    return text.splitlines()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise DatasetFormatError(f"{path}, line {line}: byte 0x{data[exc.start]:02x} at column {column} is not UTF-8; "
+                                 f"save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+
+
+def read_lines(path: Path) -> list[str]:
+    """Lines of a text file (strict UTF-8, `read_text`), tolerant of a BOM and Windows line ends."""
+    return read_text(path).splitlines()
 
 
 def parse_token_file(path: Path, report_problem: ReportFn) -> CaptionTable:
@@ -137,14 +151,12 @@ def parse_karpathy(path: Path) -> tuple[dict[str, str], CaptionTable]:
     Karpathy's "restval" images are training images (as in his and open_clip's code).
     """
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text(path))
         images = data["images"]
     except json.JSONDecodeError as exc:
         raise DatasetFormatError(f"{path}, line {exc.lineno}: invalid JSON ({exc.msg}); re-download it") from exc
     except (KeyError, TypeError) as exc:
         raise DatasetFormatError(f"{path}: expected a JSON object with an 'images' list") from exc
-    except OSError as exc:
-        raise DatasetFormatError(f"{path}: cannot read ({exc.strerror or exc})") from exc
     split_names = {"train": "train", "restval": "train", "val": "validation", "test": "test"}
     splits: dict[str, str] = {}
     table: CaptionTable = {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional
@@ -22,17 +23,26 @@ from tqdm.auto import tqdm
 
 from .report import Problem
 
+logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+TINY_SIDE = 8  # px: a side shorter than this is a placeholder or an icon, not a photo (still trained on, with a warning)
 
 
-def check_image_file(path: str) -> tuple[Optional[str], str]:
-    """Decode one image file; return (error message or None, content hash)."""
+def check_image_file(path: str) -> tuple[Optional[str], str, tuple[int, int]]:
+    """Decode one image file; return (error message or None, content hash, (width, height))."""
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as exc:
-        return f"cannot read file ({exc.strerror or exc})", ""
-    return check_image_bytes(data), hashlib.blake2b(data, digest_size=16).hexdigest()
+        return f"cannot read file ({exc.strerror or exc})", "", (0, 0)
+    error = check_image_bytes(data)
+    return error, hashlib.blake2b(data, digest_size=16).hexdigest(), (0, 0) if error else stored_size(data)
+
+
+def stored_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of an encoded image that decodes, from its header."""
+    with Image.open(io.BytesIO(data)) as img:
+        return img.size
 
 
 def check_image_bytes(data: bytes) -> Optional[str]:
@@ -67,11 +77,16 @@ def check_images(
     pool = ThreadPoolExecutor(max_workers=threads)
     try:
         results = pool.map(lambda item: check_image_file(item[1]), items)
-        for (image_id, path), (error, digest) in tqdm(
+        tiny = 0
+        for (image_id, path), (error, digest, (width, height)) in tqdm(
             zip(items, results), total=len(items), desc=desc, unit="img", leave=False
         ):
             if error is None:
                 by_hash.setdefault(digest, []).append(image_id)
+                if min(width, height) < TINY_SIDE:
+                    tiny += 1
+                    logger.warning("%s is %dx%d px (under %d px on a side): it is enlarged to the model's input size "
+                                   "and teaches little; replace or delete it.", path, width, height, TINY_SIDE)
                 continue
             bad.add(image_id)
             report_problem(
@@ -79,6 +94,8 @@ def check_images(
             )
     finally:  # on the first error with on_bad_image="error", do not decode the rest
         pool.shutdown(wait=True, cancel_futures=True)
+    if tiny:
+        logger.warning("%d of %d images are under %d px on a side (named above).", tiny, len(items), TINY_SIDE)
     duplicates = [tuple(ids) for ids in by_hash.values() if len(ids) > 1]
     return bad, duplicates
 

@@ -30,7 +30,7 @@ from typing import Iterator, Optional
 
 from datasets import DatasetDict
 
-from .captions import read_lines
+from .captions import read_lines, read_text
 from .flickr8k import DEFAULT_SPLIT_SIZES, SPLITS, carve_labels
 from .images import check_images
 from .report import DatasetFormatError, LoadReport, Problem, ProblemSink
@@ -210,7 +210,7 @@ def _read_rows(path: Path) -> tuple[list[str], Iterator[tuple[Optional[int], obj
                                                 "Fix or delete the line")))
     elif suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8-sig"))
+            data = json.loads(read_text(path))
         except json.JSONDecodeError as exc:
             raise DatasetFormatError(f"{path}, line {exc.lineno}: invalid JSON ({exc.msg})") from exc
         if not isinstance(data, list):

@@ -154,3 +154,14 @@ def test_compare_command_writes_table_and_json_with_main_runs(tmp_path, toy):
     assert again["linear-cca"]["test"]["rsum"] == 123.0 and "--reuse" not in out.read_text()
     assert json.loads(out.with_suffix(".json").read_text())["meta"]["image_dim"] == \
         saved["meta"]["image_dim"]
+
+
+@pytest.mark.parametrize("pairs", [2, 6])
+def test_deep_cca_with_fewer_training_pairs_than_its_dimensions_is_refused_naming_the_minimum(pairs):
+    """Two pairs ended in a linalg.eigh traceback; six fitted canonical correlations of 1 that mean nothing."""
+    from dualencoder.baselines import TooFewPairs
+
+    generator = torch.Generator().manual_seed(0)
+    images, texts = torch.randn(pairs, 8, generator=generator), torch.randn(pairs, 8, generator=generator)
+    with pytest.raises(TooFewPairs, match=f"deep-cca needs at least 7 training images with a caption, got {pairs}"):
+        DeepCCA(6, 32, 32, options=TrainOptions(epochs=1, batch_size=512)).fit(images, texts)

@@ -447,3 +447,13 @@ def test_kaggle_captions_beside_the_official_split_lists_follow_the_lists(tmp_pa
     assert report.layout == "kaggle"
     assert sorted(splits["test"]["image_id"]) == [_name(i) for i in range(13, 16)]
     assert not any("seeded split" in note for note in report.notes)
+
+
+def test_a_token_file_that_is_not_utf8_stops_the_load_naming_its_line(tmp_path):
+    root = make_official(tmp_path / "f8k")
+    token = root / "Flickr8k_text" / "Flickr8k.token.txt"
+    lines = token.read_bytes().split(b"\n")
+    lines[6] = lines[6].replace(b"thing", b"th\xefng")  # a Latin-1 byte, as an editor set to Latin-1 saves it
+    token.write_bytes(b"\n".join(lines))
+    with pytest.raises(DatasetFormatError, match=rf"Flickr8k.token.txt, line 7: byte 0xef at column \d+ is not UTF-8"):
+        load_flickr8k(str(root))

@@ -255,3 +255,29 @@ def test_repository_layout_folder_with_configs_through_load_dataset(tmp_path):
 def test_shards_passed_to_the_map_style_loader_point_to_streaming(tmp_path):
     with pytest.raises(DatasetFormatError, match=r"webdataset shards are read as a stream .*--streaming true"):
         load_image_caption_dataset(str(tmp_path / "shards" / "{000000..000009}.tar"))
+
+
+@pytest.mark.parametrize("name, lines", [
+    ("t.csv", [b"file_name,text", b"a.png,a plain caption", b"a.png,a caf\xe9 by the sea"]),
+    ("t.jsonl", [b'{"file_name": "a.png", "text": "plain"}', b'{"file_name": "a.png", "text": "fine"}',
+                 b'{"file_name": "a.png", "text": "caf\xe9"}']),
+], ids=["csv", "jsonl"])
+def test_caption_bytes_that_are_not_utf8_stop_the_load_naming_the_file_and_line(tmp_path, name, lines):
+    """A Latin-1 'é' was decoded with replacement characters before: the run trained on 'caf\ufffd' silently."""
+    write_image(tmp_path / "a.png", 0)
+    (tmp_path / name).write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(DatasetFormatError, match=rf"{name}, line 3: byte 0xe9 at column \d+ is not UTF-8; save the "
+                                                 r"file as UTF-8"):
+        load_image_caption_dataset(str(tmp_path / name), verify_images=False)
+
+
+def test_a_tiny_image_is_kept_with_one_warning_naming_it_and_a_count(tmp_path, caplog):
+    root = imagefolder(tmp_path / "mine", n=8)
+    Image.new("RGB", (1, 1), (255, 0, 0)).save(root / "images" / "0002.png")
+    Image.new("RGB", (40, 5), (0, 0, 255)).save(root / "images" / "0005.png")
+    with caplog.at_level(logging.WARNING, logger="data_scripts"):
+        data = load_image_caption_dataset(str(root))
+    tiny = [record.getMessage() for record in caplog.records if "px (under 8 px on a side)" in record.getMessage()]
+    assert len(tiny) == 2 and "0002.png is 1x1 px" in " ".join(tiny) and "0005.png is 40x5 px" in " ".join(tiny)
+    assert "2 of 8 images are under 8 px on a side" in caplog.text
+    assert len({i for d in data.values() for i in d["image_id"]}) == 8  # kept: a warning, not a skip

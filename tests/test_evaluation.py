@@ -165,8 +165,8 @@ def test_nothing_to_evaluate_is_an_error():
 
 def test_a_model_dir_without_a_saved_model_is_named_before_any_data_is_loaded(tmp_path, monkeypatch):
     monkeypatch.setattr(evaluate_model, "load_split", lambda **_: pytest.fail("data loaded before the model was checked"))
-    (tmp_path / "best").mkdir()
-    with pytest.raises(SystemExit, match=f"--model_dir {tmp_path}: no config.json there.*{tmp_path / 'best'}"):
+    (tmp_path / "checkpoints" / "best-12").mkdir(parents=True)  # where a run keeps its best model while it trains
+    with pytest.raises(SystemExit, match=f"--model_dir {tmp_path}: no config.json there.*{tmp_path / 'checkpoints' / 'best-12'}"):
         evaluate_model.main(["--model_dir", str(tmp_path)])
 
 
@@ -182,8 +182,9 @@ def test_data_options_come_from_the_runs_training_args_json_not_from_its_card(tm
     other = common.data_options(str(tmp_path), dataset="some/hub-set")
     assert other["num_images"] == common.DEFAULT_NUM_IMAGES and other["max_length"] == 16
     assert common.data_options(None)["num_images"] == common.DEFAULT_NUM_IMAGES
-    (tmp_path / "best").mkdir()  # a run's best model has no options file of its own: the run's is read
-    assert common.data_options(str(tmp_path / "best"))["num_images"] == 60
+    for best in (tmp_path / "checkpoints" / "best-12", tmp_path / "best"):  # this layout, and the one before it
+        best.mkdir(parents=True)  # a run's best model has no options file of its own: the run's is read
+        assert common.data_options(str(best))["num_images"] == 60
 
 
 def test_a_synthetic_split_whose_num_images_is_unknown_is_evaluated_with_a_warning(tmp_path, caplog):

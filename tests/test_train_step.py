@@ -138,3 +138,21 @@ def test_every_trainable_parameter_gets_a_gradient_whatever_the_loss_ignores(los
     batch_loss(build_loss(loss_type), model(**tiny_batch(model.config, 4))).backward()
     missing = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert missing == []
+
+
+def test_with_gradient_accumulation_the_returned_loss_is_the_mean_of_the_steps_micro_batches():
+    """The logged loss was the last micro-batch's alone: with 2 micro-batches of losses 3 and 6, it said 6."""
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    model = Toy()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = cosine_with_warmup(optimizer, 0, 10)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    step = TrainStep(accelerator, model, ToyLoss(), optimizer, scheduler, max_grad_norm=0)
+    losses = []
+    for x in (1.0, 2.0, 3.0, 5.0):  # two optimiser steps; the weights move only after the second micro-batch
+        losses.append(step({"x": torch.full((3,), x)}).item())
+    assert step.global_step == 2
+    first_step = 3.0 * (1.0 + 2.0) / 2
+    assert losses[1] == pytest.approx(first_step)
+    moved = 1 - 0.1 * (1.0 + 2.0) / 2  # each micro-batch's gradient is divided by 2 (Accelerate's accumulation)
+    assert losses[3] == pytest.approx(3 * moved * (3.0 + 5.0) / 2)

@@ -33,10 +33,14 @@ def tiny_model_dir(tmp_path_factory):
 
 
 def tiny_run_args(model_dir, output_dir, *extra):
+    """A tiny run's options. It does not evaluate before training: that state would be the first best-model
+    candidate, and a tiny model a few steps in is often no better, so the tests of what training did would compare
+    untrained exports (the tests of that candidate pass --eval_before_training true)."""
     return ["--config", str(REPO / "configs" / "tiny_test.yaml"), "--model_name_or_path", model_dir, "--output_dir", str(output_dir), "--dataset", "synthetic",
             "--num_images", "30", "--synthetic_image_size", "32", "--per_device_train_batch_size", "8",
             "--per_device_eval_batch_size", "16", "--num_train_epochs", "2", "--report_to", "none",
-            "--logging_steps", "1", "--head_learning_rate", "1e-2", "--feature_cache_dir", "", *extra]
+            "--logging_steps", "1", "--head_learning_rate", "1e-2", "--feature_cache_dir", "",
+            "--eval_before_training", "false", *extra]
 
 
 def test_loss_options_without_a_space_after_the_colon_say_how_to_write_them():
@@ -60,7 +64,7 @@ def test_help_explains_the_options():
 
 
 def test_tiny_run_trains_evaluates_and_exports_a_loadable_model(tiny_model_dir, tmp_path):
-    metrics = run_contrastive.main(tiny_run_args(tiny_model_dir, tmp_path / "out"))
+    metrics = run_contrastive.main(tiny_run_args(tiny_model_dir, tmp_path / "out", "--eval_before_training", "true"))
     out = tmp_path / "out"
     saved = json.loads((out / "metrics.json").read_text())
     for key in ("before_training", "validation", "test"):
@@ -81,7 +85,8 @@ def test_tiny_run_trains_evaluates_and_exports_a_loadable_model(tiny_model_dir, 
     processor = AutoProcessor.from_pretrained(out)
     assert processor.image_processor.size["height"] == model.config.image_size
     # The exported weights are the best checkpoint's.
-    best = load_file(out / "best" / "model.safetensors")
+    best_dir = json.loads((Path(list_checkpoints(str(out))[-1]) / "trainer_state.json").read_text())["best_dir"]
+    best = load_file(out / "checkpoints" / best_dir / "model.safetensors")
     final = load_file(out / "model.safetensors")
     torch.testing.assert_close(final["visual_projection.net.0.weight"], best["visual_projection.net.0.weight"])
 
@@ -420,15 +425,20 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_saves_nothing(tiny_model_d
 
 
 def test_resume_latest_ignores_a_half_written_checkpoint(tmp_path):
-    complete = tmp_path / "checkpoint-4"
-    complete.mkdir()
+    from safetensors.torch import save_file
+
+    complete = tmp_path / "checkpoints" / "checkpoint-4"
+    complete.mkdir(parents=True)
+    save_file({"w": torch.zeros(1)}, complete / "model.safetensors")
+    for name in ("optimizer.bin", "scheduler.bin"):
+        torch.save({}, complete / name)
     (complete / "trainer_state.json").write_text("{}")
-    (tmp_path / "checkpoint-6.tmp").mkdir()  # a crash mid-write
-    (tmp_path / "checkpoint-8").mkdir()  # renamed but without its state file
+    (tmp_path / "checkpoints" / "checkpoint-6.tmp").mkdir()  # a crash mid-write
+    (tmp_path / "checkpoints" / "checkpoint-8").mkdir()  # renamed but without its state file
     assert resolve_resume(str(tmp_path), "latest") == str(complete)
     assert resolve_resume(str(tmp_path / "nothing-here"), "latest") is None
     with pytest.raises(SystemExit, match="not a complete checkpoint"):
-        resolve_resume(str(tmp_path), str(tmp_path / "checkpoint-8"))
+        resolve_resume(str(tmp_path), str(tmp_path / "checkpoints" / "checkpoint-8"))
 
 
 def test_an_export_moves_in_whole_with_metrics_json_last(tmp_path):
@@ -621,7 +631,7 @@ def test_a_run_killed_right_after_the_checkpoint_of_its_last_step_still_ends_its
     killed = subprocess.run([sys.executable, "-c", _KILL_AFTER_CHECKPOINT, json.dumps(argv), str(total)],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    state = json.loads((interrupted / f"checkpoint-{total}" / "trainer_state.json").read_text())
+    state = json.loads((interrupted / "checkpoints" / f"checkpoint-{total}" / "trainer_state.json").read_text())
     assert (state["global_step"], state["epoch"], state["step_in_epoch"]) == (total, 1, total // 2)
 
     resumed = run_contrastive.main(argv + ["--resume_from_checkpoint", "latest"])
@@ -684,3 +694,92 @@ def test_a_signal_saves_a_checkpoint_exits_with_its_code_and_the_resumed_run_is_
     resumed = run_contrastive.main(argv + ["--resume_from_checkpoint", "latest"])
     assert resumed["global_step"] == reference["global_step"]
     assert resumed["test"] == pytest.approx(reference["test"])
+
+
+def test_when_no_epoch_beats_the_model_before_training_that_model_is_exported_and_the_log_says_so(tiny_model_dir,
+                                                                                                 tmp_path, caplog):
+    """The state before training is the first best-model candidate (it was never one: a run whose training only
+    hurt exported its least bad epoch). A head learning rate of 1 wrecks the heads of the tiny model."""
+    caplog.set_level("WARNING")
+    out = tmp_path / "out"
+    metrics = run_contrastive.main(tiny_run_args(tiny_model_dir, out, "--eval_before_training", "true", "--vision_train",
+                                                 "frozen", "--text_train", "frozen", "--head_learning_rate", "1"))
+    history = json.loads((out / "log_history.json").read_text())
+    epochs = [record["rsum"] for record in history if "rsum" in record]
+    assert len(epochs) == 2 and max(epochs) < metrics["before_training"]["rsum"], "training should have hurt here"
+    assert metrics["best_epoch"] == 0 and metrics["validation"] == metrics["before_training"]
+    assert "no epoch beat the model as it was before training" in caplog.text
+    exported, untrained = load_file(out / "model.safetensors"), load_file(Path(tiny_model_dir) / "model.safetensors")
+    for key in untrained:
+        torch.testing.assert_close(exported[key], untrained[key], msg=key)
+
+
+def test_an_evaluation_split_whose_every_image_was_skipped_is_one_error_line_naming_it(tiny_model_dir, tmp_path):
+    """It was a traceback from the first evaluation (torch.cat(): expected a non-empty list of Tensors)."""
+    from tests.test_data_sources import captions, write_csv, write_image
+
+    for i in range(12):
+        write_image(tmp_path / f"{i}.png", i)
+    for i in (12, 13):
+        (tmp_path / f"{i}.png").write_bytes(b"not an image")
+    tables = {name: write_csv(tmp_path / f"{name}.csv", ["file_name", "text"],
+                              [[f"{i}.png", c] for i in images for c in captions(i)])
+              for name, images in (("train", range(12)), ("dev", (12, 13)))}
+    with pytest.raises(SystemExit) as refused:
+        run_contrastive.main(tiny_run_args(tiny_model_dir, tmp_path / "out", "--train_file", str(tables["train"]),
+                                           "--validation_file", str(tables["dev"]), "--on_bad_image", "skip"))
+    message = str(refused.value)
+    assert message.startswith(f"error: the validation split ({tables['dev']}) has no images left") and "\n" not in message
+
+
+def test_the_reported_test_scores_are_the_saved_models_on_the_image_files(tiny_model_dir, tmp_path):
+    """Training reads a 16 px pixel store (the images are 48 px) and a float16 prefix cache; the reported test
+    metrics were computed from them, not from what the export computes on the files. Now they are the export's,
+    as the evaluation command (and a user) embeds the test split."""
+    import numpy as np
+    from PIL import Image
+
+    from dualencoder.evaluation import common
+    from tests.test_data_sources import captions, write_csv
+
+    generator = np.random.default_rng(0)
+    for i in range(40):  # textured, so a smaller stored copy loses detail
+        Image.fromarray(generator.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    write_csv(tmp_path / "metadata.csv", ["file_name", "text"], [[f"{i}.png", c] for i in range(40) for c in captions(i)])
+    out = tmp_path / "out"
+    run_contrastive.main(tiny_run_args(tiny_model_dir, out, "--dataset", str(tmp_path), "--vision_train", "top:1",
+                                       "--prefix_cache_dtype", "float16", "--pixel_store_size", "16",
+                                       "--num_train_epochs", "1"))
+    reported = json.loads((out / "metrics.json").read_text())["test"]
+    model, processor = common.load_model(str(out), device="cpu")
+    options = common.data_options(str(out), dataset=str(tmp_path))
+    embedded = common.embed(model, processor, common.load_split(**options), max_length=options["max_length"])
+    assert embedded.metrics() == pytest.approx(reported, abs=1e-6)
+
+
+def test_a_run_resumed_from_an_older_checkpoint_exports_that_checkpoints_best_model_not_a_later_one(tiny_model_dir,
+                                                                                                 tmp_path, monkeypatch):
+    """The best model lived in one folder that every new best overwrote: resumed from epoch 1's checkpoint after
+    epoch 2 had saved a better model, a run whose replayed epoch 2 scores worse (another machine's arithmetic;
+    forced here) exported the abandoned epoch 2's model under epoch 1's metrics. Each best model is now kept
+    under its step for as long as a checkpoint names it."""
+    out = tmp_path / "out"
+    argv = tiny_run_args(tiny_model_dir, out, "--save_total_limit", "20")
+    end_of_epoch = run_contrastive.end_of_epoch
+
+    def scored(rsum_of_epoch):
+        def end(state, results, *args):
+            end_of_epoch(state, {**results, "rsum": rsum_of_epoch[state["epoch"]]}, *args)
+        return end
+
+    monkeypatch.setattr(run_contrastive, "end_of_epoch", scored({0: 100.0, 1: 200.0}))  # epoch 2 is the best
+    first = run_contrastive.main(argv)
+    assert first["best_epoch"] == 2
+    epoch_one = list_checkpoints(str(out))[0]
+    monkeypatch.setattr(run_contrastive, "end_of_epoch", scored({0: 100.0, 1: 50.0}))  # replayed, it is worse
+    resumed = run_contrastive.main(argv + ["--resume_from_checkpoint", epoch_one])
+    assert resumed["best_epoch"] == 1 and resumed["validation"]["rsum"] == 100.0
+    at_epoch_one = load_file(Path(epoch_one) / "model.safetensors")  # the trained weights as epoch 1 ended
+    exported = load_file(out / "model.safetensors")
+    for key in at_epoch_one:
+        torch.testing.assert_close(exported[key], at_epoch_one[key], msg=key)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .base import Baseline, TrainOptions, evaluate
+from .base import Baseline, TooFewPairs, TrainOptions, evaluate
 from .cca import LinearCCA, fit_cca
 from .corr_ae import CorrAE
 from .dcca import DeepCCA, total_correlation

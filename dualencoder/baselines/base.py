@@ -111,13 +111,21 @@ class TrainOptions:
     seed: int = 0
 
 
+class TooFewPairs(ValueError):
+    """A baseline was given fewer training pairs than its statistics need (e.g. a CCA over more dimensions)."""
+
+
 class TrainedBaseline(Baseline, nn.Module):
     """An ``nn.Module`` baseline trained by minibatch Adam, the epoch chosen by validation RSUM.
 
     Subclasses build their layers in ``build(image_dim, text_dim)`` and define
     ``loss(images, texts) -> scalar`` on standardised features and ``encode_images`` /
-    ``encode_texts`` (standardised features -> unnormalised embeddings).
+    ``encode_texts`` (standardised features -> unnormalised embeddings). ``min_pairs()`` is the fewest
+    training images with a caption the method is defined for (a batch statistic needs two).
     """
+
+    def min_pairs(self) -> int:
+        return 2
 
     def __init__(self, options: TrainOptions | None = None) -> None:
         nn.Module.__init__(self)
@@ -166,6 +174,9 @@ class TrainedBaseline(Baseline, nn.Module):
         for j, i in enumerate(text_to_image.tolist()):
             captions_of[i].append(j)
         has_caption = torch.tensor([i for i, caps in enumerate(captions_of) if caps])
+        if len(has_caption) < self.min_pairs():
+            raise TooFewPairs(f"{self.name} needs at least {self.min_pairs()} training images with a caption, got "
+                              f"{len(has_caption)}; use a bigger training split")
         optimizer = torch.optim.Adam(self.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
 
         best_rsum, best_state, stale = -1.0, None, 0

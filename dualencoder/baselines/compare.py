@@ -27,6 +27,7 @@ import torch
 
 from dualencoder.baselines import (
     BASELINES,
+    TooFewPairs,
     TrainOptions,
     build_baseline,
     evaluate,
@@ -241,7 +242,10 @@ def main(argv=None) -> dict:
         baseline = build_baseline(name, options)
         logger.info("fitting %s", name)
         started = time.time()
-        baseline.fit(train.images, train.texts, train.text_to_image, val=val)
+        try:
+            baseline.fit(train.images, train.texts, train.text_to_image, val=val)
+        except TooFewPairs as error:  # one line naming the baseline, not a linear-algebra traceback
+            raise SystemExit(f"error: {error}") from None
         metrics = evaluate(baseline, test)
         results[name] = {"test": metrics, "train_seconds": baseline.train_seconds, "selected": baseline.selected,
                          "history": baseline.history, "kind": "baseline"}

@@ -51,6 +51,11 @@ class DeepCCA(TrainedBaseline):
         self.out_dim, self.image_hidden, self.text_hidden, self.dropout = out_dim, image_hidden, text_hidden, dropout
         self.ridge, self.cca_ridge, self.power, self.max_cca_rows = ridge, cca_ridge, power, max_cca_rows
 
+    def min_pairs(self) -> int:
+        """A CCA of `out_dim` dimensions needs more pairs than dimensions (fewer: eigh fails, or every canonical
+        correlation is 1 and the embedding means nothing)."""
+        return self.out_dim + 1
+
     def build(self, image_dim: int, text_dim: int) -> None:
         self.image_head = mlp([image_dim, self.image_hidden, self.out_dim], self.dropout)
         self.text_head = mlp([text_dim, self.text_hidden, self.out_dim], self.dropout)

@@ -52,7 +52,9 @@ def load_trained_config(model_dir: str) -> DualEncoderConfig:
     """The config of a saved model (a local directory or a Hub id), with an error that says what is wrong."""
     local = Path(model_dir)
     if local.exists() and not (local / "config.json").is_file():
-        hint = (f" (a run's exported model is its output_dir, or {local / 'best'})" if (local / "best").is_dir()
+        candidates = [*sorted((local / "checkpoints").glob("best*")), local / "best"]  # this layout, the one before
+        best = next((path for path in candidates if path.is_dir()), None)
+        hint = (f" (a run's exported model is its output_dir, or {best})" if best
                 else " (a run writes it at the end: is the run finished?)")
         raise SystemExit(f"--model_dir {model_dir}: no config.json there, so it holds no saved model{hint}")
     try:
@@ -89,14 +91,15 @@ def load_zero_shot(vision_model: str = OFFLINE_VISION, text_model: str = OFFLINE
 def training_options(model_dir: Optional[str]) -> dict:
     """The options of the run that saved `model_dir`, from its `training_args.json` ({} when there is none).
 
-    A run's `best/` folder (and its `checkpoint-<step>` folders) have no file of their own: the run's,
-    one folder up, is read for them.
+    A run's best-model folders (`best-<step>`) and `checkpoint-<step>` folders have no file of their own: the run's,
+    in its output_dir (`output_dir/checkpoints/`; one folder up in the old layout), is read for them.
     """
     if not model_dir:
         return {}
     path = Path(model_dir) / TRAINING_ARGS_FILE
-    if not path.is_file() and re.fullmatch(r"best|checkpoint-\d+", Path(model_dir).name):
-        path = Path(model_dir).parent / TRAINING_ARGS_FILE
+    if not path.is_file() and re.fullmatch(r"best(-\d+)?|checkpoint-\d+", Path(model_dir).name):
+        run = Path(model_dir).parent
+        path = (run.parent if run.name == "checkpoints" else run) / TRAINING_ARGS_FILE
     if not path.is_file():
         return {}
     try:

@@ -1,8 +1,13 @@
 """Resumable checkpoints that a crash can never leave half-written where resume would find them.
 
-A checkpoint is written to `checkpoint-<step>.tmp` and renamed to `checkpoint-<step>` only when
-complete (the rename is atomic); resume considers only directories holding `trainer_state.json`,
-which is written last. The same write-then-rename protects the best model's directory.
+They live apart from the exported model, in `output_dir/checkpoints/` (`checkpoint-<step>` and the best model so
+far, `best-<step>`), so `output_dir` holds only what a Hub repository should. A checkpoint keeps only what trains (the
+trained weights, their optimiser state, the schedule, every process's random state, the loop state): frozen
+backbone weights are rebuilt from the options on resume, so with frozen towers a checkpoint is a small part of the
+model's size. It is written to `checkpoint-<step>.tmp` and renamed to `checkpoint-<step>` only when complete (the
+rename is atomic); resume considers only directories holding `trainer_state.json`, which is written last, and
+reads every file before using one: a damaged checkpoint is named with its damaged file, and `latest` falls back to
+the newest intact one. The same write-then-rename protects the best model's directory.
 """
 
 from __future__ import annotations
@@ -13,26 +18,123 @@ import logging
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from typing import Callable, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from dualencoder.training.arguments import all_options
 
 logger = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
+CHECKPOINTS = "checkpoints"  # output_dir/checkpoints/: checkpoint-<step>/ and best-<step>/, apart from the export
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# what every checkpoint holds (accelerator.save_state's model, optimiser and schedule, then our loop state); the
+# random states (one per process) are checked when present: a missing one is a warning on resume
+NEEDED_FILES = ("model.safetensors", "optimizer.bin", "scheduler.bin", STATE_FILE)
 
 
-def list_checkpoints(output_dir: str) -> list[str]:
-    """Complete checkpoints, oldest first."""
-    if not os.path.isdir(output_dir):
+def checkpoints_dir(output_dir: str) -> str:
+    return os.path.join(output_dir, CHECKPOINTS)
+
+
+def best_model_dir(output_dir: str, state: dict) -> Optional[str]:
+    """The best model so far of the run at loop state `state` (the export loads it at the end), None before any.
+
+    Each best model is kept under its own step, `checkpoints/best-<step>`, named in the loop state, for as long as
+    a kept checkpoint names it: a run resumed from an older checkpoint then finds that checkpoint's best model, not
+    one from the later part of the run it abandons. (`checkpoints/best`: a run from before per-step best models.)
+    """
+    if state.get("best_dir"):
+        return os.path.join(checkpoints_dir(output_dir), state["best_dir"])
+    before = os.path.join(checkpoints_dir(output_dir), "best")
+    return before if os.path.isdir(before) else None
+
+
+def new_best_dir(output_dir: str, step: int) -> str:
+    return os.path.join(checkpoints_dir(output_dir), f"best-{step}")
+
+
+def _drop_unnamed_best_models(folder: str, state: dict) -> None:
+    """Delete the `best-<step>` models that neither `state` nor a kept checkpoint names (e.g. an older best, or one
+    saved in the abandoned part of a resumed run)."""
+    named = {state.get("best_dir")}
+    for path in _checkpoints_in(folder):
+        try:
+            named.add(read_loop_state(path).get("best_dir"))
+        except (OSError, ValueError):  # a damaged state file: that checkpoint cannot be resumed anyway
+            continue
+    for name in os.listdir(folder):
+        if re.fullmatch(r"best-\d+", name) and name not in named:
+            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+
+
+def _checkpoints_in(folder: str) -> list[str]:
+    if not os.path.isdir(folder):
         return []
     found = []
-    for name in os.listdir(output_dir):
+    for name in os.listdir(folder):
         match = _CHECKPOINT.match(name)
-        path = os.path.join(output_dir, name)
+        path = os.path.join(folder, name)
         if match and os.path.isfile(os.path.join(path, STATE_FILE)):
             found.append((int(match.group(1)), path))
     return [path for _, path in sorted(found)]
+
+
+def list_checkpoints(output_dir: str) -> list[str]:
+    """Complete checkpoints (a state file written), oldest first."""
+    return _checkpoints_in(checkpoints_dir(output_dir))
+
+
+def refuse_old_layout(output_dir: str) -> None:
+    """Checkpoints of the layout before `output_dir/checkpoints/` (`output_dir/checkpoint-<step>`, `best/` beside
+    them) resume once moved; found where a run would not look for them, they are refused with the command."""
+    old = _checkpoints_in(output_dir)
+    if old:
+        names = " ".join(os.path.basename(path) for path in old)
+        best = " best" if os.path.isdir(os.path.join(output_dir, "best")) else ""
+        raise SystemExit(f"error: {output_dir} holds checkpoints in the old layout ({names}); checkpoints now live in "
+                         f"{checkpoints_dir(output_dir)}: move them there (cd {output_dir} && mkdir -p {CHECKPOINTS} "
+                         f"&& mv {names}{best} {CHECKPOINTS}/) and run again.")
+
+
+def damage(path: str) -> Optional[str]:
+    """What is wrong with checkpoint `path` ("<file>: missing" or "<file>: unreadable (...)"), None if intact.
+
+    Every file is read whole, as resuming would read it: a truncated write (a full disk, a kill) is found before
+    the run has loaded half a checkpoint."""
+    names = set(os.listdir(path)) if os.path.isdir(path) else set()
+    for name in NEEDED_FILES:
+        if name not in names:
+            return f"{name}: missing"
+    for name in sorted(names):
+        file = os.path.join(path, name)
+        try:
+            if name.endswith(".json"):
+                with open(file) as handle:
+                    json.load(handle)
+            elif name.endswith(".safetensors"):
+                load_file(file)
+            elif name.endswith((".bin", ".pkl")):
+                torch.load(file, map_location="cpu", weights_only=False)
+        except Exception as error:  # noqa: BLE001 - any reader's error means the same: this file is damaged
+            reason = (str(error).splitlines() or [""])[0][:120]
+            return f"{name}: unreadable ({type(error).__name__}{': ' + reason if reason else ''})"
+    return None
+
+
+def _intact_before(checkpoints: list[str], path: Optional[str] = None) -> tuple[Optional[str], list[str]]:
+    """The newest intact checkpoint older than `path` (all of them when None), and the damaged ones passed over."""
+    older = checkpoints[:checkpoints.index(path)] if path in checkpoints else checkpoints
+    damaged = []
+    for candidate in reversed(older):
+        problem = damage(candidate)
+        if problem is None:
+            return candidate, damaged
+        damaged.append(f"{candidate}: {problem}")
+    return None, damaged
 
 
 def earlier_checkpoints(output_dir: str, resume: Optional[str], overwrite: bool) -> list[str]:
@@ -42,7 +144,9 @@ def earlier_checkpoints(output_dir: str, resume: Optional[str], overwrite: bool)
     lowest step numbers, which would be the new run's own, and `--resume_from_checkpoint latest` after a
     crash would continue the old run.
     """
-    existing = list_checkpoints(output_dir) if os.path.isdir(output_dir) else []
+    if not overwrite:
+        refuse_old_layout(output_dir)
+    existing = list_checkpoints(output_dir) + (_checkpoints_in(output_dir) if overwrite else [])
     if not existing or resume:
         return []
     if overwrite:
@@ -54,22 +158,51 @@ def earlier_checkpoints(output_dir: str, resume: Optional[str], overwrite: bool)
 
 
 def resolve_resume(output_dir: str, resume: Optional[str]) -> Optional[str]:
-    """`latest` -> the newest complete checkpoint (or None to start fresh, said in the log), a path -> itself,
-    checked."""
+    """`latest` -> the newest intact checkpoint (the damaged ones passed over are logged; None, a new run, when
+    there is none, said in the log); a path -> itself, checked: a damaged one is refused, naming its damaged file
+    and the previous intact checkpoint to pass instead."""
     if not resume:
         return None
     if resume == "latest":
+        refuse_old_layout(output_dir)
         checkpoints = list_checkpoints(output_dir)
         if not checkpoints:
             logger.warning("--resume_from_checkpoint latest: no complete checkpoint in %s, so this is a new run.",
                            output_dir)
-        return checkpoints[-1] if checkpoints else None
+            return None
+        intact, damaged = _intact_before(checkpoints)
+        if intact is None:
+            raise SystemExit(f"error: every checkpoint in {checkpoints_dir(output_dir)} is damaged ({'; '.join(damaged)}"
+                             "); start over with --overwrite_output_dir true.")
+        for line in damaged:
+            logger.warning("--resume_from_checkpoint latest: %s is damaged; resuming from the previous intact "
+                           "checkpoint, %s.", line, intact)
+        return intact
     if not os.path.isfile(os.path.join(resume, STATE_FILE)):
         raise SystemExit(f"error: {resume} is not a complete checkpoint (no {STATE_FILE}); pass a checkpoint-<step> directory or 'latest'")
+    folder = os.path.dirname(os.path.abspath(resume))
+    if os.path.basename(folder) != CHECKPOINTS:  # the old layout: its best/ would not be found
+        refuse_old_layout(folder)
+    problem = damage(resume)
+    if problem:
+        intact, _ = _intact_before(_checkpoints_in(folder), os.path.join(folder, os.path.basename(resume.rstrip("/"))))
+        offer = (f"the previous intact checkpoint is {intact}: pass --resume_from_checkpoint {intact}" if intact
+                 else "there is no intact checkpoint before it")
+        raise SystemExit(f"error: checkpoint {resume} is damaged ({os.path.join(resume, problem)}); {offer}.")
     return resume
 
 
+def _fsync_tree(folder: str) -> None:
+    """Flush every file under `folder` to the disk, so a rename never publishes a directory whose data a power
+    loss could still take back."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as handle:
+                os.fsync(handle.fileno())
+
+
 def _swap_in(tmp_dir: str, final_dir: str) -> None:
+    _fsync_tree(tmp_dir)
     old_dir = final_dir + ".old"
     recover_swap(final_dir)
     if os.path.exists(final_dir):
@@ -100,13 +233,27 @@ def move_into(staging: str, out: str, last: str) -> None:
     os.rmdir(staging)
 
 
+@contextmanager
+def _failing_in_one_line(final_dir: str):
+    """A write of `final_dir` (through `final_dir.tmp`) that fails for lack of space or a lost mount ends the run
+    with one line saying what is safe (the checkpoints already in place are untouched), not a traceback."""
+    try:
+        yield
+    except OSError as error:
+        shutil.rmtree(final_dir + ".tmp", ignore_errors=True)
+        raise SystemExit(f"error: writing {final_dir} failed ({error.strerror or error}); the checkpoints already in "
+                         f"{os.path.dirname(final_dir)} are intact: free space (or fix the folder) and continue with "
+                         "--resume_from_checkpoint latest.") from None
+
+
 def write_atomically(final_dir: str, write: Callable[[str], None]) -> None:
     """Call `write(tmp_dir)`, then swap `tmp_dir` in place of `final_dir` (one process only)."""
     tmp_dir = final_dir + ".tmp"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    os.makedirs(tmp_dir)
-    write(tmp_dir)
-    _swap_in(tmp_dir, final_dir)
+    with _failing_in_one_line(final_dir):
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        os.makedirs(tmp_dir)
+        write(tmp_dir)
+        _swap_in(tmp_dir, final_dir)
 
 
 def save_checkpoint(accelerator, output_dir: str, step: int, state: dict, keep: int) -> str:
@@ -115,20 +262,24 @@ def save_checkpoint(accelerator, output_dir: str, step: int, state: dict, keep: 
     Every process takes part (each writes its own RNG state); the main process alone writes the
     state file last and renames the finished directory into place.
     """
-    final_dir = os.path.join(output_dir, f"checkpoint-{step}")
+    folder = checkpoints_dir(output_dir)
+    final_dir = os.path.join(folder, f"checkpoint-{step}")
     tmp_dir = final_dir + ".tmp"
     if accelerator.is_main_process:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         os.makedirs(tmp_dir)
     accelerator.wait_for_everyone()
-    accelerator.save_state(tmp_dir)
-    accelerator.wait_for_everyone()
+    with _failing_in_one_line(final_dir):
+        accelerator.save_state(tmp_dir)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            with open(os.path.join(tmp_dir, STATE_FILE), "w") as handle:
+                json.dump(state, handle, indent=2)
+            _swap_in(tmp_dir, final_dir)
     if accelerator.is_main_process:
-        with open(os.path.join(tmp_dir, STATE_FILE), "w") as handle:
-            json.dump(state, handle, indent=2)
-        _swap_in(tmp_dir, final_dir)
         for stale in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(stale, ignore_errors=True)
+        _drop_unnamed_best_models(folder, state)
     accelerator.wait_for_everyone()
     return final_dir
 
@@ -139,13 +290,42 @@ def read_loop_state(path: str) -> dict:
         return json.load(handle)
 
 
+def _frozen_names(model) -> set[str]:
+    return {name for name, parameter in model.named_parameters() if not parameter.requires_grad}
+
+
+def keep_trained_weights_only(accelerator) -> None:
+    """Make `accelerator.save_state` leave out frozen parameters (the options rebuild them on resume: the resume
+    fingerprint guarantees the same options), and `load_state` check that a checkpoint holds every weight that
+    trains now (a checkpoint of the old layout holds all of them). Buffers (BatchNorm statistics) are kept."""
+
+    def drop_frozen(models, weights, output_dir):
+        for model, state in zip(models, weights):
+            for name in _frozen_names(model):
+                state.pop(name, None)
+
+    def check_trained_present(models, input_dir):
+        for index, model in enumerate(models):
+            file = os.path.join(input_dir, f"model{f'_{index}' if index else ''}.safetensors")
+            with safe_open(file, framework="pt") as handle:
+                missing = sorted(set(model.state_dict()) - _frozen_names(model) - set(handle.keys()))
+            if missing:
+                raise SystemExit(f"error: {file} lacks {len(missing)} weights that train in this run (e.g. "
+                                 f"{missing[0]}): it was saved by a run that trained other parts; resume with its "
+                                 "options.")
+
+    accelerator.register_save_state_pre_hook(drop_frozen)
+    accelerator.register_load_state_pre_hook(check_trained_present)
+
+
 def load_checkpoint(accelerator, path: str) -> dict:
     """Restore model, optimiser, scheduler and random states; the loop state. A missing random state makes the
-    resumed run inexact (other dropout masks and draws): said loudly, naming the file."""
+    resumed run inexact (other dropout masks and draws): said loudly, naming the file. Frozen weights are not in
+    a checkpoint (`keep_trained_weights_only`): the model keeps the ones it was built with."""
     missing = os.path.join(path, f"random_states_{accelerator.process_index}.pkl")
     if not os.path.isfile(missing):
         logger.warning("%s is missing: the resumed run will not repeat the interrupted one exactly.", missing)
-    accelerator.load_state(path)
+    accelerator.load_state(path, strict=False)
     return read_loop_state(path)
 
 

@@ -15,9 +15,10 @@ from typing import Optional
 import torch
 from torch.utils.data import DataLoader
 
-from data_scripts import (ContrastiveCollator, DatasetFormatError, ImageGroupBatchSampler, ImageTransform, RandomFeatureCrop, RandomMirror,
-                          SeededBatchSampler, TransformedRows, UniqueImageBatchSampler, build_pixel_store, build_stream,
-                          images_with_sided_captions, load_image_caption_dataset, load_split_file, to_image_view,
+from data_scripts import (ContrastiveCollator, DatasetFormatError, ImageGroupBatchSampler, ImageTransform,
+                          RandomFeatureCrop, RandomMirror, SeededBatchSampler, TransformedRows, UniqueImageBatchSampler,
+                          build_pixel_store, build_stream, images_with_sided_captions, load_image_caption_dataset,
+                          load_split_file, to_image_view,
                           undecoded_images)
 from dualencoder.evaluation.embed import split_captions
 
@@ -127,6 +128,12 @@ def load_data(data_args, seed: int):
     train = first_images(pairs["train"], data_args.max_train_images)
     evals = {split: to_image_view(first_images(pairs[split], data_args.max_eval_images))
              for split in ("validation", "test") if split in pairs}
+    for split, view in evals.items():  # evaluating nothing ended in a traceback (torch.cat of no batches)
+        if len(view) == 0:
+            where = files.get(f"{split}_file") or source
+            raise DatasetFormatError(f"the {split} split ({where}) has no images left: every one was skipped as "
+                                     f"unreadable (listed above); replace them, or pass on_bad_image: error to stop at "
+                                     "the first")
     return train, evals
 
 

@@ -36,7 +36,9 @@ def batch_loss(loss_fn, outputs, image_ids=None) -> torch.Tensor:
 
 
 class TrainStep:
-    """`step(batch)` runs one step and returns the loss (detached, still on the device).
+    """`step(batch)` runs one micro-batch and returns the mean loss of the optimiser step's micro-batches so far
+    (detached, still on the device): at the call that steps the optimiser, the loss of that whole step, not of
+    its last micro-batch.
 
     `loss_fn` scores the model's outputs (`batch_loss`); `extras` are keyword arguments every forward
     gets (e.g. which block a cached prefix ends at). After each real optimiser step the loss's own
@@ -56,12 +58,15 @@ class TrainStep:
         self.global_step = global_step  # optimiser steps taken
         self.calls = 0  # forward passes run by this object (micro-batches, with gradient accumulation)
         self._first_bad = None  # device tensor: the first optimiser step whose loss was not finite, or 0
+        self._losses = []  # this optimiser step's micro-batch losses (on the device)
 
     def __call__(self, batch: dict) -> torch.Tensor:
         accelerator = self.accelerator
         with accelerator.accumulate(self.model):
             loss = batch_loss(self.loss_fn, self.model(**batch, **self.extras), batch.get("image_ids"))
             self._note_finite(loss.detach(), self.global_step + 1)
+            self._losses.append(loss.detach())
+            step_loss = torch.stack(self._losses).mean()
             accelerator.backward(loss)
             if accelerator.sync_gradients and self.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(self.parameters(), self.max_grad_norm)
@@ -70,6 +75,7 @@ class TrainStep:
             self.optimizer.zero_grad(set_to_none=True)
             if accelerator.sync_gradients:
                 self.global_step += 1
+                self._losses = []
                 unwrapped = accelerator.unwrap_model(self.model)
                 if hasattr(unwrapped, "clamp_logit_scale_"):  # the temperature stays at or below its cap
                     unwrapped.clamp_logit_scale_()
@@ -78,7 +84,7 @@ class TrainStep:
         self.calls += 1
         if self.check_every and self.calls % self.check_every == 0:
             self.check()
-        return loss.detach()
+        return step_loss
 
     def parameters(self) -> list:
         """What the step trains: the model's parameters, then the loss's own (e.g. a codebook)."""
