@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import run_contrastive
 from data_scripts.streaming import WebDatasetStream
-from dualencoder.training.checkpoints import list_checkpoints
+from dualencoder.training.checkpoints import best_model_dir, checkpoints_dir, list_checkpoints
 from tests.test_data_sources import _hub_rows, captions
 from tests.test_data_streaming import make_shards, png, sample_members, write_tar
 from tests.test_training import REPO, tiny_model_dir, tiny_run_args  # noqa: F401 (a fixture)
@@ -25,7 +25,7 @@ BATCH = 4
 
 def streamed_args(model_dir, out, shards, *extra):
     return tiny_run_args(model_dir, out, "--dataset", str(shards), "--streaming", "true",
-                         "--per_device_train_batch_size", str(BATCH), "--eval_before_training", "false", *extra)
+                         "--per_device_train_batch_size", str(BATCH), *extra)
 
 
 def validation_shard(folder: Path) -> Path:
@@ -56,7 +56,7 @@ def test_webdataset_shards_stream_into_training_with_validation_from_a_shard(tin
     assert metrics["validation"]["rsum"] > 0 and metrics["best_epoch"] in (1, 2)
     state = json.loads((Path(list_checkpoints(str(out))[-1]) / "trainer_state.json").read_text())
     assert [s["rank"] for s in state["stream"]] == [0]  # the position of each rank's stream is in the checkpoint
-    assert (out / "model.safetensors").exists() and (out / "best").is_dir()
+    assert (out / "model.safetensors").exists() and os.path.isdir(best_model_dir(str(out), state))
 
 
 def test_a_streamed_run_resumed_from_a_mid_epoch_checkpoint_trains_to_the_same_weights(tiny_model_dir, tmp_path,
@@ -68,14 +68,14 @@ def test_a_streamed_run_resumed_from_a_mid_epoch_checkpoint_trains_to_the_same_w
     reference = run_contrastive.main(streamed_args(tiny_model_dir, tmp_path / "reference", tmp_path / "shards", *extra))
     assert reference["global_step"] == 12
     for step, epoch in ((4, 0), (10, 1)):  # mid epoch 0 (of 9 batches); in epoch 1, after the stream began again
-        state = json.loads((tmp_path / "reference" / f"checkpoint-{step}" / "trainer_state.json").read_text())
+        state = json.loads((Path(checkpoints_dir(str(tmp_path / "reference"))) / f"checkpoint-{step}" / "trainer_state.json").read_text())
         position = state["stream"][0]
         assert (state["epoch"], position["epoch"]) == (epoch, epoch) and position["positions"]["0"] != [0, 0]
 
     caplog.set_level("INFO")
     resumed = run_contrastive.main(streamed_args(
         tiny_model_dir, tmp_path / "resumed", tmp_path / "shards", *extra,
-        "--resume_from_checkpoint", str(tmp_path / "reference" / "checkpoint-4")))
+        "--resume_from_checkpoint", os.path.join(checkpoints_dir(str(tmp_path / "reference")), "checkpoint-4")))
     assert resumed["global_step"] == 12
     assert "stream resumed at epoch 0" in caplog.text and "read again from its start" in caplog.text
     final_reference = load_file(tmp_path / "reference" / "model.safetensors")
