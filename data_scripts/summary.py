@@ -123,12 +123,13 @@ def format_summary(data: DatasetDict, examples: int = 3) -> str:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    logger.setLevel(logging.ERROR)  # the report is printed below; do not log it twice
     extra = {}
     if args.source.lower() == "synthetic":
         extra = {"num_images": args.num_images or DEFAULT_JOB_NUM_IMAGES, "image_size": args.image_size or DEFAULT_JOB_IMAGE_SIZE}
     elif args.num_images is not None or args.image_size is not None:
         print("note: --num-images/--image-size only apply to 'synthetic'; ignored", file=sys.stderr)
+    level = logger.level  # the report is printed below; do not log it twice (and leave the logger as it was:
+    logger.setLevel(logging.ERROR)  # a test, a notebook or a training run in this process logs through it too)
     try:
         data = load_image_caption_dataset(args.source, "images", on_bad_image=args.on_bad_image,
                                           verify_images=args.verify_images, seed=args.seed,
@@ -137,5 +138,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except DatasetFormatError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        logger.setLevel(level)
     print(format_summary(data, args.examples))
     return 0

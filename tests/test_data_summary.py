@@ -28,3 +28,20 @@ def test_summary_reports_bad_directory(tmp_path, capsys):
     (tmp_path / "Images").mkdir()
     assert main(["summary", str(tmp_path)]) == 2
     assert "not a Flickr8k layout" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("source", ["synthetic", "bad-folder"])
+def test_summary_leaves_the_data_loggers_level_as_it_was(tmp_path, source, capsys):
+    """The command quiets the data loader's log while it prints its own report; a training run, notebook or test
+    later in the same process must still get the data loader's INFO lines (a streamed resume logs through it)."""
+    import logging
+
+    data_logger = logging.getLogger("data_scripts")
+    data_logger.setLevel(logging.INFO)
+    if source == "bad-folder":
+        (tmp_path / "Images").mkdir()
+        main(["summary", str(tmp_path)])
+    else:
+        main(["summary", "synthetic", "--num-images", "20", "--image-size", "32", "--cache-dir", str(tmp_path)])
+    assert data_logger.level == logging.INFO
+    data_logger.setLevel(logging.NOTSET)
