@@ -3,6 +3,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -11,9 +16,12 @@ from accelerate.data_loader import prepare_data_loader
 from datasets import Dataset
 
 from data_scripts import ContrastiveCollator
+from dualencoder.training.checkpoints import damage, list_checkpoints
 from dualencoder.training.data import make_train_loader
+from tests.tiny import save_tiny_model_dir
 
 PROCESSES = 2
+REPO = Path(__file__).resolve().parents[1]
 
 
 def pairs_of(images: int, captions: int) -> Dataset:
@@ -74,3 +82,72 @@ def test_a_short_last_step_is_padded_with_the_first_pairs_and_a_copy_is_a_positi
     assert len(seen) > len(pairs)  # the padding repeats pairs (the count is a multiple of the processes' batches)
     if case == "random batches, one step":  # the padded pairs are those of this same step, on the other process
         assert copies_beside_their_original > 0
+
+
+def launch(args: list, env: dict, port: int) -> list:
+    """The processes of one run, started as a launcher would (one per rank), each its own exit code and stderr."""
+    return [subprocess.Popen([sys.executable, str(REPO / "tests" / "several_processes_driver.py"), *args], cwd=REPO,
+                             env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(PROCESSES),
+                                      LOCAL_WORLD_SIZE=str(PROCESSES), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            for rank in range(PROCESSES)]
+
+
+def ended(processes: list, deadline_s: float, after_first_s: float) -> list:
+    """(exit code, stderr) of each process; None as the code of one still running `after_first_s` after the first
+    ended (or at the deadline), which is then stopped."""
+    start, first = time.monotonic(), None
+    while any(p.poll() is None for p in processes):
+        now = time.monotonic()
+        first = first or (now if any(p.poll() is not None for p in processes) else None)
+        if now - start > deadline_s or (first and now - first > after_first_s):
+            break
+        time.sleep(0.2)
+    codes = [p.poll() for p in processes]
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+    return [(code, process.communicate()[1]) for code, process in zip(codes, processes)]
+
+
+@pytest.fixture(scope="module")
+def run_failing_its_second_checkpoint(tmp_path_factory):
+    """2 gloo processes, frozen vision tower with a disk cache, a checkpoint each step; process 0's second
+    checkpoint write fails as a full disk does."""
+    from tests.test_distributed import _free_port
+    from tests.test_training import tiny_run_args
+
+    tmp = tmp_path_factory.mktemp("several")
+    report, out = tmp / "report", tmp / "out"
+    report.mkdir()
+    args = tiny_run_args(save_tiny_model_dir(tmp / "model"), out, "--vision_train", "frozen", "--feature_cache_dir",
+                         str(tmp / "cache"), "--checkpointing_steps", "1", "--num_train_epochs", "1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", ACCELERATE_USE_CPU="true", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1",
+               REPORT_DIR=str(report), FAIL_SAVE_AT="2")
+    results = ended(launch(args, env, _free_port()), deadline_s=400, after_first_s=30)
+    return SimpleNamespace(results=results, out=out, report=report)
+
+
+def test_a_disk_cache_is_computed_by_the_main_process_only_and_every_process_gets_the_same(
+        run_failing_its_second_checkpoint):
+    report = run_failing_its_second_checkpoint.report
+    computed = [(report / f"computed-{rank}.txt") for rank in range(PROCESSES)]
+    held = [(report / f"features-{rank}.txt").read_text().splitlines() for rank in range(PROCESSES)]
+    assert computed[0].read_text().splitlines() == [line.split()[0] for line in held[0]]  # e.g. ["vision-<key>.pt"]
+    assert not computed[1].exists()  # process 1 read what process 0 wrote
+    assert held[0] == held[1]  # file by file, the same tensors (hashes)
+
+
+def test_a_checkpoint_write_failing_on_one_process_ends_every_process_with_its_line(
+        run_failing_its_second_checkpoint):
+    """The process whose write fails and the others all exit promptly (not waiting at the next barrier until the
+    launcher stops them), non-zero, with the same one line; the checkpoint before is intact."""
+    run = run_failing_its_second_checkpoint
+    folder = run.out / "checkpoints"
+    for code, stderr in run.results:
+        assert code not in (None, 0), stderr[-2000:]  # None: still running 30 s after the first had exited
+        # (process 0's progress bar, closed at exit, may share the line)
+        assert stderr.count(f"error: writing {folder / 'checkpoint-2'} failed (No space left on device)") == 1
+        assert "Traceback" not in stderr
+    assert [os.path.basename(path) for path in list_checkpoints(str(run.out))] == ["checkpoint-1"]
+    assert damage(str(folder / "checkpoint-1")) is None and not (folder / "checkpoint-2.tmp").exists()
