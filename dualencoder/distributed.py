@@ -77,8 +77,17 @@ def first_error(error: str | None) -> str | None:
     if world_size == 1:
         return error
     errors = [None] * world_size
-    dist.all_gather_object(errors, error)
-    return next((e for e in errors if e), None)
+    try:
+        dist.all_gather_object(errors, error)
+    except RuntimeError as lost:  # (gloo's DistBackendError) a peer's connection closed mid-exchange: it has stopped
+        return error or f"error: another process stopped during this save ({(str(lost).splitlines() or [''])[0]})"
+    found = next((e for e in errors if e), None)
+    if found:  # every process has the answer before any exits and closes its connections, mid-exchange for another
+        try:
+            dist.barrier()
+        except RuntimeError:  # one that exited after this barrier: the answer is known already
+            pass
+    return found
 
 
 def launch_mismatch(env, num_processes: int, devices: int) -> str | None:

@@ -84,16 +84,17 @@ def test_a_short_last_step_is_padded_with_the_first_pairs_and_a_copy_is_a_positi
         assert copies_beside_their_original > 0
 
 
-def launch(args: list, env: dict, port: int) -> list:
-    """The processes of one run, started as a launcher would (one per rank), each its own exit code and stderr."""
+def launch(args: list, env: dict, port: int, logs: Path) -> list:
+    """The processes of one run, started as a launcher would (one per rank), each with its exit code and its stderr
+    in `logs/stderr-<rank>.txt` (a file: a full pipe would block a process)."""
     return [subprocess.Popen([sys.executable, str(REPO / "tests" / "several_processes_driver.py"), *args], cwd=REPO,
                              env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(PROCESSES),
                                       LOCAL_WORLD_SIZE=str(PROCESSES), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                             stdout=subprocess.DEVNULL, stderr=open(logs / f"stderr-{rank}.txt", "w"))
             for rank in range(PROCESSES)]
 
 
-def ended(processes: list, deadline_s: float, after_first_s: float) -> list:
+def ended(processes: list, logs: Path, deadline_s: float, after_first_s: float) -> list:
     """(exit code, stderr) of each process; None as the code of one still running `after_first_s` after the first
     ended (or at the deadline), which is then stopped."""
     start, first = time.monotonic(), None
@@ -107,7 +108,8 @@ def ended(processes: list, deadline_s: float, after_first_s: float) -> list:
     for process in processes:
         if process.poll() is None:
             process.kill()
-    return [(code, process.communicate()[1]) for code, process in zip(codes, processes)]
+        process.wait()
+    return [(code, (logs / f"stderr-{rank}.txt").read_text()) for rank, code in enumerate(codes)]
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +126,7 @@ def run_failing_its_second_checkpoint(tmp_path_factory):
                          str(tmp / "cache"), "--checkpointing_steps", "1", "--num_train_epochs", "1")
     env = dict(os.environ, HF_HUB_OFFLINE="1", ACCELERATE_USE_CPU="true", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1",
                REPORT_DIR=str(report), FAIL_SAVE_AT="2")
-    results = ended(launch(args, env, _free_port()), deadline_s=400, after_first_s=30)
+    results = ended(launch(args, env, _free_port(), report), report, deadline_s=400, after_first_s=30)
     return SimpleNamespace(results=results, out=out, report=report)
 
 

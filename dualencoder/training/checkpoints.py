@@ -235,13 +235,15 @@ def move_into(staging: str, out: str, last: str) -> None:
 
 
 @contextmanager
-def _failing_in_one_line(final_dir: str):
+def _failing_in_one_line(final_dir: str, remove_tmp: bool = True):
     """A write of `final_dir` (through `final_dir.tmp`) that fails for lack of space or a lost mount ends the run
-    with one line saying what is safe (the checkpoints already in place are untouched), not a traceback."""
+    with one line saying what is safe (the checkpoints already in place are untouched), not a traceback.
+    (`remove_tmp` False: other processes may still be writing into it; it goes once they all stopped.)"""
     try:
         yield
     except OSError as error:
-        shutil.rmtree(final_dir + ".tmp", ignore_errors=True)
+        if remove_tmp:
+            shutil.rmtree(final_dir + ".tmp", ignore_errors=True)
         raise SystemExit(f"error: writing {final_dir} failed ({error.strerror or error}); the checkpoints already in "
                          f"{os.path.dirname(final_dir)} are intact: free space (or fix the folder) and continue with "
                          "--resume_from_checkpoint latest.") from None
@@ -288,7 +290,7 @@ def save_checkpoint(accelerator, output_dir: str, step: int, state: dict, keep: 
 
     def guarded(write: Callable[[], None]) -> Callable[[], None]:
         def part():
-            with _failing_in_one_line(final_dir):
+            with _failing_in_one_line(final_dir, remove_tmp=False):
                 write()
         return part
 
@@ -306,7 +308,7 @@ def save_checkpoint(accelerator, output_dir: str, step: int, state: dict, keep: 
         together(guarded(lambda: accelerator.save_state(tmp_dir)))
         together(guarded(publish) if main else None)
     except SystemExit:
-        if main:  # every process has stopped writing: what the others wrote into the folder after a failure goes too
+        if main:  # every process has stopped writing (agreed above): the half-written folder goes
             shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
     if main:
