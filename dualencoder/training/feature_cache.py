@@ -116,7 +116,7 @@ class FeatureCache:
             # encode_vision averages over the mirror image when image_flip_average is set: part of the key
             flip_average = model.config.image_flip_average
             cache.vision = stored(file("vision", flip_average),
-                                           lambda: images(every_view, model.encode_vision, "cache vision"))
+                                  lambda: images(every_view, model.encode_vision, "cache vision"))
             if mirror is not None:
                 cache.mirrored = mirrored(["train"], model.encode_vision, "vision-mirrored", flip_average)
         elif vision_depth:
