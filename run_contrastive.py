@@ -36,7 +36,7 @@ from dualencoder.training.arguments import all_options, parse_args
 from dualencoder.training.checkpoints import (best_model_dir, checkpoints_dir, earlier_checkpoints,
                                               keep_trained_weights_only, new_best_dir, read_loop_state, recover_swap,
                                               resolve_resume, resume_run, run_fingerprint, save_checkpoint,
-                                              write_atomically)
+                                              together, write_atomically)
 from dualencoder.training.data import build_data, make_train_loader
 from dualencoder.training.export import export
 from dualencoder.training.feature_cache import FeatureCache
@@ -91,7 +91,8 @@ def main(argv=None) -> dict:
         batch_size=train_args.per_device_eval_batch_size,  # (a stream's images are not known before they come)
         enabled=train_args.cache_frozen_features and data.stream is None, cache_dir=train_args.feature_cache_dir, dataset_key=data_args.dataset,
         pixel_store_size=data_args.pixel_store_size, prefix_dtype=train_args.prefix_cache_dtype, mirror=data.mirror,
-        augment=data_args.augment, querybank=train_args.querybank_beta is not None, show_progress=show)
+        augment=data_args.augment, querybank=train_args.querybank_beta is not None, show_progress=show,
+        main_process_first=accelerator.main_process_first)  # a disk cache: computed once, read by the others
     resume = resolve_resume(train_args.output_dir, train_args.resume_from_checkpoint)
     topics = apply_research_options(model, data.train_pairs, cache, topic_batches=data_args.topic_batches,
                                     topic_share=data_args.topic_share, cca_options=cca_init, seed=train_args.seed,
@@ -320,8 +321,8 @@ def keep_if_best(state: dict, results: dict, accelerator, whole, metric: str, ou
         state["best_metric"], state["best_epoch"], state["best_validation"] = results[metric], state["epoch"], results
         best_dir = new_best_dir(output_dir, state["global_step"])
         state["best_dir"] = os.path.basename(best_dir)
-        if accelerator.is_main_process:
-            write_atomically(best_dir, model.save_pretrained)
+        # the main process writes; a failed write ends every process with its line, not the main one alone
+        together((lambda: write_atomically(best_dir, model.save_pretrained)) if accelerator.is_main_process else None)
 
 
 def test_metrics(model, processor, cache, data, train_pairs, train_args, max_length: int) -> dict:

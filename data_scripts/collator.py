@@ -3,13 +3,16 @@
 Padding happens per batch ("longest"), not to ``max_length``: Flickr8k captions average about
 12 words, so padding every caption to the maximum would mostly feed pad tokens to the text tower.
 
-``image_ids`` numbers the distinct ``image_id`` strings of the batch (0, 1, ... in order of first
-appearance), so rows holding two captions of one image get the same integer. Losses use it to
-treat such rows as positives of each other instead of as (false) negatives.
+``image_ids`` turns each ``image_id`` string into a stable 63-bit number (a hash of the string), so rows
+holding two captions of one image get the same integer in every batch and on every process. Losses use it
+to treat such rows as positives of each other instead of as (false) negatives, across processes too: under
+several processes the global batch can hold one image's captions on two processes, and Accelerate's
+`even_batches` pads a short last step with the epoch's first rows, so a pair may meet its own copy.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Optional
 
 import torch
@@ -80,9 +83,14 @@ def pad_token_states(states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Lo
 
 
 def image_ids_to_tensor(image_ids: list[str]) -> torch.LongTensor:
-    """Equal strings -> equal integers, numbered in order of first appearance."""
-    numbers: dict[str, int] = {}
-    return torch.tensor([numbers.setdefault(i, len(numbers)) for i in image_ids], dtype=torch.long)
+    """Equal strings -> equal integers, the same in every batch and process (not Python's `hash`, which is salted
+    per process); two distinct strings of a batch collide with odds of about B^2 / 2^64."""
+    return torch.tensor([_stable_number(i) for i in image_ids], dtype=torch.long)
+
+
+def _stable_number(image_id) -> int:
+    digest = hashlib.blake2b(str(image_id).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 def _present(rows: list[dict], key: str) -> bool:

@@ -25,12 +25,11 @@ DDP (and Accelerate on top of it) *averages* parameter gradients over the W proc
 Image ids across processes
 --------------------------
 Losses use ``image_ids`` to avoid treating two captions of one image as negatives. The collator
-builds those ids per batch (small ints from the image-id strings), so process 0's id 3 and process
-1's id 3 are, in general, *different* images. This module therefore makes gathered ids distinct
-across processes: the pair (rank, local id) is relabelled to one integer, so equal ids stay equal
-within a process and never match another process's. The cost is that one image whose captions
-landed on two processes is treated as two images (exactly as if no ids were given for that pair: a
-false negative, never a false positive); the samplers keep an image's captions in one batch.
+makes them a stable number of the image-id string (`data_scripts.collator.image_ids_to_tensor`), the
+same on every process, so gathered ids are concatenated as they are: one image whose captions landed
+on two processes is one image (positives), and a row that Accelerate's ``even_batches`` repeated to
+pad a short last step is a positive of its original, never a negative of itself. (Until 2026-12 the
+ids were per-batch numbers relabelled per process, which made both of those false negatives.)
 
 Every process must pass the same number of rows (all-gather needs equal shapes; Accelerate's
 default ``even_batches=True`` or ``drop_last`` guarantees it). Unequal sizes raise ``ValueError``
@@ -43,7 +42,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["world_info", "gather_features", "every_rank", "launch_mismatch"]
+__all__ = ["world_info", "gather_features", "every_rank", "first_error", "launch_mismatch"]
 
 
 def world_info() -> tuple[int, int]:
@@ -65,6 +64,30 @@ def every_rank(flag: bool, device) -> bool:
     value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return bool(value.item())
+
+
+def first_error(error: str | None) -> str | None:
+    """The first (in rank order) of every process's `error` (None: this process's part went well), on every process.
+
+    A write that only one process does (or one that fails on one process only) must not leave the others waiting
+    at the next collective until the launcher stops them: each process passes its outcome here and all of them
+    learn whether to stop, with the same line. One all-gather of small objects; `error` itself with one process.
+    """
+    _, world_size = world_info()
+    if world_size == 1:
+        return error
+    errors = [None] * world_size
+    try:
+        dist.all_gather_object(errors, error)
+    except RuntimeError as lost:  # (gloo's DistBackendError) a peer's connection closed mid-exchange: it has stopped
+        return error or f"error: another process stopped during this save ({(str(lost).splitlines() or [''])[0]})"
+    found = next((e for e in errors if e), None)
+    if found:  # every process has the answer before any exits and closes its connections, mid-exchange for another
+        try:
+            dist.barrier()
+        except RuntimeError:  # one that exited after this barrier: the answer is known already
+            pass
+    return found
 
 
 def launch_mismatch(env, num_processes: int, devices: int) -> str | None:
@@ -146,7 +169,7 @@ def gather_features(
 
     ``gather_with_grad`` chooses between exact gradients (backward sums every process's share
     into each slot) and the cheaper local-slot-only gradient; see the module docstring.
-    ``image_ids`` are per-process labels, relabelled so no two processes share an id.
+    ``image_ids`` mean the same image on every process (the collator's stable numbers): concatenated as they are.
     """
     rank, world_size = world_info()
     if world_size == 1:
@@ -167,7 +190,4 @@ def gather_features(
     ids = image_ids.to(device=image_embeds.device, dtype=torch.long).contiguous()
     id_chunks = [torch.empty_like(ids) for _ in range(world_size)]
     dist.all_gather(id_chunks, ids)
-    # Relabel each (rank, local id) pair to its own integer: unique pairs, whatever the ids' size.
-    ranks = torch.arange(world_size, device=ids.device).repeat_interleave(ids.shape[0])
-    all_ids = torch.unique(torch.stack([ranks, torch.cat(id_chunks)], dim=1), dim=0, return_inverse=True)[1]
-    return all_image, all_text, all_ids
+    return all_image, all_text, torch.cat(id_chunks)

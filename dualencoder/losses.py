@@ -27,7 +27,8 @@ Options shared by all losses (keyword-only):
   its share; the mean over processes (what DDP's gradient averaging amounts to) is the global loss.
   With ``gather_with_grad=True`` both settings give the same, exact gradients; ``local_loss=True``
   is just cheaper. Each process's reported loss value differs, though: average it for logging.
-* ``image_ids`` are per-batch labels; gathered, they stay distinct across processes (see
+* ``image_ids`` name the same image on every process (the collator's stable numbers of the image-id
+  strings); gathered, equal ids are positives across processes too (see
   :func:`dualencoder.distributed.gather_features`).
 """
 

@@ -20,15 +20,16 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from dualencoder.distributed import gather_features, world_info
+from dualencoder.distributed import first_error, gather_features, world_info
 from dualencoder.losses import build_loss
 
 WORLD = 2
 LOCAL = 4
 GLOBAL = WORLD * LOCAL
-# Per-process labels as a collator would build them; rank 1's 0 and 1 are *other* images.
-LOCAL_IDS = [[0, 1, 0, 2], [0, 1, 1, 2]]
-LOCAL_IDS_AS_GLOBAL = LOCAL_IDS[0] + [10 + i for i in LOCAL_IDS[1]]
+# Each process's ids as the collator builds them: an id names one image on every process, so image 2 has a
+# caption on each process (positives across processes) and rank 1's 10, 11 are other images.
+LOCAL_IDS = [[0, 1, 0, 2], [10, 11, 11, 2]]
+LOCAL_IDS_AS_GLOBAL = LOCAL_IDS[0] + LOCAL_IDS[1]
 
 # (case name, loss name, loss options, which ids)
 CASES = [
@@ -116,6 +117,8 @@ def _worker(rank, port, out_dir):
         results["gather"] = {
             "all_x": all_x.detach(), "all_y": all_y.detach(), "local_ids": local_ids, "x_grad": x.grad,
         }
+        results["first_error"] = first_error("error: rank 1's write failed" if rank == 1 else None)
+        results["no_error"] = first_error(None)
         try:
             gather_features(torch.zeros(LOCAL + rank, 2), torch.zeros(LOCAL + rank, 2))
             results["unequal"] = "no error"
@@ -219,11 +222,15 @@ def test_gather_features_ids(two_process_results):
     for results in two_process_results:
         g = results["gather"]
         local = g["local_ids"].tolist()
-        # Per-process ids: equal within a process stays equal, never equal across processes.
-        for i in range(GLOBAL):
-            for j in range(GLOBAL):
-                same_rank = i // LOCAL == j // LOCAL
-                assert (local[i] == local[j]) == (same_rank and LOCAL_IDS_AS_GLOBAL[i] == LOCAL_IDS_AS_GLOBAL[j])
+        # An id names one image on every process: gathered, the ids are every process's, in rank order.
+        assert local == LOCAL_IDS_AS_GLOBAL
+
+
+def test_a_failure_on_one_process_is_known_to_every_process_with_its_line(two_process_results):
+    """(A checkpoint write that fails on one process must end every process, not leave the others waiting.)"""
+    assert [r["first_error"] for r in two_process_results] == ["error: rank 1's write failed"] * WORLD
+    assert [r["no_error"] for r in two_process_results] == [None] * WORLD
+    assert first_error("error: alone") == "error: alone"  # one process: its own outcome
 
 
 def test_gather_features_unequal_batches_raise_everywhere(two_process_results):

@@ -43,7 +43,9 @@ def test_fsdp_config_on_two_cpu_processes_trains_checkpoints_shards_and_exports_
                "tests/fsdp_on_cpu.py", "--config", "configs/tiny_test.yaml", "--model_name_or_path", model_dir,
                "--output_dir", str(out), "--num_images", "30", "--per_device_train_batch_size", "8",
                "--num_train_epochs", "1", "--logging_steps", "1", "--head_learning_rate", "1e-2",
-               "--feature_cache_dir", "", "--eval_before_training", "false"]  # so the export is the trained model
+               "--feature_cache_dir", "",
+               # (3 validation images: the trained epoch can tie the untrained model, which is then exported)
+               "--eval_before_training", "false"]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "Saving FSDP model" in result.stdout + result.stderr  # Accelerate's FSDP path, not plain DDP

@@ -25,6 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from dualencoder.distributed import first_error
 from dualencoder.training.arguments import all_options
 
 logger = logging.getLogger(__name__)
@@ -234,13 +235,15 @@ def move_into(staging: str, out: str, last: str) -> None:
 
 
 @contextmanager
-def _failing_in_one_line(final_dir: str):
+def _failing_in_one_line(final_dir: str, remove_tmp: bool = True):
     """A write of `final_dir` (through `final_dir.tmp`) that fails for lack of space or a lost mount ends the run
-    with one line saying what is safe (the checkpoints already in place are untouched), not a traceback."""
+    with one line saying what is safe (the checkpoints already in place are untouched), not a traceback.
+    (`remove_tmp` False: other processes may still be writing into it; it goes once they all stopped.)"""
     try:
         yield
     except OSError as error:
-        shutil.rmtree(final_dir + ".tmp", ignore_errors=True)
+        if remove_tmp:
+            shutil.rmtree(final_dir + ".tmp", ignore_errors=True)
         raise SystemExit(f"error: writing {final_dir} failed ({error.strerror or error}); the checkpoints already in "
                          f"{os.path.dirname(final_dir)} are intact: free space (or fix the folder) and continue with "
                          "--resume_from_checkpoint latest.") from None
@@ -256,27 +259,59 @@ def write_atomically(final_dir: str, write: Callable[[str], None]) -> None:
         _swap_in(tmp_dir, final_dir)
 
 
+def together(part: Optional[Callable[[], None]]) -> None:
+    """Do this process's part of a save (None: it has none), then learn every process's outcome: a part that
+    failed with its one error line ends every process with that line, not only its own (the others would
+    otherwise wait at the next collective until the launcher stopped them). A barrier with one process or more."""
+    error = None
+    try:
+        if part is not None:
+            part()
+    except SystemExit as stop:
+        if not isinstance(stop.code, str):  # an exit code (a signal's), not a failed write
+            raise
+        error = stop.code
+    error = first_error(error)
+    if error:
+        raise SystemExit(error)
+
+
 def save_checkpoint(accelerator, output_dir: str, step: int, state: dict, keep: int) -> str:
     """accelerator.save_state (model, optimiser, scheduler, every process's RNG) + our loop state.
 
     Every process takes part (each writes its own RNG state); the main process alone writes the
-    state file last and renames the finished directory into place.
+    state file last and renames the finished directory into place. A part that fails on any process
+    ends every process with its one line (`together`).
     """
     folder = checkpoints_dir(output_dir)
     final_dir = os.path.join(folder, f"checkpoint-{step}")
     tmp_dir = final_dir + ".tmp"
-    if accelerator.is_main_process:
+    main = accelerator.is_main_process
+
+    def guarded(write: Callable[[], None]) -> Callable[[], None]:
+        def part():
+            with _failing_in_one_line(final_dir, remove_tmp=False):
+                write()
+        return part
+
+    def fresh():
         shutil.rmtree(tmp_dir, ignore_errors=True)
         os.makedirs(tmp_dir)
-    accelerator.wait_for_everyone()
-    with _failing_in_one_line(final_dir):
-        accelerator.save_state(tmp_dir)
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            with open(os.path.join(tmp_dir, STATE_FILE), "w") as handle:
-                json.dump(state, handle, indent=2)
-            _swap_in(tmp_dir, final_dir)
-    if accelerator.is_main_process:
+
+    def publish():
+        with open(os.path.join(tmp_dir, STATE_FILE), "w") as handle:
+            json.dump(state, handle, indent=2)
+        _swap_in(tmp_dir, final_dir)
+
+    try:
+        together(guarded(fresh) if main else None)
+        together(guarded(lambda: accelerator.save_state(tmp_dir)))
+        together(guarded(publish) if main else None)
+    except SystemExit:
+        if main:  # every process has stopped writing (agreed above): the half-written folder goes
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    if main:
         for stale in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(stale, ignore_errors=True)
         _drop_unnamed_best_models(folder, state)

@@ -17,6 +17,7 @@ keyed by image id (vision) and by caption (text), so they serve training and eva
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
 
@@ -61,7 +62,7 @@ class FeatureCache:
     def build(cls, model, train_pairs, eval_views: dict, eval_captions: dict, *, eval_transform, tokenizer, max_length: int,
               batch_size: int, device, enabled: bool = True, cache_dir: Optional[str] = None, dataset_key="",
               pixel_store_size: int = 0, prefix_dtype: str = "float16", mirror=None, augment: bool = False,
-              querybank: bool = False, show_progress: bool = True) -> "FeatureCache":
+              querybank: bool = False, show_progress: bool = True, main_process_first=nullcontext) -> "FeatureCache":
         """The caches a run can use, computed (or read from `cache_dir`) now.
 
         A tower that is frozen with no adapters is cached whole (pooled features); one whose lower blocks are
@@ -88,6 +89,14 @@ class FeatureCache:
                 model.vision_model, model.config.image_size, model.config.image_mean, model.config.image_std,
                 dataset_key, image_ids, images_key, pixel_store_size, *extra, without_adapters=without_adapters))
 
+        def stored(path, compute) -> dict:
+            """The file's features; under several processes the main one computes and writes it, the others then
+            read it (`main_process_first`): one computation, and no two processes writing one file."""
+            if path is None:
+                return compute()
+            with main_process_first():
+                return load_or_compute(path, compute)
+
         def images(splits, encode, desc: str, **how) -> dict:
             features = {}
             for split in splits:
@@ -97,7 +106,7 @@ class FeatureCache:
             return features
 
         def mirrored(splits, encode, kind: str, *extra, without_adapters: bool = False, **how) -> dict:
-            return load_or_compute(file(kind, *extra, without_adapters=without_adapters), lambda: images(
+            return stored(file(kind, *extra, without_adapters=without_adapters), lambda: images(
                 splits, lambda pixels: encode(pixels.flip(-1)), "cache mirrored", **how))
 
         vision_depth = frozen_prefix_depth(model, "vision")
@@ -106,8 +115,8 @@ class FeatureCache:
                         "augment does not apply to pooled features" if augment else "no augmentation")
             # encode_vision averages over the mirror image when image_flip_average is set: part of the key
             flip_average = model.config.image_flip_average
-            cache.vision = load_or_compute(file("vision", flip_average),
-                                           lambda: images(every_view, model.encode_vision, "cache vision"))
+            cache.vision = stored(file("vision", flip_average),
+                                  lambda: images(every_view, model.encode_vision, "cache vision"))
             if mirror is not None:
                 cache.mirrored = mirrored(["train"], model.encode_vision, "vision-mirrored", flip_average)
         elif vision_depth:
@@ -119,7 +128,7 @@ class FeatureCache:
             def prefix(pixels):
                 return model.vision_prefix(pixels, vision_depth)
 
-            cache.vision_hidden = load_or_compute(
+            cache.vision_hidden = stored(
                 file("vision-prefix", vision_depth, prefix_dtype, without_adapters=True),
                 lambda: images(every_view, prefix, "cache vision prefix", dtype=dtype))
             # mirrored prefix: of the training images to augment, of the evaluation images to average over
