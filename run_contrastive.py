@@ -88,8 +88,10 @@ def main(argv=None) -> dict:
     cache = FeatureCache.build(
         model, data.train_pairs, data.eval_views, data.eval_captions, eval_transform=data.eval_transform,
         tokenizer=processor.tokenizer, max_length=data_args.max_length, device=accelerator.device,
-        batch_size=train_args.per_device_eval_batch_size,  # (a stream's images are not known before they come)
-        enabled=train_args.cache_frozen_features and data.stream is None, cache_dir=train_args.feature_cache_dir, dataset_key=data_args.dataset,
+        batch_size=train_args.per_device_eval_batch_size,
+        # a stream's images are not known before they come: nothing of a streamed run is cached
+        enabled=train_args.cache_frozen_features and data.stream is None, cache_dir=train_args.feature_cache_dir,
+        dataset_key=data_args.dataset,
         pixel_store_size=data_args.pixel_store_size, prefix_dtype=train_args.prefix_cache_dtype, mirror=data.mirror,
         augment=data_args.augment, querybank=train_args.querybank_beta is not None, show_progress=show,
         main_process_first=accelerator.main_process_first)  # a disk cache: computed once, read by the others
