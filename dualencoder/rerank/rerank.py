@@ -137,3 +137,25 @@ def rerank_results(model, processor, model_dir, view, embedded: EmbeddedSplit, k
                            "ms_per_query": top.ms_per_query, "scored_top_k": largest.k, "pairs_scored": top.pairs,
                            "seconds": top.seconds}
     return results
+
+
+def pair_scores(model, processor, reranker, view, image_ids: list, captions: list, *, max_length: int,
+                batch_size: int = 64, show_progress: bool = False) -> dict:
+    """The re-ranker's scores of given (image id, caption) pairs of one split, e.g. people's judged pairs.
+
+    ``match_probability`` is the ITM head's sigmoid; ``final`` the score re-ranking orders by,
+    ``itm_logit + dual_weight * dual_logit``. Every image id and caption must be one of ``view``'s.
+    """
+    device = next(model.parameters()).device
+    tokens, embedded = split_features(model, processor, view, max_length=max_length, batch_size=batch_size,
+                                      device=device, show_progress=show_progress)
+    image_row = {image_id: row for row, image_id in enumerate(embedded.image_ids)}
+    caption_row = {caption: row for row, caption in enumerate(embedded.captions)}
+    missing = sorted({i for i in image_ids if i not in image_row}) + sorted({c for c in captions if c not in caption_row})
+    if missing:
+        raise ValueError(f"{len(missing)} image id(s) or caption(s) are not in the split, e.g. {missing[0]!r}")
+    images = torch.tensor([image_row[i] for i in image_ids])
+    texts = torch.tensor([caption_row[c] for c in captions])
+    logits = score_pairs(reranker.eval(), tokens, embedded.image_ids, embedded.captions, images, texts, batch_size)
+    dual = float(model.get_logit_scale().detach()) * (embedded.image_embeds[images] * embedded.text_embeds[texts]).sum(-1)
+    return {"match_probability": logits.sigmoid(), "final": logits + reranker.config.dual_weight * dual.float()}
