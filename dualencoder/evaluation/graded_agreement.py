@@ -142,7 +142,8 @@ def graded_agreement(image_embeds: torch.Tensor, text_embeds: torch.Tensor, pair
     """
     image_embeds, text_embeds = image_embeds.float(), text_embeds.float()
     cos = (image_embeds[pairs.image] * text_embeds[pairs.caption]).sum(-1)
-    per_image_mean = (torch.bincount(pairs.image, weights=cos.double()) / torch.bincount(pairs.image).clamp(min=1)).float()
+    counts = torch.bincount(pairs.image).clamp(min=1)
+    per_image_mean = (torch.bincount(pairs.image, weights=cos.double()) / counts).float()
     within = [tau_b(cos[pairs.image == i].numpy(), pairs.truth[(pairs.image == i).numpy()])
               for i in pairs.image.unique().tolist()]
     plausible = torch.as_tensor(pairs.kind == "plausible")
@@ -303,7 +304,8 @@ def render_markdown(saved: dict) -> str:
             "stand-in judge over "
             f"{saved['pairs']} judged validation pairs ({saved['per_image']} per image: its held-out own caption, "
             f"{saved['plausible']} plausible and the rest random captions of other validation images). Stand-in "
-            f"judge against people on the Flickr8K-CF test pairs (report-only): tau-b {saved['stand_in_vs_people']:.1f}."
+            "judge against people on the Flickr8K-CF test pairs (report-only): tau-b "
+            f"{saved['stand_in_vs_people']:.1f}."
             f" CSLS bank: the first {saved['bank_images']} training images and their captions, k = {saved['k']}.\n\n"
             + head + "\n" + "\n".join(rows) + "\n")
 
@@ -313,7 +315,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--data", default="../shared/data/flickr8k", help="Flickr8k directory (official layout)")
     parser.add_argument("--scorers", nargs="+", default=[
         "outputs/flickr8k_offline", "baseline:linear-cca", "baseline:kernel-cca", "heads:clip",
-        "heads:clip:0.01", "heads:clip:0.05", "heads:clip:0.2", "heads:triplet", "heads:clip+triplet"],
+        "heads:clip:0.01", "heads:clip:0.05", "heads:clip:0.2", "heads:triplet", "heads:clip+triplet", "heads:clip@cls",
+        "baseline:kernel-cca@cls"],
         help="model directories, baseline:<name> or heads:<loss>[:<fixed temperature>][@cls] (@cls: the captions' "
              "[CLS] token instead of their mean-pooled MiniLM features)")
     parser.add_argument("--baselines_json", default="doc/BASELINES.json",
@@ -323,7 +326,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--cache_dir", default=None,
                         help="keep a model's embeddings and other poolings' caption features here (default: the "
                              "baselines' feature cache, ~/.cache/dualencoder/features)")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the machine may be shared)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

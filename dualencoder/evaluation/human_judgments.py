@@ -28,6 +28,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 from scipy.stats import kendalltau
@@ -114,22 +115,27 @@ def correlations(scorer, pairs: dict, w: float = CLIP_S_WEIGHT) -> dict:
     return {f"{key}_tau_b": kendall_tau_b(values, pairs["human"]) for key, values in scores.items()}
 
 
-def reranker_correlations(model_dir: str, data_dir, pairs: dict, max_length: int) -> dict:
-    """Tau-b of the re-ranker's match probability and final score (a dict per score) against the human scores."""
+def reranker_correlations(model_dir: str, data_dir, pairs: dict, max_length: Optional[int] = None) -> dict:
+    """Tau-b of the re-ranker's match probability and final score (a dict per score) against the human scores.
+
+    Captions are cut at `max_length` tokens, by default the training run's (what the re-ranker was trained on).
+    """
     from dualencoder.evaluation.common import data_options, load_model, load_split
     from dualencoder.rerank.model import load_reranker, require_reranker
     from dualencoder.rerank.rerank import pair_scores
 
     require_reranker(model_dir)
     model, processor = load_model(model_dir, "cpu")
-    view = load_split(**{**data_options(model_dir, dataset=str(data_dir)), "split": "test"})
+    options = data_options(model_dir, dataset=str(data_dir), max_length=max_length)
+    view = load_split(**{**options, "split": "test"})
     # the judged captions are whitespace-normalised; the split's own strings are what its tokens are keyed by
     own = {" ".join(c.split()): c for caps in view.select_columns(["captions"]).to_dict()["captions"] for c in caps}
     missing = [c for c in pairs["captions"] if c not in own]
     if missing:
-        raise DatasetFormatError(f"{len(missing)} judged caption(s) are not captions of the test split, e.g. {missing[0]!r}")
+        raise DatasetFormatError(f"{len(missing)} judged caption(s) are not captions of the test split, "
+                                 f"e.g. {missing[0]!r}")
     scores = pair_scores(model, processor, load_reranker(model_dir), view, [Path(i).name for i in pairs["images"]],
-                         [own[c] for c in pairs["captions"]], max_length=max_length, show_progress=True)
+                         [own[c] for c in pairs["captions"]], max_length=options["max_length"], show_progress=True)
     return {key: {"clip_score_tau_b": kendall_tau_b(values, pairs["human"]), "ref_clip_score_tau_b": None}
             for key, values in scores.items()}
 
@@ -161,7 +167,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default="doc/HUMAN_JUDGMENTS.json", help="JSON to add this scorer's entry to (and .md beside)")
     parser.add_argument("--name", default=None, help="the entry's name (default: --scorer)")
     parser.add_argument("--baselines_json", default=None, help="refit a baseline at the dev-chosen setting recorded here")
-    parser.add_argument("--max_length", type=int, default=64)
+    parser.add_argument("--max_length", type=int, default=None,
+                        help="tokens per caption (default: 64; for a re-ranker, its training run's)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the machine may be shared)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -174,7 +181,7 @@ def main(argv=None) -> dict:
         entries = {f"{name}, match probability": found["match_probability"],
                    f"{name}, final score (ITM logit + dual_weight x dual logit)": found["final"]}
     else:
-        scorer = load_scorer(args.scorer, args.data, args.baselines_json, max_length=args.max_length)
+        scorer = load_scorer(args.scorer, args.data, args.baselines_json, max_length=args.max_length or 64)
         entries = {name: correlations(scorer, pairs)}
     command = "python -m dualencoder.evaluation.human_judgments " + " ".join(argv if argv is not None else sys.argv[1:])
     entries = {key: {**value, "pairs": len(pairs["human"]), "seconds": time.time() - started, "command": command}

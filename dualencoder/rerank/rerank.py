@@ -151,11 +151,13 @@ def pair_scores(model, processor, reranker, view, image_ids: list, captions: lis
                                       device=device, show_progress=show_progress)
     image_row = {image_id: row for row, image_id in enumerate(embedded.image_ids)}
     caption_row = {caption: row for row, caption in enumerate(embedded.captions)}
-    missing = sorted({i for i in image_ids if i not in image_row}) + sorted({c for c in captions if c not in caption_row})
+    missing = sorted({i for i in image_ids if i not in image_row})
+    missing += sorted({c for c in captions if c not in caption_row})
     if missing:
         raise ValueError(f"{len(missing)} image id(s) or caption(s) are not in the split, e.g. {missing[0]!r}")
     images = torch.tensor([image_row[i] for i in image_ids])
     texts = torch.tensor([caption_row[c] for c in captions])
     logits = score_pairs(reranker.eval(), tokens, embedded.image_ids, embedded.captions, images, texts, batch_size)
-    dual = float(model.get_logit_scale().detach()) * (embedded.image_embeds[images] * embedded.text_embeds[texts]).sum(-1)
+    cosines = (embedded.image_embeds[images] * embedded.text_embeds[texts]).sum(-1)
+    dual = float(model.get_logit_scale().detach()) * cosines
     return {"match_probability": logits.sigmoid(), "final": logits + reranker.config.dual_weight * dual.float()}
