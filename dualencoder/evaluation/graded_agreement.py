@@ -247,8 +247,9 @@ def embed_frozen(spec: str, features: dict, bank_images: int, baselines_json=Non
     fitted.fit(train.images, train.texts, train.text_to_image, val=val)
     bank_texts = train.text_to_image < bank_images
     notes = {"selected": fitted.selected, "train_seconds": round(fitted.train_seconds, 1)}
-    if hasattr(fitted, "logit_scale"):
-        notes["temperature"] = round(float(1 / fitted.logit_scale.detach().clamp(max=np.log(100.0)).exp()), 4)
+    if hasattr(fitted, "logit_scale"):  # a hinge alone ignores it (its margin is in cosine units)
+        notes["temperature"] = (round(float(1 / fitted.logit_scale.detach().clamp(max=np.log(100.0)).exp()), 4)
+                                if "clip" in spec else "unused")
     return Embedded(fitted.embed_images(val.images), fitted.embed_texts(val.texts),
                     fitted.embed_images(train.images[:bank_images]), fitted.embed_texts(train.texts[bank_texts]),
                     evaluate(fitted, val)["rsum"], notes, val.captions)
