@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -313,5 +314,9 @@ def add_lora(tower: nn.Module, config, targets, name: str) -> nn.Module:
                    if id(module) in inside and module_name.rsplit(".", 1)[-1] in targets]
     lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=targets, bias="none")
-    return get_peft_model(tower, lora)
+    with warnings.catch_warnings():
+        # peft reads transformers' deprecated `is_gradient_checkpointing` while wrapping: a FutureWarning about
+        # peft's code, printed on every run, that the user can do nothing about
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(tower, lora)
 

@@ -103,3 +103,14 @@ def test_a_copy_saved_before_the_peft_format_still_loads(trained_lora_model, tmp
     with torch.no_grad():
         torch.testing.assert_close(rebuilt.get_text_features(ids, mask), model.get_text_features(ids, mask))
         torch.testing.assert_close(rebuilt.get_image_features(pixels), model.get_image_features(pixels))
+
+
+def test_adding_lora_prints_no_warning_about_peft_internals(tmp_path):
+    import warnings
+
+    text_path = save_tiny_text_backbone(tmp_path / "text")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        DualEncoderModel.from_vision_text_pretrained("timm:test_efficientnet", text_path, lora_rank=2,
+                                                     lora_towers=["text"], projection_dim=16, image_size=32)
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
