@@ -41,8 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.stats import kendalltau
-
+from dualencoder.evaluation.human_judgments import judged_pairs, kendall_tau_b
 from dualencoder.evaluation.scoring import CLIP_S_WEIGHT, clip_score
 
 logger = logging.getLogger(__name__)
@@ -53,9 +52,10 @@ CSLS_K = 10
 
 
 def tau_b(scores, truth) -> float:
-    """100 x Kendall tau-b (scipy's, as the CF protocol uses); 0 when either side is constant."""
-    value = kendalltau(np.asarray(scores, dtype=np.float64), np.asarray(truth, dtype=np.float64), variant="b")[0]
-    return 0.0 if np.isnan(value) else 100.0 * float(value)
+    """100 x Kendall tau-b, as the CF protocol computes it (:func:`.human_judgments.kendall_tau_b`); 0 when either
+    side is constant (one image's 48 pairs can be)."""
+    value = kendall_tau_b(np.asarray(scores, dtype=np.float64), np.asarray(truth, dtype=np.float64))
+    return 0.0 if np.isnan(value) else value
 
 
 class ReferenceAgreement:
@@ -226,33 +226,29 @@ def embed_frozen(spec: str, features: dict, bank_images: int, baselines_json=Non
     """
     from dataclasses import replace
 
-    from dualencoder.baselines import TrainOptions, build_baseline
-    from dualencoder.baselines.base import evaluate
-    from dualencoder.evaluation.scoring import _GRID_OF
+    from dualencoder.evaluation.scoring import fit_baseline, recorded_selection
+    from dualencoder.metrics import retrieval_metrics
 
     spec, _, pooling = spec.partition("@")
     if pooling:
         features = {name: replace(split, texts=text_features_pooled(split.captions, pooling, cache_dir))
                     for name, split in features.items() if name in ("train", "validation")}
+    train, val = features["train"], features["validation"]
     if spec.startswith("heads:"):
         fitted = heads_variant(spec)
+        fitted.fit(train.images, train.texts, train.text_to_image, val=val)
     else:
         name = spec.split(":", 1)[1]
-        fitted = build_baseline(name, TrainOptions())
-        if baselines_json:
-            for key, value in json.loads(Path(baselines_json).read_text())["results"][name]["selected"].items():
-                if key in _GRID_OF and hasattr(fitted, _GRID_OF[key]):
-                    setattr(fitted, _GRID_OF[key], (value,))
-    train, val = features["train"], features["validation"]
-    fitted.fit(train.images, train.texts, train.text_to_image, val=val)
+        fitted = fit_baseline(name, features, recorded_selection(baselines_json, name))
     bank_texts = train.text_to_image < bank_images
     notes = {"selected": fitted.selected, "train_seconds": round(fitted.train_seconds, 1)}
     if hasattr(fitted, "logit_scale"):  # a hinge alone ignores it (its margin is in cosine units)
         notes["temperature"] = (round(float(1 / fitted.logit_scale.detach().clamp(max=np.log(100.0)).exp()), 4)
                                 if "clip" in spec else "unused")
-    return Embedded(fitted.embed_images(val.images), fitted.embed_texts(val.texts),
-                    fitted.embed_images(train.images[:bank_images]), fitted.embed_texts(train.texts[bank_texts]),
-                    evaluate(fitted, val)["rsum"], notes, val.captions)
+    images, texts = fitted.embed_images(val.images), fitted.embed_texts(val.texts)
+    rsum = retrieval_metrics(images, texts, val.text_to_image, device="cpu")["rsum"]
+    return Embedded(images, texts, fitted.embed_images(train.images[:bank_images]),
+                    fitted.embed_texts(train.texts[bank_texts]), rsum, notes, val.captions)
 
 
 def embed_model(model_dir: str, data: str, bank_images: int, cache_dir=None) -> Embedded:
@@ -283,8 +279,6 @@ def embed_model(model_dir: str, data: str, bank_images: int, cache_dir=None) -> 
 
 def stand_in_on_people(data_dir, agreement: ReferenceAgreement) -> float:
     """Tau-b x 100 of the stand-in judge against the Flickr8K-CF share of "yes" (test pairs; report-only)."""
-    from dualencoder.evaluation.human_judgments import judged_pairs
-
     pairs = judged_pairs(data_dir)
     return tau_b(agreement.pairs(pairs["captions"], pairs["references"]), pairs["human"])
 
@@ -337,7 +331,7 @@ def main(argv=None) -> dict:
     from dualencoder.baselines.features import default_cache_root
 
     args.cache_dir = args.cache_dir or str(default_cache_root())
-    features = load_features(args.data, max_length=64)
+    features = load_features(args.data, ("train", "validation"), max_length=64)
     agreement = ReferenceAgreement(features["train"].captions)
     val = features["validation"]
     pairs = judged_dev_pairs(val.captions, val.text_to_image, agreement, seed=args.seed)

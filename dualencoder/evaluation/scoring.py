@@ -152,6 +152,32 @@ def model_scorer(model, processor, name: str = "model", **options) -> Scorer:
                   lambda ids, mask: model.get_text_features(input_ids=ids, attention_mask=mask), processor, name, **options)
 
 
+def recorded_selection(baselines_json: Optional[str], name: str) -> Optional[dict]:
+    """The dev-chosen setting of baseline `name` recorded in a ``BASELINES.json`` (None without a file)."""
+    return json.loads(Path(baselines_json).read_text())["results"][name]["selected"] if baselines_json else None
+
+
+def fit_baseline(name: str, features: dict, selected: Optional[dict] = None, seed: int = 0):
+    """Baseline `name` fitted on ``features["train"]``, choosing on ``features["validation"]``.
+
+    ``selected`` (a ``BASELINES.json`` row's ``"selected"``) fixes a CCA baseline's grid to that dev-chosen
+    setting, so the fit takes one setting's time instead of the grid's; the result is the same fit.
+    """
+    from dualencoder.baselines import TrainOptions, build_baseline
+
+    baseline = build_baseline(name, TrainOptions(seed=seed))
+    for key, value in (selected or {}).items():
+        if key == "val_rsum":
+            continue
+        if key not in _GRID_OF or not hasattr(baseline, _GRID_OF[key]):
+            raise ValueError(f"{name}: cannot fix {key!r}; a selected setting applies to the CCA baselines only")
+        setattr(baseline, _GRID_OF[key], (value,))
+    train = features["train"]
+    baseline.fit(train.images, train.texts, train.text_to_image, val=features["validation"])
+    logger.info("%s fitted in %.0f s, selected on dev: %s", name, baseline.train_seconds, baseline.selected)
+    return baseline
+
+
 def baseline_scorer(name: str, data_dir, selected: Optional[dict] = None, seed: int = 0, **options) -> Scorer:
     """A frozen-feature baseline, fitted on ``data_dir``'s train features and chosen on its dev features.
 
@@ -161,21 +187,12 @@ def baseline_scorer(name: str, data_dir, selected: Optional[dict] = None, seed: 
     (a ``BASELINES.json`` row's ``"selected"``) fixes a CCA baseline's grid to that dev-chosen
     setting, so the fit takes one setting's time instead of the grid's; the result is the same fit.
     """
-    from dualencoder.baselines import TrainOptions, build_baseline, load_features
+    from dualencoder.baselines import load_features
     from backbones_dualencoder import OFFLINE_TEXT, OFFLINE_VISION
     from modeling_dualencoder import DualEncoderModel
 
-    baseline = build_baseline(name, TrainOptions(seed=seed))
-    for key, value in (selected or {}).items():
-        if key == "val_rsum":
-            continue
-        if key not in _GRID_OF or not hasattr(baseline, _GRID_OF[key]):
-            raise ValueError(f"{name}: cannot fix {key!r}; a selected setting applies to the CCA baselines only")
-        setattr(baseline, _GRID_OF[key], (value,))
     features = load_features(data_dir, max_length=options.get("max_length", 64))
-    train = features["train"]
-    baseline.fit(train.images, train.texts, train.text_to_image, val=features["validation"])
-    logger.info("%s fitted in %.0f s, selected on dev: %s", name, baseline.train_seconds, baseline.selected)
+    baseline = fit_baseline(name, features, selected, seed)
     # The pooled features of every image and caption of the data set are cached: their embeddings need
     # no backbone (images are matched by file, under data_dir only); anything else runs the backbones.
     wanted = {image_id for split in features.values() for image_id in split.image_ids}
@@ -207,8 +224,7 @@ def load_scorer(spec: str, data_dir=None, baselines_json: Optional[str] = None, 
         name = spec.split(":", 1)[1]
         if data_dir is None:
             raise ValueError("a baseline scorer needs the data set its features come from (data_dir)")
-        selected = json.loads(Path(baselines_json).read_text())["results"][name]["selected"] if baselines_json else None
-        return baseline_scorer(name, data_dir, selected, seed, **options)
+        return baseline_scorer(name, data_dir, recorded_selection(baselines_json, name), seed, **options)
     from modeling_dualencoder import DualEncoderModel
 
     model = DualEncoderModel.from_pretrained(spec)
