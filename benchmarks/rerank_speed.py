@@ -13,13 +13,12 @@ validation and `evaluate --rerank_top_k`). The numbers size `--positives_per_epo
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
-import torch.nn.functional as F
 
-from benchmarks.common import add_threads_argument, command_line, median, set_threads, write_json
+from benchmarks.common import add_threads_argument, clock_calls, command_line, median, set_threads, write_json
 from dualencoder.rerank.model import CoAttentionReranker, RerankerConfig
+from dualencoder.rerank.train import itm_step
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,11 +48,7 @@ def measure(args) -> dict:
     optimizer = torch.optim.AdamW(reranker.parameters(), lr=1e-4)
 
     def train_step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16 == "true"):
-            loss = F.binary_cross_entropy_with_logits(reranker(text, mask, vision).float(), labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        itm_step(reranker, optimizer, text, mask, vision, labels, bf16=args.bf16 == "true")
 
     @torch.no_grad()
     def score():
@@ -61,13 +56,7 @@ def measure(args) -> dict:
 
     def seconds(run, train: bool) -> float:
         reranker.train(train)
-        times = []
-        for index in range(args.warmup + args.steps):
-            started = time.perf_counter()
-            run()
-            if index >= args.warmup:
-                times.append(time.perf_counter() - started)
-        return median(times)
+        return median(clock_calls(run, torch.device("cpu"), args.warmup, args.steps).seconds())
 
     train_s, score_s = seconds(train_step, True), seconds(score, False)
     return {"command": command_line(), "threads": torch.get_num_threads(), "parameters": reranker.num_parameters(),

@@ -97,6 +97,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def itm_step(reranker, optimizer, text, mask, vision, labels, *,
+             bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step of binary cross-entropy on a batch of pairs: (logits, loss). The training loop's step,
+    and the one `benchmarks/rerank_speed.py` times."""
+    device = labels.device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = reranker(text.to(device), mask.to(device), vision.to(device)).float()
+    # one positive per two negatives: weighted so both classes count equally
+    loss = F.binary_cross_entropy_with_logits(logits, labels, pos_weight=logits.new_tensor(2.0))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return logits, loss
+
+
 def train_one_epoch(reranker, optimizer, scheduler, tokens, embedded, hard, *, positives: int, per_batch: int,
                     generator, deadline: float, bf16: bool = False, hard_fraction: float = 1.0) -> dict:
     """One epoch of binary cross-entropy on true pairs and their drawn negatives; stops at `deadline`."""
@@ -116,13 +131,7 @@ def train_one_epoch(reranker, optimizer, scheduler, tokens, embedded, hard, *, p
         labels = torch.cat([torch.ones(len(pos)), torch.zeros(2 * len(pos))]).to(device)
         text, mask, vision = tokens.batch([embedded.image_ids[i] for i in images.tolist()],
                                           [embedded.captions[j] for j in texts.tolist()])
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = reranker(text.to(device), mask.to(device), vision.to(device)).float()
-        # one positive per two negatives: weighted so both classes count equally
-        loss = F.binary_cross_entropy_with_logits(logits, labels, pos_weight=torch.tensor(2.0, device=device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        logits, loss = itm_step(reranker, optimizer, text, mask, vision, labels, bf16=bf16)
         scheduler.step()
         total += len(labels)
         correct += int(((logits > 0).float() == labels).sum())
