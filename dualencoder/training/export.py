@@ -12,7 +12,7 @@ import logging
 import os
 import shutil
 
-from dualencoder.adapters import save_adapters
+from dualencoder.adapters import adapter_towers, save_adapters
 from dualencoder.evaluation.common import TRAINING_ARGS_FILE
 from dualencoder.metrics import format_metrics_table
 from dualencoder.training.arguments import all_options
@@ -34,7 +34,7 @@ def export(model, processor, metrics: dict, args: tuple, history: list) -> None:
     staging = os.path.join(out, ".export.tmp")  # written whole, then moved in: a crash never leaves half a model
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
-    lora_towers = tuple(model.config.lora_towers) if model.config.lora_rank else ()
+    lora_towers = tuple(adapter_towers(model.config))
     adapters = False
     if lora_towers and train_args.save_adapters:
         outside = model.trained_outside_adapters()
