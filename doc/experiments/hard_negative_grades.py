@@ -3,7 +3,7 @@
 A probe, not a toolkit feature. The re-ranker's hard negatives of a training image are the 16 captions of other
 images that the dual encoder scores highest (`dualencoder.rerank.mining`). This grades them with the model-free
 stand-in judge of `dualencoder.evaluation.graded_agreement` (TF-IDF agreement with the image's own captions) and
-compares them with the image's own captions (each held out against the other four) and with random captions.
+compares them with the image's first caption (held out against its other four) and with random captions.
 
     python doc/experiments/hard_negative_grades.py --tokens outputs/rerank_cache/rerank-tokens-<train key>.pt
 
@@ -39,15 +39,15 @@ def main():
     rng = np.random.default_rng(0)
     images = rng.choice(cached["image_embeds"].shape[0], args.images, replace=False)
     references = [[captions[j] for j in (text_to_image == i).nonzero().flatten().tolist()] for i in images]
-    own = np.array([judge.pairs([refs[0]], [refs[1:]])[0] for refs in references])
+    own = judge.pairs([refs[0] for refs in references], [refs[1:] for refs in references])
     repeated = [refs for refs in references for _ in range(args.top_n)]
     mined = judge.pairs([captions[j] for i in images for j in hard.captions[i].tolist()], repeated)
     random = judge.pairs([captions[j] for j in rng.integers(len(captions), size=len(repeated))], repeated)
     median_own = np.median(own)
     print(f"{args.images} training images; stand-in grades (mean TF-IDF agreement with the image's captions):")
-    print(f"  own caption (held out against the other four): mean {own.mean():.3f}, median {median_own:.3f}")
+    print(f"  own first caption (held out against the other four): mean {own.mean():.3f}, median {median_own:.3f}")
     print(f"  mined top-{args.top_n} captions of other images: mean {mined.mean():.3f}, median {np.median(mined):.3f}; "
-          f"{100 * (mined >= median_own).mean():.1f} % grade at least the own captions' median")
+          f"{100 * (mined >= median_own).mean():.1f} % grade at least the own first captions' median")
     print(f"  random captions: mean {random.mean():.3f}; {100 * (random >= median_own).mean():.1f} % at least that median")
 
 
