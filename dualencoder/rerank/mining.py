@@ -7,6 +7,12 @@ its highest-scoring other images. The towers and heads are frozen, so the scores
 afresh among the top `top_n` (`draw_negatives`), so a few false negatives (a caption of another image
 that describes this one just as well) cannot dominate training. A caption of the same image is never a
 negative.
+
+On Flickr8k about a third of the mined captions describe the image about as well as its own captions do
+(doc/RERANKER.md, "Hard negatives"), so `paraphrase_quantile` can drop them: a caption is not mined as a
+negative of an image when it is at least as close to one of that image's captions (cosine of the dual
+encoder's text embeddings) as the given quantile of the closeness of two captions of one image; the next
+hardest ones take their places.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass
@@ -22,34 +29,98 @@ class HardNegatives:
 
     captions: torch.Tensor  # [Ni, top_n]
     images: torch.Tensor  # [Nt, top_n]
+    paraphrase_share: float = 0.0  # share of the unfiltered top-n (both ways) that `paraphrase_quantile` dropped
 
 
-def _top_wrong(queries: torch.Tensor, gallery: torch.Tensor, wrong: callable, top_n: int, chunk_size: int):
-    rows = []
+# a dropped paraphrase still outranks a positive: it is mined only when fewer than top_n other candidates remain
+_DROPPED = 1e4
+
+
+def _top_wrong(queries: torch.Tensor, gallery: torch.Tensor, wrong: callable, paraphrase: callable | None,
+               top_n: int, chunk_size: int) -> tuple[torch.Tensor, int]:
+    """Top-n wrong partners of every query, paraphrases last; and how many of the unfiltered top-n were paraphrases."""
+    rows, dropped = [], 0
     for start in range(0, queries.shape[0], chunk_size):
         scores = queries[start:start + chunk_size] @ gallery.T
         scores.masked_fill_(~wrong(start, scores.shape[0]), float("-inf"))
+        if paraphrase is not None:
+            close = paraphrase(start, scores.shape[0])
+            dropped += int(close.gather(1, scores.topk(top_n, dim=1).indices).sum())
+            scores = torch.where(close, scores - _DROPPED, scores)
         rows.append(scores.topk(top_n, dim=1).indices)
-    return torch.cat(rows)
+    return torch.cat(rows), dropped
+
+
+def _closest_own_caption(rows: torch.Tensor, text_embeds: torch.Tensor, text_to_image: torch.Tensor,
+                         num_groups: int) -> torch.Tensor:
+    """`[R, num_groups]`: for each row of `rows` (caption embeddings), its highest cosine to a caption of each group.
+
+    Used both ways: rows = the captions of a chunk of images, grouped by image (each image's closeness to every
+    caption, transposed), and rows = a chunk of captions, grouped by the captions' images."""
+    sims = rows @ text_embeds.T
+    out = sims.new_full((rows.shape[0], num_groups), float("-inf"))
+    return out.scatter_reduce_(1, text_to_image[None, :].expand_as(sims), sims, "amax")
+
+
+def paraphrase_threshold(text_embeds: torch.Tensor, text_to_image: torch.Tensor, quantile: float,
+                         chunk_size: int = 1024) -> float:
+    """The `quantile` of the cosine similarities between two different captions of one image."""
+    text_embeds = F.normalize(text_embeds.float(), dim=-1)
+    text_to_image = text_to_image.long()
+    values = []
+    for start in range(0, text_embeds.shape[0], chunk_size):
+        sims = text_embeds[start:start + chunk_size] @ text_embeds.T
+        rows = torch.arange(start, start + sims.shape[0])
+        same = (text_to_image[rows, None] == text_to_image[None, :]) & (rows[:, None] != torch.arange(sims.shape[1]))
+        values.append(sims[same])
+    values = torch.cat(values)
+    if values.numel() == 0:
+        raise ValueError("paraphrase_quantile needs images with at least two captions; every image here has one.")
+    return float(torch.quantile(values, quantile)) if values.numel() <= 2 ** 24 else float(
+        values.sort().values[int(quantile * (values.numel() - 1))])
 
 
 @torch.no_grad()
 def mine_hard_negatives(image_embeds: torch.Tensor, text_embeds: torch.Tensor, text_to_image: torch.Tensor,
-                        top_n: int = 16, chunk_size: int = 1024) -> HardNegatives:
-    """Each image's `top_n` highest-scoring captions of other images, and each caption's `top_n` other images."""
+                        top_n: int = 16, chunk_size: int = 1024,
+                        paraphrase_quantile: float | None = None) -> HardNegatives:
+    """Each image's `top_n` highest-scoring captions of other images, and each caption's `top_n` other images.
+
+    With `paraphrase_quantile` (in [0, 1]), a caption and an image are not mined as a negative pair when the
+    caption is at least as close to one of the image's captions as that quantile of same-image caption pairs
+    (`paraphrase_threshold`): they are likely a true match the data does not record. Such pairs are mined only
+    where fewer than `top_n` others remain.
+    """
     text_to_image = text_to_image.long()
     num_images, num_texts = image_embeds.shape[0], text_embeds.shape[0]
     captions_per_image = torch.bincount(text_to_image, minlength=num_images).max()
     if top_n > num_texts - captions_per_image or top_n > num_images - 1:
         raise ValueError(f"top_n={top_n} hard negatives asked for, but the split has only {num_images} images and "
                          f"{num_texts} captions: lower --negatives_top_n.")
-    captions = _top_wrong(image_embeds.float(), text_embeds.float(),
-                          lambda start, n: text_to_image[None, :] != torch.arange(start, start + n)[:, None],
-                          top_n, chunk_size)
-    images = _top_wrong(text_embeds.float(), image_embeds.float(),
-                        lambda start, n: torch.arange(num_images)[None, :] != text_to_image[start:start + n, None],
-                        top_n, chunk_size)
-    return HardNegatives(captions, images)
+    image_paraphrase = caption_paraphrase = None
+    if paraphrase_quantile is not None:
+        if not 0.0 <= paraphrase_quantile <= 1.0:
+            raise ValueError(f"paraphrase_quantile={paraphrase_quantile}: expected a quantile in [0, 1].")
+        threshold = paraphrase_threshold(text_embeds, text_to_image, paraphrase_quantile, chunk_size)
+        unit = F.normalize(text_embeds.float(), dim=-1)
+
+        def image_paraphrase(start, n):  # [n images, Nt captions]
+            own = ((text_to_image >= start) & (text_to_image < start + n)).nonzero().flatten()
+            return _closest_own_caption(unit, unit[own], text_to_image[own] - start, n).T >= threshold
+
+        def caption_paraphrase(start, n):  # [n captions, Ni images]
+            return _closest_own_caption(unit[start:start + n], unit, text_to_image, num_images) >= threshold
+
+    captions, dropped_captions = _top_wrong(
+        image_embeds.float(), text_embeds.float(),
+        lambda start, n: text_to_image[None, :] != torch.arange(start, start + n)[:, None],
+        image_paraphrase, top_n, chunk_size)
+    images, dropped_images = _top_wrong(
+        text_embeds.float(), image_embeds.float(),
+        lambda start, n: torch.arange(num_images)[None, :] != text_to_image[start:start + n, None],
+        caption_paraphrase, top_n, chunk_size)
+    share = (dropped_captions + dropped_images) / (top_n * (num_images + num_texts))
+    return HardNegatives(captions, images, share)
 
 
 def draw_negatives(positives: torch.Tensor, text_to_image: torch.Tensor, hard: HardNegatives | None,

@@ -73,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--hard_negatives", type=_bool, default=True,
                        help="true: negatives drawn from the dual encoder's top --negatives_top_n; false: random")
     train.add_argument("--negatives_top_n", type=int, default=16)
+    train.add_argument("--paraphrase_quantile", type=float, default=None,
+                       help="do not mine a caption as a negative of an image when it is at least as close to one of "
+                            "the image's own captions as this quantile of two captions of one image (cosine of the "
+                            "dual encoder's text embeddings; 0.5: as close as a typical pair of the image's own "
+                            "captions): such pairs are likely true matches (default: mine them)")
     train.add_argument("--hard_fraction", type=float, default=1.0,
                        help="with --hard_negatives true, the share of negatives drawn from the mined top-n (the rest "
                             "random)")
@@ -183,8 +188,11 @@ def main(argv=None) -> dict:
                                                                       "max_images": args.dev_images}), **features)
     caching_seconds = time.perf_counter() - started
     dual_scale = float(model.get_logit_scale().detach())
-    hard = mine_hard_negatives(train.image_embeds, train.text_embeds, train.text_to_image,
-                               args.negatives_top_n) if args.hard_negatives else None
+    hard = mine_hard_negatives(train.image_embeds, train.text_embeds, train.text_to_image, args.negatives_top_n,
+                               paraphrase_quantile=args.paraphrase_quantile) if args.hard_negatives else None
+    if hard is not None and args.paraphrase_quantile is not None:
+        logger.info("--paraphrase_quantile %g: %.1f %% of the mined top-%d were paraphrases of a positive, replaced by "
+                    "the next hardest", args.paraphrase_quantile, 100 * hard.paraphrase_share, args.negatives_top_n)
     logger.info("train: %d images, %d captions; validation: %d images; token caching took %.0f s",
                 len(train.image_ids), len(train.captions), len(dev.image_ids), caching_seconds)
 
@@ -197,7 +205,8 @@ def main(argv=None) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / steps))
 
     dual_dev = dev.metrics()
-    log = {"dual_encoder_validation": dual_dev, "caching_seconds": caching_seconds, "options": vars(args), "epochs": []}
+    log = {"dual_encoder_validation": dual_dev, "caching_seconds": caching_seconds, "options": vars(args), "epochs": [],
+           "paraphrase_share": hard.paraphrase_share if hard is not None else None}
     logger.info("dual encoder, validation (%d images): RSUM %.1f", len(dev.image_ids), dual_dev["rsum"])
     best, best_state = None, None
     deadline = time.monotonic() + 60 * args.max_minutes
