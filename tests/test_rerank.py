@@ -114,6 +114,30 @@ def test_hard_negatives_are_the_top_scoring_wrong_partners_and_never_a_positive(
         mine_hard_negatives(images, texts, text_to_image, top_n=6)
 
 
+
+def test_paraphrase_quantile_drops_captions_that_describe_the_image_as_well_as_its_own():
+    g = torch.Generator().manual_seed(0)
+    images = torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=-1)
+    text_to_image = torch.arange(8).repeat_interleave(3)
+    texts = images[text_to_image] + 0.4 * torch.randn(24, 16, generator=g)
+    texts[3] = texts[0] + 0.01 * torch.randn(16, generator=g)  # image 1's first caption paraphrases image 0's
+    texts = torch.nn.functional.normalize(texts, dim=-1)
+    images[0] = torch.nn.functional.normalize(images[0] + 2 * texts[3], dim=-1)  # ... and is image 0's top wrong one
+    plain = mine_hard_negatives(images, texts, text_to_image, top_n=4)
+    assert 3 in plain.captions[0].tolist() and 0 in plain.images[3].tolist() and plain.paraphrase_share == 0.0
+    filtered = mine_hard_negatives(images, texts, text_to_image, top_n=4, paraphrase_quantile=0.9, chunk_size=3)
+    assert 3 not in filtered.captions[0].tolist()  # image 0 does not get its paraphrase as a negative
+    assert 0 not in filtered.images[3].tolist()  # nor the paraphrase image 0
+    assert filtered.paraphrase_share > 0.0
+    assert not (text_to_image[filtered.captions] == torch.arange(8)[:, None]).any()  # positives never, as before
+    assert not (filtered.images == text_to_image[:, None]).any()
+    # with too few other candidates left, paraphrases fill the table (positives still never do)
+    every = mine_hard_negatives(images, texts, text_to_image, top_n=7, paraphrase_quantile=0.9)
+    assert 0 in every.images[3].tolist() and not (every.images == text_to_image[:, None]).any()
+    with pytest.raises(ValueError, match="quantile"):
+        mine_hard_negatives(images, texts, text_to_image, top_n=4, paraphrase_quantile=50)
+
+
 # --------------------------------------------------------------------------------------- re-ranking
 class Oracle(torch.nn.Module):
     """Scores a pair by how close its caption's code is to its image's: what a perfect re-ranker knows."""
