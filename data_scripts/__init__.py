@@ -27,7 +27,7 @@ from .samplers import ImageGroupBatchSampler, SeededBatchSampler, UniqueImageBat
 from .shard_writer import write_shards
 from .streaming import HubStream, WebDatasetStream, build_stream, expand_shards, is_shard_pattern, load_shards
 from .synthetic import build_synthetic_dataset
-from .views import IMAGE_FEATURES, PAIR_FEATURES, convert_view, to_image_view, to_pair_view
+from .views import IMAGE_FEATURES, PAIR_FEATURES, convert_view, require_images, to_image_view, to_pair_view
 
 __all__ = [
     "ContrastiveCollator",
@@ -43,6 +43,7 @@ __all__ = [
     "PixelStore",
     "RandomFeatureCrop",
     "RandomMirror",
+    "require_images",
     "SeededBatchSampler",
     "TransformedRows",
     "UniqueImageBatchSampler",

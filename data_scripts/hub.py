@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from pathlib import Path
 from typing import Optional
 
 import datasets
@@ -43,6 +44,11 @@ def load_hub_dataset(hub_id: str, view: str = "pairs", *, seed: int = 42, cache_
     try:
         raw = datasets.load_dataset(hub_id, cache_dir=cache_dir, **load_kwargs)
     except Exception as exc:  # offline, unknown id, gated...: say what was tried
+        if Path(hub_id).expanduser().is_dir():  # a folder of data files that datasets could not read
+            raise DatasetFormatError(
+                f"{hub_id}: reading the folder's data files with datasets.load_dataset failed "
+                f"({type(exc).__name__}: {exc}). See doc/OWN_DATA.md for the layouts it reads"
+            ) from exc
         raise DatasetFormatError(
             f"'{hub_id}' is not a local directory, and loading it from the Hugging Face Hub failed "
             f"({type(exc).__name__}: {exc}). Pass an existing directory, 'synthetic', or a valid Hub id"

@@ -29,7 +29,7 @@ from .report import DatasetFormatError
 from .sources import TABLE_EXTENSIONS, find_metadata, is_table_file, load_tables
 from .streaming import is_shard_pattern, load_shards
 from .synthetic import build_synthetic_dataset
-from .views import check_view, quiet_datasets
+from .views import check_view, quiet_datasets, require_images
 
 HUB_DATA_EXTENSIONS = (".parquet", ".arrow", ".csv", ".json", ".jsonl")
 
@@ -89,6 +89,8 @@ def load_image_caption_dataset(
         base = Path(source).expanduser() if source else Path(".")
         files = {split: _table_path(f, base) for split, f in split_files.items()}
         data, report = load_tables(files, view, layout="files", **tables)
+        for split, file in files.items():
+            require_images(data[split], split, str(file))
     else:
         directory = _as_directory(source)
         if directory is None:

@@ -19,6 +19,8 @@ from typing import Iterator, Union
 import datasets
 from datasets import Dataset, DatasetDict, Features, Image, Sequence, Value
 
+from .report import DatasetFormatError
+
 VIEWS = ("pairs", "images")
 
 PAIR_FEATURES = Features(
@@ -95,6 +97,18 @@ def to_image_view(pairs: Dataset) -> Dataset:
     images = pairs.select(list(first_row.values())).remove_columns(["caption", "caption_index"])
     images = images.flatten_indices()
     return images.add_column("captions", ordered, feature=Sequence(Value("string")))
+
+
+def require_images(split_data: Dataset, split: str, where: str) -> Dataset:
+    """`split_data` unless it has no rows: then one error naming the split and where it came from.
+
+    Every consumer of a split (training, each evaluation command) would otherwise fail later with a
+    traceback (torch.cat of no batches)."""
+    if len(split_data) == 0:
+        raise DatasetFormatError(f"the {split} split ({where}) has no images left: its table has no rows, or every "
+                                 "image was skipped as unreadable (listed above); add or replace them, or pass "
+                                 "on_bad_image: error to stop at the first unreadable one")
+    return split_data
 
 
 def to_pair_view(images: Dataset) -> Dataset:

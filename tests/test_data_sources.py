@@ -203,6 +203,19 @@ def test_a_bad_row_of_a_table_is_named_by_file_and_line(tmp_path, name, text, me
         load_image_caption_dataset(str(tmp_path / name), verify_images=False)
 
 
+
+def test_a_split_file_without_rows_is_refused_naming_the_file(tmp_path):
+    for i in range(4):
+        write_image(tmp_path / f"p{i}.png", i)
+    write_csv(tmp_path / "train.csv", ["file_name", "text"], [[f"p{i}.png", c] for i in range(4) for c in captions(i)])
+    write_csv(tmp_path / "test.csv", ["file_name", "text"], [])
+    with pytest.raises(DatasetFormatError, match=f"^the test split \\({tmp_path / 'test.csv'}\\) has no images left"):
+        load_image_caption_dataset(str(tmp_path), train_file="train.csv", test_file="test.csv")
+    # the same folder passed whole is read as data files by datasets; its failure names the folder, not "not a
+    # local directory" as for a Hub id
+    with pytest.raises(DatasetFormatError, match=f"^{tmp_path}: reading the folder's data files"):
+        load_image_caption_dataset(str(tmp_path))
+
 def test_an_unknown_directory_lists_every_layout_tried(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(DatasetFormatError, match=r"(?s)not a Flickr8k layout.*Nor is it an imagefolder"):

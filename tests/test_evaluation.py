@@ -170,6 +170,25 @@ def test_a_model_dir_without_a_saved_model_is_named_before_any_data_is_loaded(tm
         evaluate_model.main(["--model_dir", str(tmp_path)])
 
 
+
+def test_an_empty_split_is_one_error_line_naming_it_not_a_traceback(model_dir, tmp_path):
+    """An imagefolder whose test/metadata.csv has no rows: evaluating it ended in torch.cat of no batches."""
+    from tests.test_data_sources import captions, write_csv, write_image
+
+    for i in range(6):
+        write_image(tmp_path / "train" / f"{i}.png", i)
+    write_csv(tmp_path / "train" / "metadata.csv", ["file_name", "text"],
+              [[f"{i}.png", c] for i in range(6) for c in captions(i)])
+    (tmp_path / "test").mkdir()
+    write_csv(tmp_path / "test" / "metadata.csv", ["file_name", "text"], [])
+    with pytest.raises(SystemExit) as refused:
+        evaluate_model.main(["--model_dir", str(model_dir), "--dataset", str(tmp_path), "--quiet"])
+    assert str(refused.value).startswith(f"error: the test split ({tmp_path}) has no images left")
+    assert "\n" not in str(refused.value)
+    # the other splits of the same folder still evaluate
+    assert evaluate_model.main(["--model_dir", str(model_dir), "--dataset", str(tmp_path), "--split", "train",
+                                "--quiet"])["num_images"] == 5
+
 def test_data_options_come_from_the_runs_training_args_json_not_from_its_card(tmp_path):
     (tmp_path / "README.md").write_text(
         "# card\n\n## Training options\n\n```yaml\ndataset: synthetic\nnum_images: 999\n```\n")

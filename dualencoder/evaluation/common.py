@@ -19,9 +19,10 @@ import torch
 from transformers import AutoProcessor
 
 from backbones_dualencoder import OFFLINE_TEXT, OFFLINE_VISION
-from data_scripts import ImageTransform, load_image_caption_dataset
+from data_scripts import DatasetFormatError, ImageTransform, load_image_caption_dataset, require_images
 from data_scripts.synthetic import DEFAULT_JOB_IMAGE_SIZE, DEFAULT_JOB_NUM_IMAGES
 from dualencoder.devices import pick_device
+from dualencoder.errors import first_line
 from dualencoder.evaluation.embed import EmbeddedSplit, embed_split
 from dualencoder.metrics import similarity_gap
 from dualencoder.processing import build_processor
@@ -61,7 +62,7 @@ def load_trained_config(model_dir: str) -> DualEncoderConfig:
         return DualEncoderConfig.from_pretrained(model_dir)
     except OSError as exc:
         raise SystemExit(f"--model_dir {model_dir}: not a local model directory, and loading it as a Hub id failed "
-                         f"({exc.__class__.__name__}: {str(exc).splitlines()[0]})") from exc
+                         f"({first_line(exc)})") from exc
 
 
 def zero_shot_backbones(config=None, vision_model: Optional[str] = None, text_model: Optional[str] = None):
@@ -151,10 +152,13 @@ def load_split(dataset: str = "synthetic", split: str = "test", max_images: Opti
                seed: int = DEFAULT_SEED, **_):
     """One split in the image view (`image`, `image_id`, `captions`), cut to its first `max_images` images."""
     kwargs = dict(num_images=num_images, image_size=synthetic_image_size) if dataset == "synthetic" else {}
-    splits = load_image_caption_dataset(dataset, view="images", seed=seed, **kwargs)
-    if split not in splits:
-        raise ValueError(f"{dataset} has no split {split!r}; it has {sorted(splits)}")
-    view = splits[split]
+    try:  # every evaluation command: a bad file or an empty split is one line naming it, not a traceback
+        splits = load_image_caption_dataset(dataset, view="images", seed=seed, **kwargs)
+        if split not in splits:
+            raise ValueError(f"{dataset} has no split {split!r}; it has {sorted(splits)}")
+        view = require_images(splits[split], split, dataset)
+    except DatasetFormatError as error:
+        raise SystemExit(f"error: {error}") from None
     if max_images:
         view = view.select(range(min(max_images, len(view))))
     return view

@@ -26,6 +26,7 @@ import yaml
 
 from backbones_dualencoder import OFFLINE_TEXT, OFFLINE_VISION
 from data_scripts.synthetic import DEFAULT_JOB_IMAGE_SIZE, DEFAULT_JOB_NUM_IMAGES
+from dualencoder.errors import first_line
 from dualencoder.losses import LOSSES
 from dualencoder.metrics import STANDARD_KS
 
@@ -65,7 +66,7 @@ def yaml_mapping(text: str) -> Optional[str]:
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        return f"not YAML ({str(exc).splitlines()[0]}); expected a mapping such as '{{margin: 0.2}}'"
+        return f"not YAML ({first_line(exc, with_type=False)}); expected a mapping such as '{{margin: 0.2}}'"
     return None if value is None or isinstance(value, dict) else "expected a mapping such as '{margin: 0.2}'"
 
 
