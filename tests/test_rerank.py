@@ -15,7 +15,7 @@ from dualencoder.evaluation.embed import EmbeddedSplit
 from dualencoder.processing import build_processor
 from dualencoder.rerank import train as rerank_train
 from dualencoder.rerank.features import SplitTokens, split_features
-from dualencoder.rerank.mining import draw_negatives, mine_hard_negatives
+from dualencoder.rerank.mining import draw_groups, draw_negatives, mine_hard_negatives
 from dualencoder.rerank.model import CoAttentionReranker, RerankerConfig, load_reranker, save_reranker
 from dualencoder.rerank.rerank import rerank_top_k, reranked_metrics
 from modeling_dualencoder import DualEncoderConfig, DualEncoderModel
@@ -169,23 +169,55 @@ def test_reranking_permutes_only_within_the_top_k():
     assert reranked_metrics(top, embedded.text_to_image, dual_weight=1e6)["rsum"] == pytest.approx(before["rsum"])
 
 
-def test_training_on_a_separable_toy_set_beats_the_dual_encoder():
+def train_on_toy_set(epochs: int = 25, **objective) -> tuple[dict, dict, dict, dict]:
+    """A tiny re-ranker trained on a separable toy split: (first epoch's stats, last epoch's, the dual encoder's
+    metrics, the re-ranked ones)."""
     tokens, embedded = toy_split(num_images=8, captions_per_image=2)
     reranker = tiny_reranker(seed=1)
     optimizer = torch.optim.AdamW(reranker.parameters(), lr=3e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     hard = mine_hard_negatives(embedded.image_embeds, embedded.text_embeds, embedded.text_to_image, top_n=4)
     generator = torch.Generator().manual_seed(0)
-    first = rerank_train.train_one_epoch(reranker, optimizer, scheduler, tokens, embedded, hard, positives=16,
-                                         per_batch=8, generator=generator, deadline=float("inf"))
-    for _ in range(25):
-        last = rerank_train.train_one_epoch(reranker, optimizer, scheduler, tokens, embedded, hard, positives=16,
-                                            per_batch=8, generator=generator, deadline=float("inf"))
-    assert last["loss"] < first["loss"] and last["itm_accuracy"] >= 0.9
-    before = embedded.metrics()
+    epochs = [rerank_train.train_one_epoch(reranker, optimizer, scheduler, tokens, embedded, hard, positives=16,
+                                           generator=generator, deadline=float("inf"), **objective)
+              for _ in range(1 + epochs)]
     after = reranked_metrics(rerank_top_k(reranker, tokens, embedded, 8, dual_scale=10.0), embedded.text_to_image)
+    return epochs[0], epochs[-1], embedded.metrics(), after
+
+
+def test_training_on_a_separable_toy_set_beats_the_dual_encoder():
+    first, last, before, after = train_on_toy_set(per_batch=8)
+    assert last["loss"] < first["loss"] and last["itm_accuracy"] >= 0.9
     assert after["i2t_r1"] > before["i2t_r1"] and after["t2i_r1"] > before["t2i_r1"]
 
+
+@pytest.mark.parametrize("dual_weight", [0.0, 1.0])
+def test_the_listwise_objective_learns_to_put_each_groups_positive_first(dual_weight):
+    """Groups of a positive and 3 mined negatives per direction, the dual encoder's logits added (weight 1) or not."""
+    first, last, before, after = train_on_toy_set(per_batch=4, group_size=4, dual_scale=10.0 * dual_weight)
+    assert first["pairs"] == 16 * 7  # per positive: itself, 3 negative captions, 3 negative images
+    assert last["loss"] < first["loss"] and last["group_accuracy"] >= 0.9
+    assert after["i2t_r1"] > before["i2t_r1"] and after["t2i_r1"] > before["t2i_r1"]
+
+
+def test_groups_hold_distinct_mined_negatives_and_never_a_positive():
+    text_to_image = torch.arange(6).repeat_interleave(3)
+    g = torch.Generator().manual_seed(0)
+    images = torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    texts = torch.nn.functional.normalize(images[text_to_image] + 0.3 * torch.randn(18, 8, generator=g), dim=-1)
+    hard = mine_hard_negatives(images, texts, text_to_image, top_n=4)
+    positives = torch.arange(18)
+    captions, other = draw_groups(positives, text_to_image, hard, torch.Generator().manual_seed(1), size=4)
+    assert captions.shape == other.shape == (18, 3)
+    for row in range(18):
+        assert len(set(captions[row].tolist())) == 3 and set(captions[row].tolist()) <= set(
+            hard.captions[text_to_image[row]].tolist())
+        assert len(set(other[row].tolist())) == 3 and set(other[row].tolist()) <= set(hard.images[row].tolist())
+    random_captions, random_images = draw_groups(positives, text_to_image, None, torch.Generator().manual_seed(1), 4)
+    assert not (text_to_image[random_captions] == text_to_image[positives, None]).any()
+    assert not (random_images == text_to_image[positives, None]).any()
+    with pytest.raises(ValueError, match="group_size"):
+        draw_groups(positives, text_to_image, hard, torch.Generator(), size=6)
 
 def test_the_time_budget_ends_an_epoch_before_its_next_batch():
     tokens, embedded = toy_split()
@@ -245,6 +277,19 @@ def test_the_training_command_saves_a_reranker_that_evaluate_reports(tiny_export
     printed = capsys.readouterr().out
     assert "re-ranked top-2" in printed and "ms per query" in printed
 
+
+
+def test_the_training_command_takes_the_listwise_objective_and_the_paraphrase_filter(tiny_export, tmp_path):
+    common = ["--model_dir", tiny_export, "--data", "synthetic", *DATA, "--output", str(tmp_path / "out"),
+              "--epochs", "1", "--positives_per_epoch", "24", "--dev_images", "4", "--dev_top_k", "3",
+              "--negatives_top_n", "3", "--hidden_size", "16", "--num_heads", "2", "--intermediate_size", "32",
+              "--cache_dir", str(tmp_path / "cache"), "--quiet", "--objective", "listwise"]
+    log = rerank_train.main([*common, "--group_size", "3", "--paraphrase_quantile", "0.5"])
+    (epoch,) = log["epochs"]
+    assert epoch["pairs"] == 24 * 5 and 0.0 <= epoch["group_accuracy"] <= 1.0  # a positive + 2 + 2 negatives
+    assert log["options"]["objective"] == "listwise" and 0.0 <= log["paraphrase_share"] <= 1.0
+    with pytest.raises(SystemExit, match="--group_size 1"):
+        rerank_train.main([*common, "--group_size", "1"])
 
 def test_evaluate_rerank_top_k_without_a_reranker_names_the_folder(tiny_export):
     with pytest.raises(SystemExit, match="no reranker/ folder"):

@@ -142,6 +142,30 @@ def draw_negatives(positives: torch.Tensor, text_to_image: torch.Tensor, hard: H
             torch.where(use_hard(), pick(hard.images, positives), images))
 
 
+
+def draw_groups(positives: torch.Tensor, text_to_image: torch.Tensor, hard: HardNegatives | None,
+                generator: torch.Generator, size: int, hard_fraction: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`size - 1` distinct negatives per positive, both ways, for the listwise objective: (captions `[n, size-1]`
+    for each positive's image, images `[n, size-1]` for each positive caption).
+
+    Each slot is, with probability `hard_fraction`, one of the mined top-n (distinct within a row), else random."""
+    n = positives.shape[0]
+    draws = [_random_negatives(positives, text_to_image, generator) for _ in range(size - 1)]
+    captions, images = torch.stack([c for c, _ in draws], 1), torch.stack([i for _, i in draws], 1)
+    if hard is None or hard_fraction <= 0:
+        return captions, images
+    if size - 1 > hard.captions.shape[1]:
+        raise ValueError(f"groups of {size} need {size - 1} mined negatives per query; only the top "
+                         f"{hard.captions.shape[1]} were mined: raise --negatives_top_n or lower --group_size.")
+
+    def pick(table, rows):  # size-1 distinct columns of each row, in random order
+        columns = torch.rand(n, table.shape[1], generator=generator).argsort(1)[:, :size - 1]
+        return table[rows].gather(1, columns)
+
+    use_hard = lambda: torch.rand(n, size - 1, generator=generator) < hard_fraction
+    return (torch.where(use_hard(), pick(hard.captions, text_to_image[positives]), captions),
+            torch.where(use_hard(), pick(hard.images, positives), images))
+
 def _random_negatives(positives: torch.Tensor, text_to_image: torch.Tensor, generator: torch.Generator):
     images = text_to_image[positives]
     n = positives.shape[0]

@@ -7,7 +7,8 @@ Set-up, then the loop, as the dual encoder's training reads: load the dual encod
 towers' token outputs of the train split and of the first `--dev_images` validation images
 (`features.py`), mine each train image's and caption's hardest wrong partners from the dual encoder's
 own scores (`mining.py`), then each epoch draw `--positives_per_epoch` true pairs, one negative caption
-and one negative image for each, and fit the re-ranker with binary cross-entropy. After each epoch the
+and one negative image for each, and fit the re-ranker with binary cross-entropy (or, `--objective listwise`,
+`--group_size - 1` negatives per direction and softmax cross-entropy over each group). After each epoch the
 re-ranker re-ranks the validation images' top `--dev_top_k` both ways; the epoch with the best RSUM (at
 the best blend weight) is kept. `--max_minutes` bounds the training loop (caching excluded): it ends the
 epoch early and still validates and saves. The output folder holds the dual encoder (copied when it is
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from dualencoder.evaluation.common import (TRAINING_ARGS_FILE, data_options, load_model, load_split,
                                            load_trained_config)
 from dualencoder.rerank.features import split_features
-from dualencoder.rerank.mining import draw_negatives, mine_hard_negatives
+from dualencoder.rerank.mining import draw_groups, draw_negatives, mine_hard_negatives
 from dualencoder.rerank.model import CoAttentionReranker, RerankerConfig, save_reranker
 from dualencoder.rerank.rerank import best_dual_weight, rerank_top_k
 
@@ -81,6 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--hard_fraction", type=float, default=1.0,
                        help="with --hard_negatives true, the share of negatives drawn from the mined top-n (the rest "
                             "random)")
+    train.add_argument("--objective", choices=("bce", "listwise"), default="bce",
+                       help="bce: binary cross-entropy on each pair (one negative caption and one negative image per "
+                            "positive); listwise: softmax cross-entropy over a positive and --group_size - 1 "
+                            "negatives per direction, scored as at test time (itm + --listwise_dual_weight x the "
+                            "dual encoder's logit): the re-ranker learns to correct the dual encoder's order")
+    train.add_argument("--group_size", type=int, default=8, help="listwise: candidates per group (1 positive)")
+    train.add_argument("--listwise_dual_weight", type=float, default=1.0,
+                       help="listwise: weight of the dual encoder's logit added to each pair's score in training "
+                            "(0: the re-ranker's score alone)")
     train.add_argument("--epochs", type=int, default=8,
                        help="at most this many epochs; --max_minutes may end the run sooner (the best epoch is kept)")
     train.add_argument("--positives_per_epoch", type=int, default=3000,
@@ -102,28 +112,64 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def pair_logits(reranker, text, mask, vision, *, bf16: bool = False) -> torch.Tensor:
+    """The re-ranker's float32 logits of a batch of pairs, under bf16 autocast when asked (training only)."""
+    device = next(reranker.parameters()).device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        return reranker(text.to(device), mask.to(device), vision.to(device)).float()
+
+
+def _update(optimizer, loss: torch.Tensor) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
 def itm_step(reranker, optimizer, text, mask, vision, labels, *,
              bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimiser step of binary cross-entropy on a batch of pairs: (logits, loss). The training loop's step,
     and the one `benchmarks/rerank_speed.py` times."""
-    device = labels.device
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        logits = reranker(text.to(device), mask.to(device), vision.to(device)).float()
+    logits = pair_logits(reranker, text, mask, vision, bf16=bf16)
     # one positive per two negatives: weighted so both classes count equally
     loss = F.binary_cross_entropy_with_logits(logits, labels, pos_weight=logits.new_tensor(2.0))
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    _update(optimizer, loss)
     return logits, loss
 
 
+def listwise_step(reranker, optimizer, text, mask, vision, dual, group_size: int, *,
+                  bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step of the listwise objective: (group scores `[2n, group_size]`, loss).
+
+    The batch holds n positives, then `group_size - 1` negative captions of each positive's image, then as many
+    negative images of each positive caption (`n * (2 * group_size - 1)` pairs). Each positive and its negatives
+    of one direction form a group, scored as at test time (`itm + dual`, `dual` the dual encoder's weighted logits
+    of the pairs: with weight 0 the re-ranker's alone) and trained with softmax cross-entropy towards the positive:
+    the re-ranker learns to correct the dual encoder's order of its own top candidates, as it will be used."""
+    logits = pair_logits(reranker, text, mask, vision, bf16=bf16) + dual.to(next(reranker.parameters()).device)
+    n, others = logits.shape[0] // (2 * group_size - 1), group_size - 1
+    positive = logits[:n, None]
+    groups = torch.cat([torch.cat([positive, logits[n:n + n * others].view(n, others)], 1),
+                        torch.cat([positive, logits[n + n * others:].view(n, others)], 1)])
+    loss = F.cross_entropy(groups, torch.zeros(2 * n, dtype=torch.long, device=groups.device))
+    _update(optimizer, loss)
+    return groups, loss
+
+
 def train_one_epoch(reranker, optimizer, scheduler, tokens, embedded, hard, *, positives: int, per_batch: int,
-                    generator, deadline: float, bf16: bool = False, hard_fraction: float = 1.0) -> dict:
-    """One epoch of binary cross-entropy on true pairs and their drawn negatives; stops at `deadline`."""
+                    generator, deadline: float, bf16: bool = False, hard_fraction: float = 1.0, group_size: int = 0,
+                    dual_scale: float = 0.0) -> dict:
+    """One epoch on true pairs and their drawn negatives; stops at `deadline`.
+
+    `group_size` 0: binary cross-entropy, one negative caption and one negative image per positive (`itm_accuracy`:
+    pairs classified right); else the listwise objective on groups of that size (`group_accuracy`: groups whose
+    positive scores highest), the dual encoder's logits times `dual_scale` added to the pairs' scores."""
     reranker.train()
     t2i = embedded.text_to_image
     order = torch.randperm(t2i.shape[0], generator=generator)[:positives]
-    neg_captions, neg_images = draw_negatives(order, t2i, hard, generator, hard_fraction)
+    if group_size:
+        neg_captions, neg_images = draw_groups(order, t2i, hard, generator, group_size, hard_fraction)
+    else:
+        neg_captions, neg_images = draw_negatives(order, t2i, hard, generator, hard_fraction)
     device = next(reranker.parameters()).device
     total, correct, loss_sum, steps, start = 0, 0, 0.0, 0, time.perf_counter()
     for first in range(0, order.shape[0], per_batch):
@@ -131,20 +177,34 @@ def train_one_epoch(reranker, optimizer, scheduler, tokens, embedded, hard, *, p
             logger.info("--max_minutes reached: ending the epoch after %d pairs", total)
             break
         pos = order[first:first + per_batch]
-        texts = torch.cat([pos, neg_captions[first:first + per_batch], pos])
-        images = torch.cat([t2i[pos], t2i[pos], neg_images[first:first + per_batch]])
-        labels = torch.cat([torch.ones(len(pos)), torch.zeros(2 * len(pos))]).to(device)
+        batch_captions, batch_images = neg_captions[first:first + per_batch], neg_images[first:first + per_batch]
+        if group_size:
+            others = group_size - 1
+            texts = torch.cat([pos, batch_captions.reshape(-1), pos.repeat_interleave(others)])
+            images = torch.cat([t2i[pos], t2i[pos].repeat_interleave(others), batch_images.reshape(-1)])
+        else:
+            texts = torch.cat([pos, batch_captions, pos])
+            images = torch.cat([t2i[pos], t2i[pos], batch_images])
         text, mask, vision = tokens.batch([embedded.image_ids[i] for i in images.tolist()],
                                           [embedded.captions[j] for j in texts.tolist()])
-        logits, loss = itm_step(reranker, optimizer, text, mask, vision, labels, bf16=bf16)
+        if group_size:
+            dual = dual_scale * (embedded.image_embeds[images] * embedded.text_embeds[texts]).sum(-1)
+            groups, loss = listwise_step(reranker, optimizer, text, mask, vision, dual, group_size, bf16=bf16)
+            total += groups.shape[0]
+            correct += int((groups.argmax(1) == 0).sum())
+        else:
+            labels = torch.cat([torch.ones(len(pos)), torch.zeros(2 * len(pos))]).to(device)
+            logits, loss = itm_step(reranker, optimizer, text, mask, vision, labels, bf16=bf16)
+            total += len(labels)
+            correct += int(((logits > 0).float() == labels).sum())
         scheduler.step()
-        total += len(labels)
-        correct += int(((logits > 0).float() == labels).sum())
         loss_sum += loss.item()
         steps += 1
     seconds = time.perf_counter() - start
-    return {"pairs": total, "loss": loss_sum / max(steps, 1), "itm_accuracy": correct / max(total, 1),
-            "seconds": seconds, "pairs_per_second": total / max(seconds, 1e-9)}
+    pairs = total * (2 * group_size - 1) // 2 if group_size else total
+    return {"pairs": pairs, "loss": loss_sum / max(steps, 1),
+            ("group_accuracy" if group_size else "itm_accuracy"): correct / max(total, 1),
+            "seconds": seconds, "pairs_per_second": pairs / max(seconds, 1e-9)}
 
 
 def validate(reranker, tokens, embedded, k: int, dual_scale: float, batch_size: int) -> dict:
@@ -169,6 +229,8 @@ def main(argv=None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if not 2 <= args.num_layers <= 4:
         raise SystemExit(f"--num_layers {args.num_layers}: use 2-4 co-attention layers")
+    if args.objective == "listwise" and args.group_size < 2:
+        raise SystemExit(f"--group_size {args.group_size}: a group is a positive and at least one negative")
     load_trained_config(args.model_dir)  # a path without a saved model fails here, in one line
     output = args.output or args.model_dir
     cache_dir = args.cache_dir or str(Path(output).resolve().parent / "rerank_cache")
@@ -214,15 +276,18 @@ def main(argv=None) -> dict:
         stats = train_one_epoch(reranker, optimizer, scheduler, train_tokens, train, hard,
                                 positives=args.positives_per_epoch, per_batch=args.positives_per_batch,
                                 generator=generator, deadline=deadline, bf16=args.bf16,
-                                hard_fraction=args.hard_fraction)
+                                hard_fraction=args.hard_fraction,
+                                group_size=args.group_size if args.objective == "listwise" else 0,
+                                dual_scale=args.listwise_dual_weight * dual_scale)
         result = {"epoch": epoch, **stats, "validation": validate(reranker, dev_tokens, dev, args.dev_top_k,
                                                                   dual_scale, args.batch_size)}
         log["epochs"].append(result)
         rsum = result["validation"]["metrics"]["rsum"]
-        logger.info("epoch %d: %d pairs at %.1f pairs/s, loss %.4f, ITM accuracy %.3f; validation re-ranked top-%d "
+        accuracy = "group_accuracy" if args.objective == "listwise" else "itm_accuracy"
+        logger.info("epoch %d: %d pairs at %.1f pairs/s, loss %.4f, %s %.3f; validation re-ranked top-%d "
                     "RSUM %.1f (dual_weight %g; dual encoder %.1f)", epoch, stats["pairs"], stats["pairs_per_second"],
-                    stats["loss"], stats["itm_accuracy"], args.dev_top_k, rsum, result["validation"]["dual_weight"],
-                    dual_dev["rsum"])
+                    stats["loss"], accuracy.replace("_", " "), stats[accuracy], args.dev_top_k, rsum,
+                    result["validation"]["dual_weight"], dual_dev["rsum"])
         if best is None or rsum > best["validation"]["metrics"]["rsum"]:
             best, best_state = result, copy.deepcopy(reranker.state_dict())
         if time.monotonic() > deadline:
