@@ -25,7 +25,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from data_scripts import DatasetFormatError, to_image_view
-from dualencoder.distributed import launch_mismatch
+from dualencoder.distributed import decided_by_main, launch_mismatch
 from dualencoder.evaluation.common import embed
 from dualencoder.kernels import apply_levers
 from dualencoder.metrics import format_metrics_table
@@ -57,8 +57,6 @@ LOWER_IS_BETTER = ("_medr", "_meanr")
 
 def main(argv=None) -> dict:
     model_args, data_args, train_args, stated = parse_args(argv, with_sources=True)
-    # --push_to_hub: token, network and repository are checked now, not after the training
-    train_args.hub_model_id = check_run_can_publish(train_args) or train_args.hub_model_id
     accelerator = start(train_args)
     show = accelerator.is_local_main_process
 
@@ -85,17 +83,21 @@ def main(argv=None) -> dict:
     if train_args.fused_kernels != "off" or train_args.fp8:  # same parameters, other kernels (dualencoder/kernels)
         logger.info("speed levers: %s", apply_levers(model, train_args.fused_kernels, train_args.fp8))
     cache_started = time.time()
+    # the validation split's caches choose the best epoch; the test split is read from its files once, at the end
+    validation = {split: view for split, view in data.eval_views.items() if split == "validation"}
     cache = FeatureCache.build(
-        model, data.train_pairs, data.eval_views, data.eval_captions, eval_transform=data.eval_transform,
+        model, data.train_pairs, validation, {split: data.eval_captions[split] for split in validation},
+        eval_transform=data.eval_transform,
         tokenizer=processor.tokenizer, max_length=data_args.max_length, device=accelerator.device,
         batch_size=train_args.per_device_eval_batch_size,
         # a stream's images are not known before they come: nothing of a streamed run is cached
         enabled=train_args.cache_frozen_features and data.stream is None, cache_dir=train_args.feature_cache_dir,
         dataset_key=data_args.dataset,
         pixel_store_size=data_args.pixel_store_size, prefix_dtype=train_args.prefix_cache_dtype, mirror=data.mirror,
-        augment=data_args.augment, querybank=train_args.querybank_beta is not None, show_progress=show,
+        augment=data_args.augment, show_progress=show,
         main_process_first=accelerator.main_process_first)  # a disk cache: computed once, read by the others
-    resume = resolve_resume(train_args.output_dir, train_args.resume_from_checkpoint)
+    # one process reads the checkpoint through to find damage; the others take its answer
+    resume = decided_by_main(lambda: resolve_resume(train_args.output_dir, train_args.resume_from_checkpoint))
     topics = apply_research_options(model, data.train_pairs, cache, topic_batches=data_args.topic_batches,
                                     topic_share=data_args.topic_share, cca_options=cca_init, seed=train_args.seed,
                                     topics=read_loop_state(resume).get("topics") if resume else None,
@@ -208,7 +210,7 @@ def main(argv=None) -> dict:
                "best_epoch": state.get("best_epoch"), "train_seconds": round(train_seconds, 1),
                "cache_seconds": round(cache_seconds, 1), "global_step": state["global_step"],
                "resumed_from": resume or None}
-    metrics.update(test_metrics(final, processor, cache, data, train_pairs, train_args, data_args.max_length))
+    metrics.update(test_metrics(final, processor, data, train_args, data_args.max_length))
     if accelerator.is_main_process:
         export(final, processor, metrics, (model_args, data_args, train_args), state["history"])
         if train_args.push_to_hub:
@@ -229,6 +231,8 @@ def start(train_args) -> Accelerator:
     mismatch = mismatch or sharding_problem(accelerator)
     if mismatch:  # before any process touches output_dir
         raise SystemExit(f"error: {mismatch}")
+    # --push_to_hub: token, network and repository are checked now (by one process), not after the training
+    train_args.hub_model_id = decided_by_main(lambda: check_run_can_publish(train_args)) or train_args.hub_model_id
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stdout)
     logger.setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
     if not accelerator.is_main_process:
@@ -317,44 +321,48 @@ def keep_if_best(state: dict, results: dict, accelerator, whole, metric: str, ou
     """Save the model as the best so far (`checkpoints/best-<step>`, named in the state) when `results` (of
     `state["epoch"]`; 0: before training) beat the best."""
     best = state["best_metric"]
-    # every process, best or not: under FSDP the gather needs them all, and their evaluations might differ in a last bit
+    # the main process's evaluation decides for all (the others' might differ in a last bit): under FSDP every
+    # process must then take part in gathering the weights, and only when they are saved
+    if not decided_by_main(lambda: best is None or (results[metric] < best if metric.endswith(LOWER_IS_BETTER)
+                                                    else results[metric] > best)):
+        return
     model = whole()
-    if best is None or (results[metric] < best if metric.endswith(LOWER_IS_BETTER) else results[metric] > best):
-        state["best_metric"], state["best_epoch"], state["best_validation"] = results[metric], state["epoch"], results
-        best_dir = new_best_dir(output_dir, state["global_step"])
-        state["best_dir"] = os.path.basename(best_dir)
-        # the main process writes; a failed write ends every process with its line, not the main one alone
-        together((lambda: write_atomically(best_dir, model.save_pretrained)) if accelerator.is_main_process else None)
+    state["best_metric"], state["best_epoch"], state["best_validation"] = results[metric], state["epoch"], results
+    best_dir = new_best_dir(output_dir, state["global_step"])
+    state["best_dir"] = os.path.basename(best_dir)
+    # the main process writes; a failed write ends every process with its line, not the main one alone
+    together((lambda: write_atomically(best_dir, model.save_pretrained)) if accelerator.is_main_process else None)
 
 
-def test_metrics(model, processor, cache, data, train_pairs, train_args, max_length: int) -> dict:
+def test_metrics(model, processor, data, train_args, max_length: int) -> dict:
     """The final model's test metrics (and without the test-time flip average, when it has one), and with
     querybank normalisation when asked (`--querybank_beta`), the training images being the bank.
 
-    The test split is embedded from its image files through the processor, as `evaluate_model` and a user's
+    Every split is embedded here from its image files through the processor, as `evaluate_model` and a user's
     pipeline read them, never from the caches: a pixel store smaller than the images or a float16 prefix cache
-    made the reported scores those of another model than the saved one (issue 30)."""
+    made the reported scores those of another model than the saved one (issue 30). The caches serve training and
+    the choice of the best epoch only."""
+
+    def from_files(view):
+        return embed(model, processor, view, max_length=max_length, batch_size=train_args.per_device_eval_batch_size,
+                     show_progress=False)
+
     metrics, embedded = {}, {}
     if "test" in data.eval_views:
-
-        def from_files():
-            return embed(model, processor, data.eval_views["test"], max_length=max_length,
-                         batch_size=train_args.per_device_eval_batch_size, show_progress=False)
-
-        embedded["test"] = from_files()
+        embedded["test"] = from_files(data.eval_views["test"])
         metrics["test"] = embedded["test"].metrics()
         if model.config.image_flip_average:  # what the test-time flip average adds
             model.config.image_flip_average = False
-            metrics["test_without_flip_average"] = from_files().metrics()
+            metrics["test_without_flip_average"] = from_files(data.eval_views["test"]).metrics()
             model.config.image_flip_average = True
     if train_args.querybank_beta is not None and data.eval_views:
         started = time.time()
-        bank_images = to_image_view(train_pairs)
+        bank_images = to_image_view(data.train_pairs)
         if train_args.querybank_max_images:
             bank_images = bank_images.select(range(min(train_args.querybank_max_images, len(bank_images))))
-        bank = cache.embed(model, bank_images)
+        bank = from_files(bank_images)
         for split, view in data.eval_views.items():
-            scored = embedded.get(split) or cache.embed(model, view, data.eval_captions[split])
+            scored = embedded.get(split) or from_files(view)
             metrics[f"{split}_querybank"] = querybank_metrics(scored, bank, train_args.querybank_beta)
         metrics["querybank"] = {"beta": train_args.querybank_beta, "bank": "train", "images": len(bank.image_ids),
                                 "captions": len(bank.captions), "seconds": round(time.time() - started, 1)}

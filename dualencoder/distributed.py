@@ -42,7 +42,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["world_info", "gather_features", "every_rank", "first_error", "launch_mismatch"]
+from dualencoder.errors import first_line
+
+__all__ = ["world_info", "gather_features", "every_rank", "first_error", "decided_by_main", "launch_mismatch"]
 
 
 def world_info() -> tuple[int, int]:
@@ -80,7 +82,7 @@ def first_error(error: str | None) -> str | None:
     try:
         dist.all_gather_object(errors, error)
     except RuntimeError as lost:  # (gloo's DistBackendError) a peer's connection closed mid-exchange: it has stopped
-        return error or f"error: another process stopped during this save ({(str(lost).splitlines() or [''])[0]})"
+        return error or f"error: another process stopped during this save ({first_line(lost, with_type=False)})"
     found = next((e for e in errors if e), None)
     if found:  # every process has the answer before any exits and closes its connections, mid-exchange for another
         try:
@@ -89,6 +91,36 @@ def first_error(error: str | None) -> str | None:
             pass
     return found
 
+
+
+def decided_by_main(decide):
+    """`decide()` run by the main process (rank 0) only, its result given to every process.
+
+    For work whose answer is the same everywhere but costs something to get: asking the Hub whether the token may
+    push (N processes would each call it), checking that a checkpoint to resume is intact (each would read every
+    file of it). A one-line `SystemExit` of the main process's `decide()` ends every process with that line; any
+    other failure there ends the others with its first line (they would otherwise wait in the broadcast until the
+    launcher's timeout). `decide()` itself with one process. One broadcast of a small object.
+    """
+    rank, world_size = world_info()
+    if world_size == 1:
+        return decide()
+    outcome, failure = [None], None
+    if rank == 0:
+        try:
+            outcome = [("value", decide())]
+        except SystemExit as stop:
+            outcome = [("exit", stop.code if isinstance(stop.code, str) else f"error: the main process exited "
+                                                                              f"({stop.code})")]
+        except BaseException as error:  # noqa: BLE001 - re-raised below, once the others know
+            outcome, failure = [("exit", f"error: the main process failed ({first_line(error)})")], error
+    dist.broadcast_object_list(outcome, src=0)
+    kind, value = outcome[0]
+    if failure is not None:
+        raise failure
+    if kind == "exit":
+        raise SystemExit(value)
+    return value
 
 def launch_mismatch(env, num_processes: int, devices: int) -> str | None:
     """Why this launch is broken, or None: the launcher started `WORLD_SIZE` processes but Accelerate sees

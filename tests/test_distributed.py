@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from dualencoder.distributed import first_error, gather_features, world_info
+from dualencoder.distributed import decided_by_main, first_error, gather_features, world_info
 from dualencoder.losses import build_loss
 
 WORLD = 2
@@ -119,6 +119,13 @@ def _worker(rank, port, out_dir):
         }
         results["first_error"] = first_error("error: rank 1's write failed" if rank == 1 else None)
         results["no_error"] = first_error(None)
+        asked = []
+        results["decided"] = decided_by_main(lambda: asked.append(rank) or f"answer of rank {rank}")
+        results["asked"] = asked
+        try:
+            decided_by_main(lambda: (_ for _ in ()).throw(SystemExit("error: the Hub refused the token")))
+        except SystemExit as stop:
+            results["decided_exit"] = stop.code
         try:
             gather_features(torch.zeros(LOCAL + rank, 2), torch.zeros(LOCAL + rank, 2))
             results["unequal"] = "no error"
@@ -231,6 +238,14 @@ def test_a_failure_on_one_process_is_known_to_every_process_with_its_line(two_pr
     assert [r["first_error"] for r in two_process_results] == ["error: rank 1's write failed"] * WORLD
     assert [r["no_error"] for r in two_process_results] == [None] * WORLD
     assert first_error("error: alone") == "error: alone"  # one process: its own outcome
+
+
+def test_an_answer_only_the_main_process_computes_reaches_every_process(two_process_results):
+    """(The Hub check and the resume check: one process asks, all get the answer or the same one-line exit.)"""
+    assert [r["decided"] for r in two_process_results] == ["answer of rank 0"] * WORLD
+    assert [r["asked"] for r in two_process_results] == [[0], []]
+    assert [r["decided_exit"] for r in two_process_results] == ["error: the Hub refused the token"] * WORLD
+    assert decided_by_main(lambda: 7) == 7  # one process: computed here
 
 
 def test_gather_features_unequal_batches_raise_everywhere(two_process_results):

@@ -331,13 +331,14 @@ def test_image_flip_average_evaluates_on_both_views_from_the_cache_and_reports_t
             "--prefix_cache_dtype", "float32")
     averaged = run_contrastive.main(tiny_run_args(tiny_model_dir, tmp_path / "out", *args, "--image_flip_average", "true"))
     [mirrored] = cache_dir.glob("vision-prefix-mirrored-*.pt")
-    assert len(torch.load(mirrored)) == 30  # training images to augment + evaluation images to average over
+    _, eval_views = training_data.load_data(parse_args(["--dataset", "synthetic", "--num_images", "30",
+                                                          "--synthetic_image_size", "32"])[1], seed=42)
+    # training images to augment + validation images to average over (the test images are read from their files)
+    assert len(torch.load(mirrored)) == 30 - len(eval_views["test"])
     assert averaged["test"] != averaged["test_without_flip_average"]
     saved = DualEncoderModel.from_pretrained(tmp_path / "out")
     assert saved.config.image_flip_average  # the published model embeds images the way it was tested
-    # The cached evaluation equals embedding the test images from pixels with the saved model.
-    _, eval_views = training_data.load_data(parse_args(["--dataset", "synthetic", "--num_images", "30",
-                                                          "--synthetic_image_size", "32"])[1], seed=42)
+    # The reported test metrics equal embedding the test images from pixels with the saved model.
     processor = build_processor(saved.config)
     from_pixels = embed_split(saved, eval_views["test"], ImageTransform(processor.image_processor), processor.tokenizer,
                               max_length=32, batch_size=16, show_progress=False).metrics()
@@ -345,14 +346,20 @@ def test_image_flip_average_evaluates_on_both_views_from_the_cache_and_reports_t
 
 
 def test_querybank_metrics_use_the_training_split_as_the_bank_and_match_embedding_from_pixels(tiny_model_dir, tmp_path):
+    """The reported querybank rows, like the test row, are the saved model's on the image files: the bank and both
+    evaluation splits are embedded from the files at the end, not read from the (float16) caches of training."""
     cache_dir = tmp_path / "features"
     args = ("--vision_train", "top:1", "--image_flip_average", "true", "--feature_cache_dir", str(cache_dir),
-            "--prefix_cache_dtype", "float32", "--num_train_epochs", "1", "--querybank_beta", "10")
+            "--num_train_epochs", "1", "--querybank_beta", "10")
     metrics = run_contrastive.main(tiny_run_args(tiny_model_dir, tmp_path / "out", *args))
-    [mirrored] = cache_dir.glob("vision-prefix-mirrored-*.pt")
-    assert len(torch.load(mirrored)) == 30  # no flip_augment, yet the bank's training images are averaged too
     train_pairs, eval_views = training_data.load_data(parse_args(["--dataset", "synthetic", "--num_images", "30",
                                                                     "--synthetic_image_size", "32"])[1], seed=42)
+    # the caches hold what training and the choice of the best epoch read: no test image, and (no flip_augment)
+    # only the validation images mirrored
+    [mirrored] = cache_dir.glob("vision-prefix-mirrored-*.pt")
+    assert set(torch.load(mirrored)) == set(eval_views["validation"]["image_id"])
+    for cached in cache_dir.glob("vision-*.pt"):
+        assert not set(torch.load(cached)) & set(eval_views["test"]["image_id"]), cached.name
     assert metrics["querybank"] == {"beta": 10.0, "bank": "train", "images": len(set(train_pairs["image_id"])),
                                     "captions": len(train_pairs), "seconds": metrics["querybank"]["seconds"]}
     # The same numbers as embedding the training and evaluation images from pixels with the saved model.

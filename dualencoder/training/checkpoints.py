@@ -26,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from dualencoder.distributed import first_error
+from dualencoder.errors import first_line
 from dualencoder.training.arguments import all_options
 
 logger = logging.getLogger(__name__)
@@ -121,8 +122,7 @@ def damage(path: str) -> Optional[str]:
             elif name.endswith((".bin", ".pkl")):
                 torch.load(file, map_location="cpu", weights_only=False)
         except Exception as error:  # noqa: BLE001 - any reader's error means the same: this file is damaged
-            reason = (str(error).splitlines() or [""])[0][:120]
-            return f"{name}: unreadable ({type(error).__name__}{': ' + reason if reason else ''})"
+            return f"{name}: unreadable ({first_line(error)[:160]})"
     return None
 
 

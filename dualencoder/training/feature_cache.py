@@ -62,13 +62,12 @@ class FeatureCache:
     def build(cls, model, train_pairs, eval_views: dict, eval_captions: dict, *, eval_transform, tokenizer, max_length: int,
               batch_size: int, device, enabled: bool = True, cache_dir: Optional[str] = None, dataset_key="",
               pixel_store_size: int = 0, prefix_dtype: str = "float16", mirror=None, augment: bool = False,
-              querybank: bool = False, show_progress: bool = True, main_process_first=nullcontext) -> "FeatureCache":
+              show_progress: bool = True, main_process_first=nullcontext) -> "FeatureCache":
         """The caches a run can use, computed (or read from `cache_dir`) now.
 
         A tower that is frozen with no adapters is cached whole (pooled features); one whose lower blocks are
         frozen (`top:N`, or adapters in the top blocks only) is cached up to them. `mirror` (flip_augment) and
-        the model's `image_flip_average` add the mirror images' vision caches; `querybank` (the training images
-        embedded as a bank of queries) needs the training images' mirrored prefix under image_flip_average.
+        the model's `image_flip_average` add the mirror images' vision caches.
         """
         cache = cls(eval_transform=eval_transform, tokenizer=tokenizer, max_length=max_length, batch_size=batch_size,
                     device=device, show_progress=show_progress)
@@ -132,9 +131,8 @@ class FeatureCache:
                 file("vision-prefix", vision_depth, prefix_dtype, without_adapters=True),
                 lambda: images(every_view, prefix, "cache vision prefix", dtype=dtype))
             # mirrored prefix: of the training images to augment, of the evaluation images to average over
-            # (and of the training images when they are the querybank: its queries are embedded like the test's)
             flip_average = model.config.image_flip_average
-            splits = (["train"] if mirror is not None or (flip_average and querybank) else []) + (
+            splits = (["train"] if mirror is not None else []) + (
                 list(eval_views) if flip_average else [])
             if splits:  # keyed by which splits it holds
                 cache.mirrored = mirrored(splits, prefix, "vision-prefix-mirrored", vision_depth, prefix_dtype, splits,
@@ -204,7 +202,7 @@ class FeatureCache:
                                     batch_size=self.batch_size, device=self.device, show_progress=self.show_progress)
 
     def embed(self, model, view, captions: Optional[list] = None) -> EmbeddedSplit:
-        """Embed an image view (an evaluation split, or the training images as the querybank) with the model as it
+        """Embed an image view (the validation split) with the model as it
         is now; `captions` are its captions flattened in view order, when already known."""
         captions = split_captions(view)[1] if captions is None else captions
         return embed_split(model, view, None, self.tokenizer, batch_size=self.batch_size, device=self.device,
