@@ -454,6 +454,8 @@ def plan(args) -> list[dict]:
              for pair in pairs for mode in modes for precision in precisions for compiled in compiles
              for layout in layouts for attention in attentions for gc in checkpointing for chunk in chunks
              for lever in levers]
+    # a whole-step graph turns on-graphs into on (step_graph_compile): asked for both, that row is planned once
+    specs = [spec for index, spec in enumerate(specs) if spec not in specs[:index]]
     if args.baseline or args.pair == "all":
         for precision in precisions:
             for compiled in [c for c in compiles if c in ("off", "on")]:  # the Trainer compiles whole models, no graphs

@@ -35,28 +35,29 @@ def check_image_file(path: str) -> tuple[Optional[str], str, tuple[int, int]]:
             data = f.read()
     except OSError as exc:
         return f"cannot read file ({exc.strerror or exc})", "", (0, 0)
-    error = check_image_bytes(data)
-    return error, hashlib.blake2b(data, digest_size=16).hexdigest(), (0, 0) if error else stored_size(data)
-
-
-def stored_size(data: bytes) -> tuple[int, int]:
-    """(width, height) of an encoded image that decodes, from its header."""
-    with Image.open(io.BytesIO(data)) as img:
-        return img.size
+    error, size = decode_image_bytes(data)
+    return error, hashlib.blake2b(data, digest_size=16).hexdigest(), size
 
 
 def check_image_bytes(data: bytes) -> Optional[str]:
     """Decode one encoded image (at 1/8 size for a JPEG); return an error message, or None when it decodes."""
+    return decode_image_bytes(data)[0]
+
+
+def decode_image_bytes(data: bytes) -> tuple[Optional[str], tuple[int, int]]:
+    """Decode one encoded image (at 1/8 size for a JPEG), opened once: (error message or None, its stored
+    (width, height) from the header; (0, 0) when it does not decode)."""
     if not data:
-        return "file is empty (0 bytes)"
+        return "file is empty (0 bytes)", (0, 0)
     try:
         with Image.open(io.BytesIO(data)) as img:
+            size = img.size  # before draft(), which shrinks a JPEG's size to the decoded one
             if img.format == "JPEG":
                 img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
             img.load()
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-        return f"cannot decode image ({type(exc).__name__}: {exc})"
-    return None
+        return f"cannot decode image ({type(exc).__name__}: {exc})", (0, 0)
+    return None, size
 
 
 def check_images(

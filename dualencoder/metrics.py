@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -217,27 +217,30 @@ def retrieval_ranks(
 
 
 def ranks_from_similarity(
-    sim, text_to_image, *, chunk_size: int = 1024
-) -> tuple[torch.Tensor, torch.Tensor]:
+    sim, text_to_image, *, chunk_size: int = 1024, which: str = "both"
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Same as :func:`retrieval_ranks` for a precomputed similarity matrix ``sim`` [Ni, Nt].
 
     Useful when scores do not come from dot products (re-rankers, tests with hand-built
     scores). ``sim`` stays on its device; float64 input is kept in float64 (down-casting could
     create ties the scorer did not produce), every other dtype is computed in float32.
+    ``which`` ("i2t" or "t2i") computes one direction only and returns None for the other: a
+    re-ranker's image-query and caption-query scores are two different matrices.
     """
+    if which not in ("both", "i2t", "t2i"):
+        raise ValueError(f"which={which!r}: expected 'both', 'i2t' or 't2i'")
     chunk_size = _check_chunk_size(chunk_size)
     s = _to_tensor(sim)
     s = _as_matrix(s, "sim", s.device, keep_float64=True)
     t2i = _as_text_to_image(text_to_image, s.shape[1], s.shape[0], s.device)
-    i2t_parts = [
-        _i2t_block_ranks(s[start : start + chunk_size], start, t2i).cpu()
-        for start in range(0, s.shape[0], chunk_size)
-    ]
-    t2i_parts = [
-        _t2i_block_ranks(s[:, start : start + chunk_size].T, t2i[start : start + chunk_size]).cpu()
-        for start in range(0, s.shape[1], chunk_size)
-    ]
-    return torch.cat(i2t_parts), torch.cat(t2i_parts)
+    i2t_ranks = t2i_ranks = None
+    if which != "t2i":
+        i2t_ranks = torch.cat([_i2t_block_ranks(s[start : start + chunk_size], start, t2i).cpu()
+                               for start in range(0, s.shape[0], chunk_size)])
+    if which != "i2t":
+        t2i_ranks = torch.cat([_t2i_block_ranks(s[:, start : start + chunk_size].T, t2i[start : start + chunk_size]).cpu()
+                               for start in range(0, s.shape[1], chunk_size)])
+    return i2t_ranks, t2i_ranks
 
 
 def _check_ks(ks: Iterable[int]) -> list[int]:

@@ -218,6 +218,10 @@ def test_throughput_levers_plan_a_row_without_each_lever_with_it_and_with_all():
                     ("none", "blocks-graphs"), ("fused-triton", "blocks-graphs"),
                     ("step-graph", "blocks"), ("fused-triton+step-graph", "blocks")]  # one graph: the whole step's
     assert throughput.lever_options("fused-triton+fp8") == {"fused_kernels": "triton", "fp8": True}
+    # on and on-graphs give the same whole-step-graph row: it is planned (and timed) once
+    args = throughput.parse_args(["--levers", "step-graph", "--compile", "on,on-graphs"])
+    rows = [(s["levers"], s["compile"]) for s in throughput.plan(args)]
+    assert rows == [("none", "on"), ("step-graph", "on"), ("none", "on-graphs")]
 
 
 def test_throughput_lever_rows_run_on_a_cpu(tmp_path):

@@ -109,6 +109,13 @@ def test_matches_brute_force_with_many_ties():
     ref_i2t, ref_t2i = brute_force_ranks(sim, t2i)
     assert i2t.tolist() == ref_i2t.tolist()
     assert t2i_r.tolist() == ref_t2i.tolist()
+    # one direction alone (a re-ranker scores each direction in its own matrix): the same ranks, the other None
+    only_i2t, none = ranks_from_similarity(sim, t2i, which="i2t")
+    none_too, only_t2i = ranks_from_similarity(sim, t2i, which="t2i")
+    assert only_i2t.tolist() == ref_i2t.tolist() and only_t2i.tolist() == ref_t2i.tolist()
+    assert none is None and none_too is None
+    with pytest.raises(ValueError, match="which"):
+        ranks_from_similarity(sim, t2i, which="i2i")
 
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 7, 64])

@@ -23,7 +23,7 @@ import torch
 from backbones_dualencoder import tower_blocks
 from data_scripts import ImageTransform, images_fingerprint
 from data_scripts.collator import pad_token_states
-from dualencoder.evaluation.embed import (EmbeddedSplit, pooled_from_prefix, pooled_from_text_prefix,
+from dualencoder.evaluation.embed import (EmbeddedSplit, embed_split, pooled_from_prefix, pooled_from_text_prefix,
                                           pooled_image_features, pooled_text_features, split_captions)
 from dualencoder.feature_store import feature_file, load_or_compute, tower_fingerprint
 from modeling_dualencoder import DualEncoderModel
@@ -97,10 +97,9 @@ def split_features(model: DualEncoderModel, processor, view, *, max_length: int,
             with torch.no_grad():
                 pooled_v = pooled_from_prefix(model, images, image_ids, depth_v, mirrored=mirrored, **common)
                 pooled_t = pooled_from_text_prefix(model, texts, captions, depth_t, **common)
-                features["image_embeds"] = model.project_image(
-                    torch.stack([pooled_v[i] for i in image_ids]).to(device)).float().cpu()
-                features["text_embeds"] = model.project_text(
-                    torch.stack([pooled_t[c] for c in captions]).to(device)).float().cpu()
+                embedded = embed_split(model, view, None, processor.tokenizer, vision_cache=pooled_v,
+                                       text_cache=pooled_t, **common)
+                features["image_embeds"], features["text_embeds"] = embedded.image_embeds, embedded.text_embeds
         return features
 
     key = tower_fingerprint(model, model.config.image_size, max_length, flip and mirror_average, with_embeddings,

@@ -102,8 +102,8 @@ def reranked_metrics(top: TopK, text_to_image: torch.Tensor, dual_weight: float 
     """Retrieval metrics (the project's keys, RSUM) after re-ranking, the final score being itm + dual_weight * dual."""
     caption_scores = top.caption_logits + dual_weight * top.dual.gather(1, top.captions)
     image_scores = top.image_logits + dual_weight * top.dual.T.gather(1, top.images)
-    i2t, _ = ranks_from_similarity(_lift_top_k(top.dual, top.captions, caption_scores), text_to_image)
-    _, t2i = ranks_from_similarity(_lift_top_k(top.dual.T, top.images, image_scores).T, text_to_image)
+    i2t, _ = ranks_from_similarity(_lift_top_k(top.dual, top.captions, caption_scores), text_to_image, which="i2t")
+    _, t2i = ranks_from_similarity(_lift_top_k(top.dual.T, top.images, image_scores).T, text_to_image, which="t2i")
     return metrics_from_ranks(i2t, t2i)
 
 

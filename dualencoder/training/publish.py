@@ -24,6 +24,8 @@ from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalTokenNotFoundError, OfflineModeIsEnabled
 from huggingface_hub.utils import validate_repo_id
 
+from dualencoder.errors import first_line
+
 # What a training output folder may hold beside the export, never uploaded: resumable checkpoints (`checkpoint-<step>`
 # folders, or a `checkpoints/` folder holding them), the best model so far (`best/`, already the exported weights),
 # staging or half-written files (`*.tmp`), and the pixel store a run without a feature_cache_dir builds there.
@@ -59,11 +61,6 @@ def _fail(what: str) -> SystemExit:
     return SystemExit(f"error: push to the Hub: {what}")
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
-
-
 def _hub_call(call, what: str, then: str = LATER):
     """Run one Hub API call, turning its failures into one-line errors: `what` the call was doing, `then` what the
     user can do once the Hub is reachable."""
@@ -78,9 +75,9 @@ def _hub_call(call, what: str, then: str = LATER):
         if status == 401:
             raise _fail(f"the Hub refused the token (401 Unauthorized): it is wrong or revoked; {TOKEN_HINT} "
                         "with a valid write token") from None
-        raise _fail(f"{what} failed ({status or 'no status'}: {_first_line(error)}); {then}") from None
+        raise _fail(f"{what} failed ({status or 'no status'}: {first_line(error)}); {then}") from None
     except NETWORK_ERRORS as error:
-        raise _fail(f"cannot reach the Hub ({_first_line(error)}): check the network connection (and HF_ENDPOINT "
+        raise _fail(f"cannot reach the Hub ({first_line(error)}): check the network connection (and HF_ENDPOINT "
                     f"if set); {then}") from None
 
 
@@ -132,17 +129,21 @@ def upload_export(folder: str, repo_id: str, token: Optional[str] = None,
                   commit_message: str = "Upload dual encoder") -> str:
     """Upload the export `folder` as it is to `repo_id` (already checked), without training leftovers; the URL."""
     check_export(folder)
-    commit = _hub_call(lambda: HfApi(token=token).upload_folder(
-        repo_id=repo_id, folder_path=folder, repo_type="model", ignore_patterns=HUB_IGNORE_PATTERNS,
-        commit_message=commit_message), f"uploading {folder} to {repo_id}",
-        then=f"the model stays saved in {folder}: retry with dualencoder-push {folder} --repo_id {repo_id}")
-    return getattr(commit, "commit_url", None) or f"https://huggingface.co/{repo_id}"
+    return _upload(folder, repo_id, token, commit_message)
 
 
 def push_export(folder: str, repo_id: str, token: Optional[str] = None, private: bool = False) -> str:
     """Check access to `repo_id`, then upload the export `folder` there; the commit's URL."""
     check_export(folder)  # before any network call
-    return upload_export(folder, check_hub_access(repo_id, token, private), token)
+    return _upload(folder, check_hub_access(repo_id, token, private), token)
+
+
+def _upload(folder: str, repo_id: str, token: Optional[str], commit_message: str = "Upload dual encoder") -> str:
+    commit = _hub_call(lambda: HfApi(token=token).upload_folder(
+        repo_id=repo_id, folder_path=folder, repo_type="model", ignore_patterns=HUB_IGNORE_PATTERNS,
+        commit_message=commit_message), f"uploading {folder} to {repo_id}",
+        then=f"the model stays saved in {folder}: retry with dualencoder-push {folder} --repo_id {repo_id}")
+    return getattr(commit, "commit_url", None) or f"https://huggingface.co/{repo_id}"
 
 
 def main(argv=None) -> str:
