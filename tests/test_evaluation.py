@@ -189,6 +189,34 @@ def test_an_empty_split_is_one_error_line_naming_it_not_a_traceback(model_dir, t
     assert evaluate_model.main(["--model_dir", str(model_dir), "--dataset", str(tmp_path), "--split", "train",
                                 "--quiet"])["num_images"] == 5
 
+
+def test_a_run_trained_on_its_own_tables_is_evaluated_on_their_test_table_by_default(model_dir, tmp_path):
+    """It was evaluated on the synthetic set (the --dataset default) without a word; now the run's data, files and
+    columns come from its training_args.json, as num_images does for the synthetic set."""
+    import shutil
+
+    from tests.test_data_sources import captions, write_csv, write_image
+
+    for i in range(9):
+        write_image(tmp_path / "pics" / f"p{i}.jpg", i)
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    for name, rows in (("train.csv", range(0, 5)), ("val.csv", range(5, 7)), ("test.csv", range(7, 9))):
+        write_csv(tables / name, ["id", "path", "description"],
+                  [[f"row{i}", f"../pics/p{i}.jpg", c] for i in rows for c in captions(i)])
+    run = tmp_path / "run"
+    shutil.copytree(model_dir, run)
+    (run / "training_args.json").write_text(json.dumps(
+        {"dataset": str(tables), "train_file": "train.csv", "validation_file": "val.csv", "test_file": "test.csv",
+         "image_column": "path", "caption_column": "description", "max_length": 16, "seed": 42}))
+    result = evaluate_model.main(["--model_dir", str(run), "--quiet"])
+    assert (result["dataset"], result["num_images"], result["num_captions"]) == (str(tables), 2, 4)
+    assert result["data_options"]["test_file"] == "test.csv" and result["data_options"]["image_column"] == "path"
+    assert evaluate_model.main(["--model_dir", str(run), "--split", "validation", "--quiet"])["num_images"] == 2
+    # another data set given: none of the run's files or columns are carried over to it
+    other = common.data_options(str(run), dataset="synthetic")
+    assert other["test_file"] is None and other["image_column"] is None and other["max_length"] == 16
+
 def test_data_options_come_from_the_runs_training_args_json_not_from_its_card(tmp_path):
     (tmp_path / "README.md").write_text(
         "# card\n\n## Training options\n\n```yaml\ndataset: synthetic\nnum_images: 999\n```\n")

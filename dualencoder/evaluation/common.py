@@ -111,17 +111,24 @@ def training_options(model_dir: Optional[str]) -> dict:
     return options if isinstance(options, dict) else {}
 
 
-def data_options(model_dir: Optional[str] = None, /, *, dataset: str = "synthetic", split: str = "test",
+# the options of a run's own data files (run_clip.py's names): with the run's data set, they come from its run too
+FILE_OPTIONS = ("train_file", "validation_file", "test_file", "image_column", "caption_column", "dataset_config_name")
+
+
+def data_options(model_dir: Optional[str] = None, /, *, dataset: Optional[str] = None, split: str = "test",
                  max_images: Optional[int] = None, num_images: Optional[int] = None,
                  synthetic_image_size: Optional[int] = None, seed: Optional[int] = None,
-                 max_length: Optional[int] = None, **_) -> dict:
+                 max_length: Optional[int] = None, **given) -> dict:
     """The data options, the unset ones (None) filled from the run's training_args.json, then the training defaults.
 
-    For the synthetic set this matters: image i is the same picture whatever `num_images` is, but
+    Unset, `dataset` is the run's: a model trained on a folder of tables is evaluated on that folder's test table
+    (with the run's `train_file` ... `caption_column`), not on the synthetic set; without a run, "synthetic".
+    For the synthetic set this matters too: image i is the same picture whatever `num_images` is, but
     the split boundaries move with it, so only the training run's `num_images` gives its test split.
     Takes the command's parsed arguments as `data_options(args.model_dir, **vars(args))`.
     """
     card = training_options(model_dir)
+    dataset = dataset if dataset is not None else card.get("dataset") or "synthetic"
     same_data = card.get("dataset") == dataset
 
     def pick(value, name, default, needs_same_data=True):
@@ -144,19 +151,25 @@ def data_options(model_dir: Optional[str] = None, /, *, dataset: str = "syntheti
         "synthetic_image_size": pick(synthetic_image_size, "synthetic_image_size", DEFAULT_SYNTHETIC_IMAGE_SIZE),
         "seed": pick(seed, "seed", DEFAULT_SEED, needs_same_data=False),
         "max_length": pick(max_length, "max_length", DEFAULT_MAX_LENGTH, needs_same_data=False),
+        **{name: pick(given.get(name), name, None) for name in FILE_OPTIONS},
     }
 
 
 def load_split(dataset: str = "synthetic", split: str = "test", max_images: Optional[int] = None, *,
                num_images: int = DEFAULT_NUM_IMAGES, synthetic_image_size: int = DEFAULT_SYNTHETIC_IMAGE_SIZE,
-               seed: int = DEFAULT_SEED, **_):
-    """One split in the image view (`image`, `image_id`, `captions`), cut to its first `max_images` images."""
+               seed: int = DEFAULT_SEED, **files):
+    """One split in the image view (`image`, `image_id`, `captions`), cut to its first `max_images` images.
+
+    `files` may hold the data-file options of `FILE_OPTIONS` (a run's tables and their columns); others are
+    ignored, so `load_split(**data_options(...))` works."""
     kwargs = dict(num_images=num_images, image_size=synthetic_image_size) if dataset == "synthetic" else {}
+    kwargs.update({name: files[name] for name in FILE_OPTIONS if files.get(name) is not None})
+    where = files.get(f"{split}_file") or dataset
     try:  # every evaluation command: a bad file or an empty split is one line naming it, not a traceback
         splits = load_image_caption_dataset(dataset, view="images", seed=seed, **kwargs)
         if split not in splits:
-            raise ValueError(f"{dataset} has no split {split!r}; it has {sorted(splits)}")
-        view = require_images(splits[split], split, dataset)
+            raise ValueError(f"{where} has no split {split!r}; it has {sorted(splits)}")
+        view = require_images(splits[split], split, where)
     except DatasetFormatError as error:
         raise SystemExit(f"error: {error}") from None
     if max_images:
@@ -195,8 +208,17 @@ def describe(embedded: EmbeddedSplit) -> dict:
 def add_data_arguments(parser: argparse.ArgumentParser, max_images: Optional[int] = None) -> None:
     """Options shared by the evaluate, figures and report commands."""
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", default="synthetic",
-                      help="'synthetic', a Flickr8k directory (official/Kaggle/Karpathy layout), or a Hub id")
+    data.add_argument("--dataset", default=None,
+                      help="'synthetic', a Flickr8k directory (official/Kaggle/Karpathy layout), a folder of your "
+                           "images and captions (doc/OWN_DATA.md), or a Hub id (default: the data the model was "
+                           "trained on, from its training_args.json; else 'synthetic')")
+    for name in ("train_file", "validation_file", "test_file"):
+        data.add_argument(f"--{name}", default=None,
+                          help=f"with --dataset a folder: its {name.split('_')[0]} table, as in training (default: the "
+                               "run's when --dataset is the run's)")
+    data.add_argument("--image_column", default=None, help="the tables' image column (default: the run's, else guessed)")
+    data.add_argument("--caption_column", default=None,
+                      help="the tables' caption column (default: the run's, else guessed)")
     data.add_argument("--split", default="test", help="train | validation | test (default: test)")
     data.add_argument("--max_images", type=int, default=max_images,
                       help=f"evaluate the first N images of the split only (default: {max_images or 'all'})")
