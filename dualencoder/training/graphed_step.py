@@ -87,8 +87,7 @@ class GraphedTrainStep(TrainStep):
         """Forward, loss, backward, clipping, update, temperature clamp: nothing that waits for the host."""
         loss = batch_loss(self.loss_fn, self.model(**self.static_batch), self.static_batch.get("image_ids"))
         self._device_step.add_(1)
-        bad = ~torch.isfinite(loss.detach()) & (self._first_bad == 0)
-        self._first_bad.copy_(torch.where(bad, self._device_step, self._first_bad))
+        self._note_finite(loss.detach(), self._device_step)
         self.accelerator.backward(loss)
         if self.max_grad_norm > 0:
             self.accelerator.clip_grad_norm_(self.parameters(), self.max_grad_norm)

@@ -90,12 +90,14 @@ class TrainStep:
         """What the step trains: the model's parameters, then the loss's own (e.g. a codebook)."""
         return [*self.model.parameters(), *self.loss_fn.parameters()]
 
-    def _note_finite(self, loss: torch.Tensor, step: int) -> None:
-        """Remember `step` on the device if this loss is the first that is not finite (no host sync)."""
+    def _note_finite(self, loss: torch.Tensor, step) -> None:
+        """Remember `step` (an int, or a device tensor) on the device if this loss is the first that is not finite
+        (no host sync). The flag is updated in place: a captured CUDA graph (`GraphedTrainStep`) that runs this
+        keeps writing the tensor that `check` reads."""
         if self._first_bad is None:
             self._first_bad = torch.zeros((), dtype=torch.long, device=loss.device)
         bad = ~torch.isfinite(loss) & (self._first_bad == 0)
-        self._first_bad = torch.where(bad, torch.full_like(self._first_bad, step), self._first_bad)
+        self._first_bad.copy_(torch.where(bad, step, self._first_bad))
 
     def check(self) -> None:
         """Raise TrainingDiverged if any loss so far was not finite (this waits for the GPU)."""
