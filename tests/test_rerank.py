@@ -136,6 +136,11 @@ def test_paraphrase_quantile_drops_captions_that_describe_the_image_as_well_as_i
     assert 0 in every.images[3].tolist() and not (every.images == text_to_image[:, None]).any()
     with pytest.raises(ValueError, match="quantile"):
         mine_hard_negatives(images, texts, text_to_image, top_n=4, paraphrase_quantile=50)
+    # one caption per image (a user's data set): nothing to compare a caption with, so nothing is filtered
+    first = torch.arange(0, 24, 3)
+    alone = mine_hard_negatives(images, texts[first], torch.arange(8), top_n=4, paraphrase_quantile=0.5)
+    assert torch.equal(alone.captions, mine_hard_negatives(images, texts[first], torch.arange(8), top_n=4).captions)
+    assert alone.paraphrase_share == 0.0
 
 
 # --------------------------------------------------------------------------------------- re-ranking
@@ -290,6 +295,8 @@ def test_the_training_command_takes_the_listwise_objective_and_the_paraphrase_fi
     assert log["options"]["objective"] == "listwise" and 0.0 <= log["paraphrase_share"] <= 1.0
     with pytest.raises(SystemExit, match="--group_size 1"):
         rerank_train.main([*common, "--group_size", "1"])
+    unfiltered = rerank_train.main([*common, "--group_size", "3", "--paraphrase_quantile", "-1"])
+    assert unfiltered["paraphrase_share"] == 0.0  # -1: the mined negatives are not filtered
 
 def test_evaluate_rerank_top_k_without_a_reranker_names_the_folder(tiny_export):
     with pytest.raises(SystemExit, match="no reranker/ folder"):

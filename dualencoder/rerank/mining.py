@@ -19,8 +19,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import logging
+
 import torch
 import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -63,8 +67,9 @@ def _closest_own_caption(rows: torch.Tensor, text_embeds: torch.Tensor, text_to_
 
 
 def paraphrase_threshold(text_embeds: torch.Tensor, text_to_image: torch.Tensor, quantile: float,
-                         chunk_size: int = 1024) -> float:
-    """The `quantile` of the cosine similarities between two different captions of one image."""
+                         chunk_size: int = 1024) -> float | None:
+    """The `quantile` of the cosine similarities between two different captions of one image (None when no image
+    has two captions: there is nothing to measure a paraphrase by)."""
     text_embeds = F.normalize(text_embeds.float(), dim=-1)
     text_to_image = text_to_image.long()
     values = []
@@ -75,7 +80,7 @@ def paraphrase_threshold(text_embeds: torch.Tensor, text_to_image: torch.Tensor,
         values.append(sims[same])
     values = torch.cat(values)
     if values.numel() == 0:
-        raise ValueError("paraphrase_quantile needs images with at least two captions; every image here has one.")
+        return None
     return float(torch.quantile(values, quantile)) if values.numel() <= 2 ** 24 else float(
         values.sort().values[int(quantile * (values.numel() - 1))])
 
@@ -103,6 +108,10 @@ def mine_hard_negatives(image_embeds: torch.Tensor, text_embeds: torch.Tensor, t
             raise ValueError(f"paraphrase_quantile={paraphrase_quantile}: expected a quantile in [0, 1].")
         threshold = paraphrase_threshold(text_embeds, text_to_image, paraphrase_quantile, chunk_size)
         unit = F.normalize(text_embeds.float(), dim=-1)
+        if threshold is None:
+            logger.warning("paraphrase_quantile: every image has one caption, so no caption can be compared with "
+                           "another of its image: the mined negatives are not filtered.")
+            threshold = float("inf")
 
         def image_paraphrase(start, n):  # [n images, Nt captions]
             own = ((text_to_image >= start) & (text_to_image < start + n)).nonzero().flatten()

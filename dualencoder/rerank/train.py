@@ -74,14 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--hard_negatives", type=_bool, default=True,
                        help="true: negatives drawn from the dual encoder's top --negatives_top_n; false: random")
     train.add_argument("--negatives_top_n", type=int, default=16)
-    train.add_argument("--paraphrase_quantile", type=float, default=None,
+    train.add_argument("--paraphrase_quantile", type=float, default=0.5,
                        help="do not mine a caption as a negative of an image when it is at least as close to one of "
                             "the image's own captions as this quantile of two captions of one image (cosine of the "
                             "dual encoder's text embeddings; 0.5: as close as a typical pair of the image's own "
-                            "captions): such pairs are likely true matches (default: mine them)")
-    train.add_argument("--hard_fraction", type=float, default=1.0,
+                            "captions): such pairs are likely true matches. Pass -1 to mine them too (default: 0.5, "
+                            "chosen on Flickr8k's whole validation split, doc/RERANKER.md)")
+    train.add_argument("--hard_fraction", type=float, default=0.5,
                        help="with --hard_negatives true, the share of negatives drawn from the mined top-n (the rest "
-                            "random)")
+                            "random; default 0.5, chosen with --paraphrase_quantile on Flickr8k's validation split)")
     train.add_argument("--objective", choices=("bce", "listwise"), default="bce",
                        help="bce: binary cross-entropy on each pair (one negative caption and one negative image per "
                             "positive); listwise: softmax cross-entropy over a positive and --group_size - 1 "
@@ -250,9 +251,10 @@ def main(argv=None) -> dict:
                                                                       "max_images": args.dev_images}), **features)
     caching_seconds = time.perf_counter() - started
     dual_scale = float(model.get_logit_scale().detach())
+    quantile = None if args.paraphrase_quantile < 0 else args.paraphrase_quantile
     hard = mine_hard_negatives(train.image_embeds, train.text_embeds, train.text_to_image, args.negatives_top_n,
-                               paraphrase_quantile=args.paraphrase_quantile) if args.hard_negatives else None
-    if hard is not None and args.paraphrase_quantile is not None:
+                               paraphrase_quantile=quantile) if args.hard_negatives else None
+    if hard is not None and quantile is not None:
         logger.info("--paraphrase_quantile %g: %.1f %% of the mined top-%d were paraphrases of a positive, replaced by "
                     "the next hardest", args.paraphrase_quantile, 100 * hard.paraphrase_share, args.negatives_top_n)
     logger.info("train: %d images, %d captions; validation: %d images; token caching took %.0f s",
