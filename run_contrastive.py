@@ -37,7 +37,7 @@ from dualencoder.training.checkpoints import (best_model_dir, checkpoints_dir, e
                                               keep_trained_weights_only, new_best_dir, read_loop_state, recover_swap,
                                               resolve_resume, resume_run, run_fingerprint, save_checkpoint,
                                               together, write_atomically)
-from dualencoder.training.data import build_data, make_train_loader
+from dualencoder.training.data import build_data, make_train_loader, views_read_while_training
 from dualencoder.training.export import export
 from dualencoder.training.feature_cache import FeatureCache
 from dualencoder.training.model_setup import build_model, build_training_loss, head_init_options
@@ -83,10 +83,9 @@ def main(argv=None) -> dict:
     if train_args.fused_kernels != "off" or train_args.fp8:  # same parameters, other kernels (dualencoder/kernels)
         logger.info("speed levers: %s", apply_levers(model, train_args.fused_kernels, train_args.fp8))
     cache_started = time.time()
-    # the validation split's caches choose the best epoch; the test split is read from its files once, at the end
-    validation = {split: view for split, view in data.eval_views.items() if split == "validation"}
+    cached_views = views_read_while_training(data.eval_views)
     cache = FeatureCache.build(
-        model, data.train_pairs, validation, {split: data.eval_captions[split] for split in validation},
+        model, data.train_pairs, cached_views, {split: data.eval_captions[split] for split in cached_views},
         eval_transform=data.eval_transform,
         tokenizer=processor.tokenizer, max_length=data_args.max_length, device=accelerator.device,
         batch_size=train_args.per_device_eval_batch_size,

@@ -92,7 +92,6 @@ def first_error(error: str | None) -> str | None:
     return found
 
 
-
 def decided_by_main(decide):
     """`decide()` run by the main process (rank 0) only, its result given to every process.
 
@@ -121,6 +120,7 @@ def decided_by_main(decide):
     if kind == "exit":
         raise SystemExit(value)
     return value
+
 
 def launch_mismatch(env, num_processes: int, devices: int) -> str | None:
     """Why this launch is broken, or None: the launcher started `WORLD_SIZE` processes but Accelerate sees

@@ -17,9 +17,8 @@ hardest ones take their places.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -57,10 +56,11 @@ def _top_wrong(queries: torch.Tensor, gallery: torch.Tensor, wrong: callable, pa
 
 def _closest_own_caption(rows: torch.Tensor, text_embeds: torch.Tensor, text_to_image: torch.Tensor,
                          num_groups: int) -> torch.Tensor:
-    """`[R, num_groups]`: for each row of `rows` (caption embeddings), its highest cosine to a caption of each group.
+    """`[R, num_groups]`: for each row of `rows` (unit caption embeddings), its highest cosine to a caption of each
+    group, `text_embeds` being those captions and `text_to_image` their groups.
 
-    Used both ways: rows = the captions of a chunk of images, grouped by image (each image's closeness to every
-    caption, transposed), and rows = a chunk of captions, grouped by the captions' images."""
+    Used both ways: rows = every caption against the captions of a chunk of images (transposed: each of those
+    images' closeness to every caption), and rows = a chunk of captions against every caption, grouped by image."""
     sims = rows @ text_embeds.T
     out = sims.new_full((rows.shape[0], num_groups), float("-inf"))
     return out.scatter_reduce_(1, text_to_image[None, :].expand_as(sims), sims, "amax")
@@ -69,8 +69,7 @@ def _closest_own_caption(rows: torch.Tensor, text_embeds: torch.Tensor, text_to_
 def paraphrase_threshold(text_embeds: torch.Tensor, text_to_image: torch.Tensor, quantile: float,
                          chunk_size: int = 1024) -> float | None:
     """The `quantile` of the cosine similarities between two different captions of one image (None when no image
-    has two captions: there is nothing to measure a paraphrase by)."""
-    text_embeds = F.normalize(text_embeds.float(), dim=-1)
+    has two captions: there is nothing to measure a paraphrase by). `text_embeds` are unit vectors."""
     text_to_image = text_to_image.long()
     values = []
     for start in range(0, text_embeds.shape[0], chunk_size):
@@ -106,19 +105,20 @@ def mine_hard_negatives(image_embeds: torch.Tensor, text_embeds: torch.Tensor, t
     if paraphrase_quantile is not None:
         if not 0.0 <= paraphrase_quantile <= 1.0:
             raise ValueError(f"paraphrase_quantile={paraphrase_quantile}: expected a quantile in [0, 1].")
-        threshold = paraphrase_threshold(text_embeds, text_to_image, paraphrase_quantile, chunk_size)
         unit = F.normalize(text_embeds.float(), dim=-1)
+        threshold = paraphrase_threshold(unit, text_to_image, paraphrase_quantile, chunk_size)
         if threshold is None:
             logger.warning("paraphrase_quantile: every image has one caption, so no caption can be compared with "
                            "another of its image: the mined negatives are not filtered.")
-            threshold = float("inf")
+        else:
+            def image_close(start, n):  # [n images, Nt captions]
+                own = ((text_to_image >= start) & (text_to_image < start + n)).nonzero().flatten()
+                return _closest_own_caption(unit, unit[own], text_to_image[own] - start, n).T >= threshold
 
-        def image_paraphrase(start, n):  # [n images, Nt captions]
-            own = ((text_to_image >= start) & (text_to_image < start + n)).nonzero().flatten()
-            return _closest_own_caption(unit, unit[own], text_to_image[own] - start, n).T >= threshold
+            def caption_close(start, n):  # [n captions, Ni images]
+                return _closest_own_caption(unit[start:start + n], unit, text_to_image, num_images) >= threshold
 
-        def caption_paraphrase(start, n):  # [n captions, Ni images]
-            return _closest_own_caption(unit[start:start + n], unit, text_to_image, num_images) >= threshold
+            image_paraphrase, caption_paraphrase = image_close, caption_close
 
     captions, dropped_captions = _top_wrong(
         image_embeds.float(), text_embeds.float(),
@@ -149,7 +149,6 @@ def draw_negatives(positives: torch.Tensor, text_to_image: torch.Tensor, hard: H
     use_hard = lambda: torch.rand(n, generator=generator) < hard_fraction
     return (torch.where(use_hard(), pick(hard.captions, text_to_image[positives]), captions),
             torch.where(use_hard(), pick(hard.images, positives), images))
-
 
 
 def draw_groups(positives: torch.Tensor, text_to_image: torch.Tensor, hard: HardNegatives | None,

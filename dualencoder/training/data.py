@@ -57,8 +57,7 @@ def build_data(data_args, processor, *, seed: int, image_size: int, store_dir: s
     pixel_store = None
     if data_args.pixel_store_size:
         with main_process_first():  # one process builds; the others find it finished
-            # not the test split's images: the final test scores are read from the files (run_contrastive.test_metrics)
-            pixel_store = build_pixel_store([train_pairs, *(view for split, view in eval_views.items() if split != "test")],
+            pixel_store = build_pixel_store([train_pairs, *views_read_while_training(eval_views).values()],
                                             data_args.pixel_store_size, store_dir, show_progress=show_progress)
         logger.info("pixel store: %s", pixel_store)
         if data_args.pixel_store_size < image_size:
@@ -95,6 +94,13 @@ def build_data(data_args, processor, *, seed: int, image_size: int, store_dir: s
         eval_transform=ImageTransform(processor.image_processor, train=False, pixel_store=pixel_store),
         collator=ContrastiveCollator(processor.tokenizer, max_length=data_args.max_length),
         mirror=mirror, crop_draw=crop_draw, stream=stream)
+
+
+def views_read_while_training(eval_views: dict) -> dict:
+    """The evaluation splits a run reads while it trains (validation, to choose the best epoch): what its pixel
+    store and feature caches hold. The test split is read from its image files once, at the end
+    (`run_contrastive.test_metrics`), so caching it would be work for nothing."""
+    return {split: view for split, view in eval_views.items() if split != "test"}
 
 
 def load_streamed_eval(data_args, seed: int) -> dict:

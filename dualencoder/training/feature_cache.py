@@ -202,8 +202,8 @@ class FeatureCache:
                                     batch_size=self.batch_size, device=self.device, show_progress=self.show_progress)
 
     def embed(self, model, view, captions: Optional[list] = None) -> EmbeddedSplit:
-        """Embed an image view (the validation split) with the model as it
-        is now; `captions` are its captions flattened in view order, when already known."""
+        """Embed an image view (the validation split) with the model as it is now; `captions` are its captions
+        flattened in view order, when already known."""
         captions = split_captions(view)[1] if captions is None else captions
         return embed_split(model, view, None, self.tokenizer, batch_size=self.batch_size, device=self.device,
                            vision_cache=self.pooled_images(model, view), text_cache=self.pooled_texts(model, captions),
