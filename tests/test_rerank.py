@@ -2,6 +2,7 @@
 with the dual encoder, the training command and `evaluate --rerank_top_k`; tiny towers and tiny data."""
 
 import json
+import shutil
 import time
 
 import pytest
@@ -297,6 +298,15 @@ def test_the_training_command_takes_the_listwise_objective_and_the_paraphrase_fi
         rerank_train.main([*common, "--group_size", "1"])
     unfiltered = rerank_train.main([*common, "--group_size", "3", "--paraphrase_quantile", "-1"])
     assert unfiltered["paraphrase_share"] == 0.0  # -1: the mined negatives are not filtered
+    # without --data: the run's data set, from its training_args.json (here the synthetic set it was trained on)
+    run = tmp_path / "run"
+    shutil.copytree(tiny_export, run)
+    data = dict(zip(DATA[::2], DATA[1::2]))
+    (run / "training_args.json").write_text(json.dumps({"dataset": "synthetic", "num_images": int(data["--num_images"]),
+                                                        "synthetic_image_size": int(data["--synthetic_image_size"])}))
+    own = ["--model_dir", str(run), *common[4 + len(DATA):]]
+    assert "--data" not in own and "--num_images" not in own
+    assert rerank_train.main([*own, "--group_size", "3"])["epochs"][0]["pairs"] == 24 * 5
 
 def test_evaluate_rerank_top_k_without_a_reranker_names_the_folder(tiny_export):
     with pytest.raises(SystemExit, match="no reranker/ folder"):

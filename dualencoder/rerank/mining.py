@@ -129,6 +129,9 @@ def mine_hard_negatives(image_embeds: torch.Tensor, text_embeds: torch.Tensor, t
         lambda start, n: torch.arange(num_images)[None, :] != text_to_image[start:start + n, None],
         caption_paraphrase, top_n, chunk_size)
     share = (dropped_captions + dropped_images) / (top_n * (num_images + num_texts))
+    if image_paraphrase is not None:
+        logger.info("paraphrase_quantile %g: %.1f %% of the mined top-%d were paraphrases of a positive, replaced by "
+                    "the next hardest", paraphrase_quantile, 100 * share, top_n)
     return HardNegatives(captions, images, share)
 
 

@@ -51,7 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dualencoder.rerank.train",
                                      description="Train a co-attention re-ranker of a trained dual encoder's top-k.")
     parser.add_argument("--model_dir", required=True, help="a trained dual encoder's export folder")
-    parser.add_argument("--data", required=True, help="the data set it was trained on: a Flickr8k folder or 'synthetic'")
+    parser.add_argument("--data", default=None,
+                        help="the data set it was trained on: a Flickr8k folder, a folder of your images and captions, "
+                             "or 'synthetic' (default: the run's, with its tables and columns, from its "
+                             "training_args.json)")
     parser.add_argument("--output", default=None,
                         help="folder to write the dual encoder + reranker/ into (default: --model_dir itself)")
     data = parser.add_argument_group("data")
@@ -254,9 +257,6 @@ def main(argv=None) -> dict:
     quantile = None if args.paraphrase_quantile < 0 else args.paraphrase_quantile
     hard = mine_hard_negatives(train.image_embeds, train.text_embeds, train.text_to_image, args.negatives_top_n,
                                paraphrase_quantile=quantile) if args.hard_negatives else None
-    if hard is not None and quantile is not None:
-        logger.info("--paraphrase_quantile %g: %.1f %% of the mined top-%d were paraphrases of a positive, replaced by "
-                    "the next hardest", args.paraphrase_quantile, 100 * hard.paraphrase_share, args.negatives_top_n)
     logger.info("train: %d images, %d captions; validation: %d images; token caching took %.0f s",
                 len(train.image_ids), len(train.captions), len(dev.image_ids), caching_seconds)
 
