@@ -282,6 +282,25 @@ def test_the_training_command_saves_a_reranker_that_evaluate_reports(tiny_export
         assert rerank["4"]["metrics"][key] == plain[key]
     printed = capsys.readouterr().out
     assert "re-ranked top-2" in printed and "ms per query" in printed
+    best = log["epochs"][log["best_epoch"] - 1]["validation"]["metrics"]["rsum"]
+    gain = load_reranker(output).config.validation_gain  # what the best epoch gained on validation, kept with it
+    assert gain == pytest.approx(best - log["dual_encoder_validation"]["rsum"], abs=0.01)
+    assert rerank["2"]["validation_gain"] == gain
+
+
+def test_a_reranker_no_better_than_the_dual_encoder_on_validation_is_saved_with_a_warning(
+        tiny_export, tmp_path, capsys, caplog, monkeypatch):
+    monkeypatch.setattr(rerank_train, "validate", lambda *args: {"dual_weight": 0.0, "metrics": {"rsum": 1.0},
+                                                                  "ms_per_query": 0.0, "seconds": 0.0})
+    output = tmp_path / "worse"
+    log = rerank_train.main(["--model_dir", tiny_export, "--data", "synthetic", *DATA, "--output", str(output),
+                             "--epochs", "1", "--positives_per_epoch", "8", "--dev_images", "4", "--dev_top_k", "3",
+                             "--negatives_top_n", "3", "--hidden_size", "16", "--num_heads", "2",
+                             "--intermediate_size", "32", "--cache_dir", str(tmp_path / "cache"), "--quiet"])
+    assert load_reranker(output).config.validation_gain == pytest.approx(1.0 - log["dual_encoder_validation"]["rsum"])
+    assert "warning: no epoch re-ranked the 4 validation images better than the dual encoder" in capsys.readouterr().out
+    evaluate_model.main(["--model_dir", str(output), "--dataset", "synthetic", *DATA, "--rerank_top_k", "2", "--quiet"])
+    assert f"the re-ranker in {output} did not beat the dual encoder alone" in caplog.text
 
 
 

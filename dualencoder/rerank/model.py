@@ -34,13 +34,17 @@ class RerankerConfig(PretrainedConfig):
         dual_weight: the final score is `itm_logit + dual_weight * dual_logit` (the dual encoder's scaled
             similarity); chosen on the validation split by the training command.
         rerank_top_k: the number of dual-encoder candidates it was selected with (a default for re-ranking).
+        validation_gain: re-ranked RSUM minus the dual encoder's alone on the validation images the training
+            command selected on (None: not trained by it). At most 0, re-ranking did not help there, and the
+            commands that re-rank say so: training keeps its best epoch even then, as a user may still want it.
     """
 
     model_type = "coattention-reranker"
 
     def __init__(self, text_dim: int = 384, vision_dim: int = 320, num_vision_tokens: int = 81,
                  hidden_size: int = 256, num_layers: int = 2, num_heads: int = 4, intermediate_size: int = 512,
-                 dropout: float = 0.1, dual_weight: float = 0.0, rerank_top_k: int = 16, **kwargs):
+                 dropout: float = 0.1, dual_weight: float = 0.0, rerank_top_k: int = 16,
+                 validation_gain: Optional[float] = None, **kwargs):
         self.text_dim = text_dim
         self.vision_dim = vision_dim
         self.num_vision_tokens = num_vision_tokens
@@ -51,6 +55,7 @@ class RerankerConfig(PretrainedConfig):
         self.dropout = dropout
         self.dual_weight = dual_weight
         self.rerank_top_k = rerank_top_k
+        self.validation_gain = validation_gain
         super().__init__(**kwargs)
         if hidden_size % num_heads:
             raise ValueError(f"RerankerConfig.hidden_size={hidden_size} must be a multiple of num_heads={num_heads}.")

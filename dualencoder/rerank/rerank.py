@@ -10,6 +10,7 @@ project's ranks code (`dualencoder.metrics.ranks_from_similarity`) on a score ma
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -19,6 +20,8 @@ from dualencoder.evaluation.embed import EmbeddedSplit
 from dualencoder.metrics import metrics_from_ranks, ranks_from_similarity
 from dualencoder.rerank.features import SplitTokens, split_features
 from dualencoder.rerank.model import load_reranker, require_reranker
+
+logger = logging.getLogger(__name__)
 
 DUAL_WEIGHTS = (0.0, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)  # the grid the training command picks dual_weight from
 
@@ -125,6 +128,10 @@ def rerank_results(model, processor, model_dir, view, embedded: EmbeddedSplit, k
     device = next(model.parameters()).device
     require_reranker(model_dir)
     reranker = load_reranker(model_dir, device)
+    gain = reranker.config.validation_gain
+    if gain is not None and gain <= 0:
+        logger.warning("the re-ranker in %s did not beat the dual encoder alone on the validation images it was "
+                       "selected on (RSUM %+.1f): its re-ranked rows may be worse than the model's own", model_dir, gain)
     tokens, _ = split_features(model, processor, view, max_length=max_length, batch_size=batch_size, device=device,
                                with_embeddings=False, show_progress=show_progress)
     weight, scale = reranker.config.dual_weight, float(model.get_logit_scale().detach())
@@ -135,7 +142,7 @@ def rerank_results(model, processor, model_dir, view, embedded: EmbeddedSplit, k
         results[str(k)] = {"metrics": reranked_metrics(top, embedded.text_to_image, weight), "dual_weight": weight,
                            "itm_only_metrics": reranked_metrics(top, embedded.text_to_image, 0.0),
                            "ms_per_query": top.ms_per_query, "scored_top_k": largest.k, "pairs_scored": top.pairs,
-                           "seconds": top.seconds}
+                           "seconds": top.seconds, "validation_gain": gain}
     return results
 
 

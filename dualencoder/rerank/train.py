@@ -295,13 +295,19 @@ def main(argv=None) -> dict:
         if time.monotonic() > deadline:
             break
     reranker.load_state_dict(best_state)
+    best_rsum = best["validation"]["metrics"]["rsum"]
     reranker.config.dual_weight = best["validation"]["dual_weight"]
+    reranker.config.validation_gain = round(best_rsum - dual_dev["rsum"], 2)
     log["best_epoch"] = best["epoch"]
     folder = save_output(model, processor, reranker, args.model_dir, output)
     (folder / "training_log.json").write_text(json.dumps(log, indent=2))
-    print(f"\nre-ranker saved in {folder}: epoch {best['epoch']}, validation RSUM {best['validation']['metrics']['rsum']:.1f} "
+    print(f"\nre-ranker saved in {folder}: epoch {best['epoch']}, validation RSUM {best_rsum:.1f} "
           f"re-ranked top-{args.dev_top_k} (dual_weight {reranker.config.dual_weight:g}) vs {dual_dev['rsum']:.1f} "
           "for the dual encoder alone")
+    if reranker.config.validation_gain <= 0:
+        print(f"warning: no epoch re-ranked the {len(dev.image_ids)} validation images better than the dual encoder "
+              "alone, so re-ranking with it (--rerank_top_k) will likely make retrieval worse; train longer "
+              "(--max_minutes, --epochs), on more data, or validate on more images (--dev_images) before using it")
     return log
 
 
