@@ -144,14 +144,10 @@ def draw_negatives(positives: torch.Tensor, text_to_image: torch.Tensor, hard: H
     of another image / every other image (all random without `hard`: the random-negatives ablation).
     Returns (negative caption per positive, negative image per positive).
     """
-    captions, images = _random_negatives(positives, text_to_image, generator)
-    if hard is None or hard_fraction <= 0:
-        return captions, images
     n = positives.shape[0]
     pick = lambda table, rows: table[rows, torch.randint(table.shape[1], (n,), generator=generator)]
-    use_hard = lambda: torch.rand(n, generator=generator) < hard_fraction
-    return (torch.where(use_hard(), pick(hard.captions, text_to_image[positives]), captions),
-            torch.where(use_hard(), pick(hard.images, positives), images))
+    return _mixed(_random_negatives(positives, text_to_image, generator), positives, text_to_image, hard, generator,
+                  hard_fraction, (n,), pick)
 
 
 def draw_groups(positives: torch.Tensor, text_to_image: torch.Tensor, hard: HardNegatives | None,
@@ -162,10 +158,8 @@ def draw_groups(positives: torch.Tensor, text_to_image: torch.Tensor, hard: Hard
     Each slot is, with probability `hard_fraction`, one of the mined top-n (distinct within a row), else random."""
     n = positives.shape[0]
     draws = [_random_negatives(positives, text_to_image, generator) for _ in range(size - 1)]
-    captions, images = torch.stack([c for c, _ in draws], 1), torch.stack([i for _, i in draws], 1)
-    if hard is None or hard_fraction <= 0:
-        return captions, images
-    if size - 1 > hard.captions.shape[1]:
+    random = torch.stack([c for c, _ in draws], 1), torch.stack([i for _, i in draws], 1)
+    if hard is not None and hard_fraction > 0 and size - 1 > hard.captions.shape[1]:
         raise ValueError(f"groups of {size} need {size - 1} mined negatives per query; only the top "
                          f"{hard.captions.shape[1]} were mined: raise --negatives_top_n or lower --group_size.")
 
@@ -173,9 +167,20 @@ def draw_groups(positives: torch.Tensor, text_to_image: torch.Tensor, hard: Hard
         columns = torch.rand(n, table.shape[1], generator=generator).argsort(1)[:, :size - 1]
         return table[rows].gather(1, columns)
 
-    use_hard = lambda: torch.rand(n, size - 1, generator=generator) < hard_fraction
+    return _mixed(random, positives, text_to_image, hard, generator, hard_fraction, (n, size - 1), pick)
+
+
+def _mixed(random: tuple, positives, text_to_image, hard: HardNegatives | None, generator, hard_fraction: float,
+           shape: tuple, pick) -> tuple[torch.Tensor, torch.Tensor]:
+    """The random (captions, images) negatives with each slot of `shape` replaced, with probability `hard_fraction`,
+    by `pick(mined table, rows)`: draw_negatives' and draw_groups' one mixing rule (the draws in the same order)."""
+    captions, images = random
+    if hard is None or hard_fraction <= 0:
+        return captions, images
+    use_hard = lambda: torch.rand(shape, generator=generator) < hard_fraction
     return (torch.where(use_hard(), pick(hard.captions, text_to_image[positives]), captions),
             torch.where(use_hard(), pick(hard.images, positives), images))
+
 
 def _random_negatives(positives: torch.Tensor, text_to_image: torch.Tensor, generator: torch.Generator):
     images = text_to_image[positives]
